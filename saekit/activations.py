@@ -1,0 +1,203 @@
+"""Activation cache and shuffled batches: harvest once, train (and re-train) from disk.
+
+A cache is a folder of safetensors shards (one tensor per hookpoint, `[tokens, d]`) and a
+`manifest.json` with the model, hookpoints, dims, dtype, token counts and a sha256 per
+shard. Building is resumable shard by shard; reading verifies checksums. The batch order is
+a pure function of (seed, step), so a resumed run sees exactly the batches it had not seen.
+"""
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from saekit.errors import SaekitError
+from saekit.sae import atomic_write
+
+MANIFEST = "manifest.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_key(**fields) -> str:
+    """Stable short hash of everything that determines a cache's content."""
+    blob = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ActivationCache:
+    """A finished (or partly built) cache folder."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path, complete: bool = True) -> "ActivationCache":
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise SaekitError(f"{path} is not an activation cache (no {MANIFEST})") from None
+        except json.JSONDecodeError as e:
+            raise SaekitError(f"{path / MANIFEST} is corrupt: {e}") from None
+        if complete and not manifest.get("complete"):
+            raise SaekitError(f"activation cache {path} is incomplete; rerun `saekit cache` to finish it")
+        return cls(path, manifest)
+
+    @property
+    def hookpoints(self) -> list[str]:
+        return list(self.manifest["hookpoints"])
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s["n_tokens"] for s in self.manifest["shards"])
+
+    def dim(self, hookpoint: str) -> int:
+        return self.manifest["hookpoints"][hookpoint]["d"]
+
+    def load_shard(self, i: int, hookpoints: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """One shard as float32 tensors, after checking its sha256."""
+        info = self.manifest["shards"][i]
+        file = self.path / info["file"]
+        try:
+            blob = file.read_bytes()
+        except OSError as e:
+            raise SaekitError(f"activation shard {file} cannot be read: {e}") from None
+        if hashlib.sha256(blob).hexdigest() != info["sha256"]:
+            raise SaekitError(f"activation shard {file} is corrupt (checksum mismatch); delete {self.path} to rebuild")
+        try:
+            tensors = load_bytes(blob)
+        except SafetensorError as e:
+            raise SaekitError(f"activation shard {file} is corrupt: {e}") from None
+        return {h: tensors[h].float() for h in (hookpoints or self.hookpoints)}
+
+    def tensor(self, hookpoint: str, max_tokens: int | None = None) -> torch.Tensor:
+        """The first `max_tokens` activations of one hookpoint, `[n, d]` float32."""
+        parts, n = [], 0
+        for i in range(len(self.manifest["shards"])):
+            if max_tokens is not None and n >= max_tokens:
+                break
+            parts.append(self.load_shard(i, [hookpoint])[hookpoint])
+            n += len(parts[-1])
+        return torch.cat(parts)[:max_tokens]
+
+
+def build_cache(
+    path: str | Path,
+    chunks: Iterator[dict[str, torch.Tensor]],
+    meta: dict,
+    shard_tokens: int = 65_536,
+    dtype: str = "float32",
+    chunks_done: int = 0,
+) -> ActivationCache:
+    """Write `chunks` (each `{hookpoint: [n, d]}`) into shards of about `shard_tokens`.
+
+    `meta` (model, dataset, ...) goes into the manifest. A partly built cache is continued:
+    the manifest records how many chunks were consumed, and the caller passes an iterator
+    that starts at `chunks_done` (see `resume_point`).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    manifest_file = path / MANIFEST
+    if manifest_file.exists():
+        manifest = ActivationCache.open(path, complete=False).manifest
+    else:
+        manifest = {**meta, "dtype": dtype, "hookpoints": {}, "shards": [], "chunks_done": 0, "complete": False}
+    buf: dict[str, list[torch.Tensor]] = {}
+    n_buf, n_chunks = 0, chunks_done
+
+    def flush():
+        nonlocal buf, n_buf
+        if n_buf == 0:
+            return
+        tensors = {h: torch.cat(v).to(DTYPES[dtype]).contiguous() for h, v in buf.items()}
+        for h, t in tensors.items():
+            manifest["hookpoints"].setdefault(h, {"d": t.shape[1]})
+        blob = save_bytes(tensors)
+        name = f"shard_{len(manifest['shards']):05d}.safetensors"
+        atomic_write(path / name, lambda p: p.write_bytes(blob))
+        manifest["shards"].append({"file": name, "n_tokens": n_buf, "sha256": hashlib.sha256(blob).hexdigest()})
+        manifest["chunks_done"] = n_chunks
+        atomic_write(manifest_file, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+        buf, n_buf = {}, 0
+
+    for chunk in chunks:
+        for h, t in chunk.items():
+            buf.setdefault(h, []).append(t.detach().cpu())
+        n_buf += len(next(iter(chunk.values())))
+        n_chunks += 1
+        if n_buf >= shard_tokens:
+            flush()
+    flush()
+    if not manifest["shards"]:
+        raise SaekitError("no activations were produced: the dataset yielded no usable tokens")
+    manifest["complete"] = True
+    atomic_write(manifest_file, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    return ActivationCache(path, manifest)
+
+
+def resume_point(path: str | Path) -> int:
+    """How many input chunks a partly built cache at `path` already holds (0 if none)."""
+    try:
+        return ActivationCache.open(path, complete=False).manifest["chunks_done"]
+    except SaekitError:
+        return 0
+
+
+class ShuffledBatches:
+    """Fixed-size batches over a cache, shuffled across contexts, resumable at any step.
+
+    Each epoch permutes the shards, groups them into buffers of about `buffer_tokens`,
+    and permutes the tokens inside each buffer (one buffer = a full shuffle). The epoch's
+    token order is the concatenation of the buffers; batch s takes positions
+    [s*B, (s+1)*B). The remainder of an epoch (< B tokens) is dropped.
+    """
+
+    def __init__(self, cache: ActivationCache, hookpoints: list[str], batch_size: int, seed: int, buffer_tokens: int):
+        self.cache, self.hookpoints, self.B, self.seed = cache, hookpoints, batch_size, seed
+        sizes = [s["n_tokens"] for s in cache.manifest["shards"]]
+        self.sizes = sizes
+        self.per_buffer = max(1, math.ceil(buffer_tokens / max(sizes)))
+        self.steps_per_epoch = sum(sizes) // batch_size
+        if self.steps_per_epoch == 0:
+            raise SaekitError(f"the cache holds {sum(sizes)} tokens, fewer than one batch of {batch_size}")
+
+    def _epoch(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of one epoch from batch index `start` on."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.sizes), generator=g).tolist()
+        groups = [order[i : i + self.per_buffer] for i in range(0, len(order), self.per_buffer)]
+        skip = start * self.B  # tokens of this epoch already consumed
+        offset, emitted = 0, start
+        carry: dict[str, torch.Tensor] | None = None
+        for group in groups:
+            n = sum(self.sizes[i] for i in group)
+            perm = torch.randperm(n, generator=g)  # drawn for every group: keeps the rng in step
+            if offset + n <= skip:
+                offset += n
+                continue
+            shards = [self.cache.load_shard(i, self.hookpoints) for i in group]
+            data = {h: torch.cat([s[h] for s in shards])[perm[max(0, skip - offset) :]] for h in self.hookpoints}
+            offset += n
+            if carry is not None:
+                data = {h: torch.cat([carry[h], data[h]]) for h in data}
+            n_have = len(data[self.hookpoints[0]])
+            n_full = n_have // self.B
+            for b in range(n_full):
+                if emitted >= self.steps_per_epoch:
+                    return
+                yield {h: t[b * self.B : (b + 1) * self.B] for h, t in data.items()}
+                emitted += 1
+            carry = {h: t[n_full * self.B :] for h, t in data.items()}
+
+    def batches(self, start_step: int = 0, epochs: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """All batches from global step `start_step` to the end of `epochs` epochs."""
+        for epoch in range(start_step // self.steps_per_epoch, epochs):
+            yield from self._epoch(epoch, max(0, start_step - epoch * self.steps_per_epoch))

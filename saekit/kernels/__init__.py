@@ -1,0 +1,77 @@
+"""Sparse-code products with autograd, dispatched to Triton on CUDA and to torch elsewhere.
+
+`sparse_decode` and `selected_preacts` are the only places a training step touches the
+latent dimension after the encoder matmul: both cost O(B * k * d), never O(B * m * d).
+Set `SAEKIT_KERNELS=torch` to force the torch path on a GPU (for comparison or debugging).
+"""
+
+import os
+from types import ModuleType
+
+import torch
+
+from saekit.kernels import torch_ops
+
+
+def backend(t: torch.Tensor) -> ModuleType:
+    """The primitive set for tensors on `t`'s device: Triton for CUDA, torch otherwise."""
+    if t.is_cuda and os.environ.get("SAEKIT_KERNELS", "auto") != "torch":
+        from saekit.kernels import triton_ops
+
+        return triton_ops
+    return torch_ops
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vals, idx, W):
+        ctx.save_for_backward(vals, idx, W)
+        return backend(W).gather_sum(vals, idx, W)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        vals, idx, W = ctx.saved_tensors
+        ops = backend(W)
+        grad_vals = ops.gather_dot(idx, W, grad_out) if ctx.needs_input_grad[0] else None
+        grad_W = ops.scatter_outer(vals, idx, grad_out, W.shape[0]) if ctx.needs_input_grad[2] else None
+        return grad_vals, None, grad_W
+
+
+class _SelectedPreacts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, idx, pre_vals):
+        xc = x - b_dec
+        ctx.save_for_backward(xc, W_enc, idx)
+        return pre_vals.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, W_enc, idx = ctx.saved_tensors
+        ops = backend(W_enc)
+        m = W_enc.shape[0]
+        # per-latent sum of the k gradients of every token: the b_enc gradient, and (times
+        # W_enc) the b_dec gradient, without the [B, d] input gradient.
+        grad_b = torch.zeros(m, dtype=grad.dtype, device=grad.device)
+        grad_b.index_add_(0, idx.reshape(-1), grad.reshape(-1))
+        grad_x = ops.gather_sum(grad, idx, W_enc) if ctx.needs_input_grad[0] else None
+        grad_b_dec = -(grad_b @ W_enc) if ctx.needs_input_grad[1] else None
+        grad_W = ops.scatter_outer(grad, idx, xc, m) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_b_dec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None
+
+
+def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """`out[b] = sum_j vals[b,j] * W[idx[b,j]]` -> [B, d]; differentiable in vals and W."""
+    return _SparseDecode.apply(vals, idx, W)
+
+
+def selected_preacts(
+    x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+    idx: torch.Tensor, pre_vals: torch.Tensor,
+) -> torch.Tensor:
+    """Attach sparse gradients to encoder pre-activations picked by a (no-grad) selection.
+
+    `pre_vals[b,j]` must equal `(x[b] - b_dec) . W_enc[idx[b,j]] + b_enc[idx[b,j]]`; the
+    selection computed it already, so the forward is a copy and the backward touches only
+    the k selected rows of W_enc per token.
+    """
+    return _SelectedPreacts.apply(x, b_dec, W_enc, b_enc, idx, pre_vals)

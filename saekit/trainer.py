@@ -1,0 +1,265 @@
+"""Training: one SAE per hookpoint, all stepped on the same batches of activations.
+
+One step per hookpoint (spec §1): scale x to unit RMS, sparse encode/decode, FVU loss plus
+AuxK on dead latents, backward through the sparse kernels, project the decoder-parallel
+gradient out, Adam, renormalise decoder rows. Inputs are divided by a fixed per-hookpoint
+scale during training; the saved SAE has it folded back in and acts on raw activations.
+"""
+
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from itertools import chain
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from saekit.config import TrainConfig, make_config
+from saekit.errors import SaekitError
+from saekit.init import init_sae
+from saekit.kernels import selected_preacts, sparse_decode
+from saekit.sae import SAE, SAEConfig, atomic_write
+
+STATE_FILE = "state.safetensors"
+INIT_SAMPLE = 16_384  # tokens for b_dec's geometric median and the input scale
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SaekitError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, total: int | None, warmup: int, decay_start: float) -> float:
+    """Linear warm-up, constant, then linear decay to 0 over the last (1 - decay_start)."""
+    f = min(1.0, (step + 1) / max(warmup, 1))
+    if total:
+        start = int(decay_start * total)
+        if step >= start:
+            f = min(f, (total - step) / max(total - start, 1))
+    return f
+
+
+class Trainer:
+    """Holds the SAEs, their optimizers and per-latent firing statistics."""
+
+    def __init__(self, cfg: TrainConfig, dims: dict[str, int], sample: dict[str, torch.Tensor],
+                 total_steps: int | None, device: torch.device):
+        self.cfg, self.total_steps, self.device = cfg, total_steps, device
+        self.step = 0
+        self.saes: dict[str, SAE] = {}
+        self.opts: dict[str, torch.optim.Adam] = {}
+        self.scales: dict[str, float] = {}
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}
+        g = torch.Generator().manual_seed(cfg.seed)
+        for h, d in dims.items():
+            m = cfg.n_latents or cfg.expansion * d
+            sae = SAE(SAEConfig(d, m, cfg.k, cfg.architecture, hookpoint=h, model=cfg.model), device=device)
+            if device.type == "cuda":
+                sae.matmul_dtype = torch.bfloat16
+            x = sample[h].float()
+            self.scales[h] = float(x.pow(2).sum(1).mean().div(d).sqrt().clamp_min(1e-8))
+            init_sae(sae, x / self.scales[h], generator=g)
+            self.saes[h] = sae
+            lr = cfg.lr or 2e-4 / math.sqrt(m / 2**14)
+            self.opts[h] = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10, fused=True)
+            self.stats[h] = {
+                "tokens_since_fired": torch.zeros(m, dtype=torch.long, device=device),
+                "first_fired": torch.full((m,), -1, dtype=torch.long, device=device),
+                "last_fired": torch.full((m,), -1, dtype=torch.long, device=device),
+            }
+
+    # -- one step -------------------------------------------------------------------------
+    def _aux_loss(self, sae: SAE, x: torch.Tensor, err: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK: reconstruct the residual from the top-k_aux dead latents (no b_dec)."""
+        k_aux = self.cfg.k_aux or sae.d_in // 2
+        b_dec = sae.b_dec.detach()
+        W, b = sae.W_enc[dead], sae.b_enc[dead]
+        with torch.no_grad():
+            vals, idx = torch.addmm(b, x - b_dec, W.T).topk(min(k_aux, len(dead)), dim=1, sorted=False)
+        vals = selected_preacts(x, b_dec, W, b, idx, vals).relu()
+        err_hat = sparse_decode(vals, dead[idx], sae.W_dec)
+        scale = min(len(dead) / k_aux, 1.0)
+        return scale * (err_hat - err).pow(2).sum() / (err - err.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+        """One optimisation step on `batch = {hookpoint: [B, d]}`; returns metrics per hookpoint."""
+        cfg, metrics = self.cfg, {}
+        lr_f = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_start)
+        for h, sae in self.saes.items():
+            x = batch[h].to(self.device, torch.float32, non_blocking=True) / self.scales[h]  # [B, d]
+            B = x.shape[0]
+            vals, idx = sae.encode(x)
+            x_hat = sae.decode(vals, idx)
+            err = x - x_hat
+            fvu = err.pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+            st = self.stats[h]
+            with torch.no_grad():
+                fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=self.device)
+                fired[idx[vals > 1e-3]] = True
+                st["tokens_since_fired"] += B
+                st["tokens_since_fired"][fired] = 0
+                st["last_fired"][fired] = self.step
+                st["first_fired"][fired & (st["first_fired"] < 0)] = self.step
+                dead = (st["tokens_since_fired"] >= cfg.dead_tokens).nonzero().squeeze(1)
+            loss = fvu
+            aux = torch.zeros((), device=self.device)
+            if len(dead) and cfg.auxk_alpha > 0:
+                aux = self._aux_loss(sae, x, err.detach(), dead)
+                loss = loss + cfg.auxk_alpha * aux
+
+            opt = self.opts[h]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():  # keep decoder rows on the unit sphere: drop the radial gradient
+                W, G = sae.W_dec, sae.W_dec.grad
+                G.addcmul_(torch.linalg.vecdot(G, W)[:, None], W, value=-1)
+            for group in opt.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_f
+            opt.step()
+            sae.normalize_decoder()
+            metrics[h] = {
+                "fvu": float(fvu.detach()),
+                "l0": float((vals > 0).sum()) / B,
+                "dead_fraction": len(dead) / sae.n_latents,
+                "aux_loss": float(aux),
+                "lr": opt.param_groups[0]["lr"],
+            }
+        self.step += 1
+        return metrics
+
+    # -- results and checkpoints ------------------------------------------------------------
+    def final_sae(self, hookpoint: str) -> SAE:
+        """A copy of the SAE acting on raw (unscaled) activations, in eval mode."""
+        src = self.saes[hookpoint]
+        sae = SAE(SAEConfig(**asdict(src.cfg)), device=self.device)
+        sae.load_state_dict(src.state_dict())
+        return sae.fold_input_scale(self.scales[hookpoint]).eval().requires_grad_(False)
+
+    def save(self, run: Path, extra: dict | None = None) -> None:
+        """Folded SAEs to `run/<hookpoint>/`, then the whole training state in one atomic file."""
+        tensors, meta = {}, {"step": self.step, "scales": self.scales}
+        for h, sae in self.saes.items():
+            self.final_sae(h).save(run / h, extra={"input_scale": self.scales[h], "step": self.step, **(extra or {})})
+            for n, p in sae.named_parameters():
+                tensors[f"{h}/param/{n}"] = p.detach()
+                for key, t in self.opts[h].state.get(p, {}).items():
+                    tensors[f"{h}/adam/{n}/{key}"] = t.reshape(-1) if t.ndim == 0 else t
+            for n, t in self.stats[h].items():
+                tensors[f"{h}/stats/{n}"] = t
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        atomic_write(run / STATE_FILE, lambda p: save_file(tensors, p, metadata={"meta": json.dumps(meta)}))
+
+    def load(self, run: Path) -> None:
+        """Restore the state written by `save` (the SAEs must have been built with the same config)."""
+        file = run / STATE_FILE
+        try:
+            tensors = load_file(file, device=str(self.device))
+            with safe_open(file, "pt") as f:
+                meta = json.loads(f.metadata()["meta"])
+        except FileNotFoundError:
+            raise SaekitError(f"nothing to resume: {file} does not exist") from None
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+            raise SaekitError(f"{file} is corrupt or truncated ({e}); start a new run") from None
+        self.step, self.scales = meta["step"], meta["scales"]
+        for h, sae in self.saes.items():
+            with torch.no_grad():
+                for n, p in sae.named_parameters():
+                    p.copy_(tensors[f"{h}/param/{n}"])
+                    state = {key.rsplit("/", 1)[1]: t for key, t in tensors.items() if key.startswith(f"{h}/adam/{n}/")}
+                    if state:
+                        state["step"] = state["step"].reshape(())
+                        self.opts[h].state[p] = state
+            for n in self.stats[h]:
+                self.stats[h][n] = tensors[f"{h}/stats/{n}"]
+
+
+def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quiet: bool = False,
+              on_log=None, on_checkpoint=None) -> None:
+    """Drive `trainer` over `batches` with a progress bar (tokens/s, FVU, L0, dead %).
+
+    `on_log(step, metrics)` runs every `log_every` steps and `on_checkpoint()` every
+    `checkpoint_every` steps (both optional).
+    """
+    cfg = trainer.cfg
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step, disable=quiet, unit="step", dynamic_ncols=True)
+    t0, tokens = time.perf_counter(), 0
+    for batch in batches:
+        metrics = trainer.train_step(batch)
+        tokens += len(next(iter(batch.values())))
+        bar.update(1)
+        if trainer.step % cfg.log_every == 0 or trainer.step == trainer.total_steps:
+            speed = tokens / (time.perf_counter() - t0)
+            first = next(iter(metrics.values()))
+            bar.set_postfix(tok_s=f"{speed:,.0f}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
+                            dead=f"{100 * first['dead_fraction']:.1f}%")
+            if on_log:
+                on_log(trainer.step, {"tokens_per_s": speed, **metrics})
+        if on_checkpoint and trainer.step % cfg.checkpoint_every == 0:
+            on_checkpoint()
+    bar.close()
+
+
+def _rebatch(tensors: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Regroup a stream of `[n, d]` tensors into `[batch_size, d]` batches (last may be short)."""
+    buf, n = [], 0
+    for t in tensors:
+        if t.ndim != 2:
+            raise SaekitError(f"activations must be [batch, d_in] tensors, got shape {tuple(t.shape)}")
+        buf.append(t)
+        n += len(t)
+        while n >= batch_size:
+            cat = torch.cat(buf)
+            yield cat[:batch_size]
+            buf, n = [cat[batch_size:]], n - batch_size
+    if n:
+        yield torch.cat(buf)
+
+
+def fit(activations: torch.Tensor | Iterable[torch.Tensor], n_latents: int, k: int, seed: int = 0,
+        quiet: bool = True, **options) -> SAE:
+    """Train an SAE on activations you bring and return it (acting on raw activations).
+
+    `activations` is an `[N, d_in]` tensor (shuffled each epoch, `epochs` passes) or any
+    iterable of `[batch, d_in]` tensors (one pass, used in order). `options` are
+    TrainConfig keys: batch_size, lr, epochs, architecture, dead_tokens, k_aux, ...
+    """
+    cfg = make_config(TrainConfig, {"n_latents": n_latents, "k": k, "seed": seed, "hookpoints": ["x"],
+                                    "log_every": 10**9, **options})
+    device = resolve_device(cfg.device)
+    B = cfg.batch_size
+    if isinstance(activations, torch.Tensor):
+        if activations.ndim != 2 or len(activations) == 0:
+            raise SaekitError(f"activations must be a non-empty [N, d_in] tensor, got shape {tuple(activations.shape)}")
+        N = len(activations)
+        B = min(B, N)
+        g = torch.Generator().manual_seed(seed)
+        sample = activations[torch.randperm(N, generator=g)[:INIT_SAMPLE]]
+        total = cfg.epochs * (N // B)
+
+        def stream():
+            for _ in range(cfg.epochs):
+                perm = torch.randperm(N, generator=g)
+                for s in range(N // B):
+                    yield activations[perm[s * B : (s + 1) * B]]
+    else:
+        it = _rebatch(activations, B)
+        first = next(it, None)
+        if first is None:
+            raise SaekitError("activations is empty")
+        sample, total = first, None
+
+        def stream():
+            return chain([first], it)
+
+    trainer = Trainer(cfg, {"x": sample.shape[1]}, {"x": sample}, total, device)
+    run_steps(trainer, ({"x": x} for x in stream()), quiet=quiet)
+    return trainer.final_sae("x")
