@@ -130,7 +130,7 @@ class Trainer:
                 "fvu": float(fvu.detach()),
                 "l0": float((vals > 0).sum()) / B,
                 "dead_fraction": len(dead) / sae.n_latents,
-                "aux_loss": float(aux),
+                "aux_loss": float(aux.detach()),
                 "lr": opt.param_groups[0]["lr"],
             }
         self.step += 1

@@ -1,0 +1,72 @@
+"""The `saekit` command line: one verb per stage (train, cache, eval, ...)."""
+
+import argparse
+import sys
+
+from saekit.errors import SaekitError
+
+
+def _train(args, extra):
+    from saekit.config import load_config
+    from saekit.pipeline import train
+
+    cfg = load_config(args.config, extra)
+    train(cfg, resume=args.resume, quiet=args.quiet)
+
+
+def _cache(args, extra):
+    from saekit.config import load_config
+    from saekit.pipeline import prepare
+
+    _, _, caches = prepare(load_config(args.config, extra), quiet=args.quiet)
+    for split, c in caches.items():
+        print(f"{split}: {c.path} ({c.n_tokens:,} tokens, hookpoints {', '.join(c.hookpoints)})")
+
+
+def _eval(args, extra):
+    from saekit.evaluate import evaluate_run
+
+    if extra:
+        raise SaekitError(f"unexpected arguments {extra}")
+    evaluate_run(args.run, quiet=args.quiet, n_contexts=args.contexts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saekit", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    t = sub.add_parser("train", help="harvest activations and train one SAE per hookpoint, then evaluate",
+                       description="Config keys from YAML, overridden by --key value (e.g. --k 64 --out runs/x).")
+    t.add_argument("config", nargs="?", help="YAML config (default: the built-in defaults)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("cache", help="harvest and cache the activations a config needs (reused by train)")
+    c.add_argument("config", nargs="?")
+    c.set_defaults(func=_cache)
+
+    e = sub.add_parser("eval", help="evaluate a run's SAEs on its held-out text (writes RUN/eval.json)")
+    e.add_argument("run")
+    e.add_argument("--contexts", type=int, default=None, help="held-out contexts for the downstream loss")
+    e.set_defaults(func=_eval)
+
+    for s in (t, c, e):
+        s.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    try:
+        args.func(args, extra)
+    except SaekitError as e:
+        print(f"saekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saekit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
