@@ -32,6 +32,11 @@ class TrainConfig:
     expansion: int = 16  # n_latents = expansion * d_in unless n_latents is set
     n_latents: int | None = None
     k: int = 32
+    init: str = "tied"  # "tied" (random directions) | "subspace" (inside the data's principal subspace)
+    subspace_rank: int | None = None  # fixed r for subspace init; None: smallest r with subspace_variance
+    subspace_variance: float = 0.99
+    ortho_penalty: float = 0.0  # OrtSAE weight gamma (0.25 in the paper); 0 = off
+    ortho_every: int = 1  # apply the penalty every n-th step with weight n * gamma
     # -- optimisation --------------------------------------------------------------------
     batch_size: int = 4096
     lr: float | None = None  # None: 2e-4 / sqrt(n_latents / 2**14) (Gao et al.)

@@ -1,8 +1,12 @@
-"""SAE initialisation from a sample of (scaled) activations."""
+"""SAE initialisation from a sample of (scaled) activations, and the activations' effective
+dimension (the diagnostic that says when subspace init matters)."""
 
 import torch
 
+from saekit.errors import SaekitError
 from saekit.sae import SAE
+
+INITS = ("tied", "subspace")
 
 
 @torch.no_grad()
@@ -19,12 +23,66 @@ def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) 
 
 
 @torch.no_grad()
-def init_sae(sae: SAE, sample: torch.Tensor, generator: torch.Generator | None = None) -> None:
-    """Random unit decoder rows, tied encoder (`W_enc = W_dec`), `b_dec` = geometric median
-    of `sample [n, d]`, `b_enc = 0` (Gao et al. 2024)."""
+def effective_dimension(sample: torch.Tensor) -> dict:
+    """Spectrum summary of centred activations `[n, d]`: the share of the d directions needed
+    for 90 % and 99 % of the variance, and the effective rank exp(H(sigma / sum sigma))."""
+    s = torch.linalg.svdvals((sample - sample.mean(0)).double())
+    var = s.pow(2) / s.pow(2).sum()
+    cum = var.cumsum(0)
+    d = sample.shape[1]
+    p = s / s.sum()
+    return {
+        "d": d,
+        "dims_90": int((cum < 0.90).sum()) + 1,
+        "dims_99": int((cum < 0.99).sum()) + 1,
+        "share_90": (int((cum < 0.90).sum()) + 1) / d,
+        "share_99": (int((cum < 0.99).sum()) + 1) / d,
+        "effective_rank": float(torch.exp(-(p * p.clamp_min(1e-300).log()).sum())),
+    }
+
+
+@torch.no_grad()
+def subspace_basis(sample: torch.Tensor, rank: int | None = None, variance: float = 0.99) -> torch.Tensor:
+    """Orthonormal basis `[d, r]` of the top principal directions of `sample [n, d]`.
+
+    r is `rank` if given, else the smallest r holding `variance` of the variance (Wang et
+    al. 2025 suggest about d/2 for attention outputs; the variance rule adapts to the data).
+    """
+    y = (sample - sample.mean(0)).double()
+    _, s, vh = torch.linalg.svd(y, full_matrices=False)
+    if rank is None:
+        if not 0 < variance <= 1:
+            raise SaekitError(f"subspace_variance must be in (0, 1], got {variance}")
+        cum = (s.pow(2) / s.pow(2).sum()).cumsum(0)
+        rank = int((cum < variance).sum()) + 1
+    if not 0 < rank <= len(s):
+        raise SaekitError(f"subspace_rank must be in [1, {len(s)}], got {rank}")
+    return vh[:rank].T.to(sample.dtype)
+
+
+@torch.no_grad()
+def init_sae(sae: SAE, sample: torch.Tensor, init: str = "tied", generator: torch.Generator | None = None,
+             subspace_rank: int | None = None, subspace_variance: float = 0.99) -> dict:
+    """Initialise `sae` from `sample [n, d]` (already in training units); return a report.
+
+    Both inits: `b_dec` = geometric median of the sample, `b_enc = 0`, tied encoder
+    (`W_enc = W_dec`), unit decoder rows (Gao et al. 2024). "tied": random decoder
+    directions. "subspace": random directions inside the sample's principal subspace, so
+    no latent starts outside the low-rank span the activations live in (Wang et al. 2025).
+    """
+    if init not in INITS:
+        raise SaekitError(f"init must be one of {INITS}, got {init!r}")
     m, d = sae.n_latents, sae.d_in
-    W = torch.randn(m, d, generator=generator).to(sae.W_dec)
+    sample = sample.float()
+    report = {"init": init, **effective_dimension(sample)}
+    if init == "subspace":
+        P = subspace_basis(sample, subspace_rank, subspace_variance)  # [d, r]
+        W = torch.randn(m, P.shape[1], generator=generator) @ P.T
+        report["subspace_rank"] = P.shape[1]
+    else:
+        W = torch.randn(m, d, generator=generator)
     sae.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
     sae.W_enc.copy_(sae.W_dec)
     sae.b_enc.zero_()
     sae.b_dec.copy_(geometric_median(sample.to(sae.b_dec)))
+    return report

@@ -6,6 +6,7 @@ gradient out, Adam, renormalise decoder rows. Inputs are divided by a fixed per-
 scale during training; the saved SAE has it folded back in and acts on raw activations.
 """
 
+import ctypes
 import json
 import math
 import time
@@ -23,6 +24,7 @@ from saekit.config import TrainConfig, make_config
 from saekit.errors import SaekitError
 from saekit.init import init_sae
 from saekit.kernels import selected_preacts, sparse_decode
+from saekit.ortho import ortho_loss
 from saekit.sae import SAE, SAEConfig, atomic_write
 
 STATE_FILE = "state.safetensors"
@@ -35,6 +37,17 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SaekitError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
     return torch.device(name)
+
+
+def _keep_freed_memory() -> None:
+    """Stop glibc from returning large freed blocks to the OS: each CPU step allocates
+    several [m, d] gradient buffers, and re-faulting their pages costs ~10 % of a step."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 
 def lr_factor(step: int, total: int | None, warmup: int, decay_start: float) -> float:
@@ -54,10 +67,17 @@ class Trainer:
                  total_steps: int | None, device: torch.device):
         self.cfg, self.total_steps, self.device = cfg, total_steps, device
         self.step = 0
+        if device.type == "cpu":
+            _keep_freed_memory()
         self.saes: dict[str, SAE] = {}
         self.opts: dict[str, torch.optim.Adam] = {}
         self.scales: dict[str, float] = {}
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
+        self.init_reports: dict[str, dict] = {}
+        # BatchTopK threshold: bias-corrected EMA (decay 0.999) of the smallest kept value from
+        # step 1000 on (Bussmann et al.), or from the lr-decay phase in shorter runs: the cut
+        # drifts while the lr is high, and a lagging average would under-fire at inference.
+        self.threshold_start = min(1000, int(cfg.decay_start * total_steps) if total_steps else 1000)
         g = torch.Generator().manual_seed(cfg.seed)
         for h, d in dims.items():
             m = cfg.n_latents or cfg.expansion * d
@@ -66,7 +86,8 @@ class Trainer:
                 sae.matmul_dtype = torch.bfloat16
             x = sample[h].float()
             self.scales[h] = float(x.pow(2).sum(1).mean().div(d).sqrt().clamp_min(1e-8))
-            init_sae(sae, x / self.scales[h], generator=g)
+            self.init_reports[h] = init_sae(sae, x / self.scales[h], cfg.init, g, cfg.subspace_rank,
+                                            cfg.subspace_variance)
             self.saes[h] = sae
             lr = cfg.lr or 2e-4 / math.sqrt(m / 2**14)
             self.opts[h] = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10, fused=True)
@@ -74,6 +95,7 @@ class Trainer:
                 "tokens_since_fired": torch.zeros(m, dtype=torch.long, device=device),
                 "first_fired": torch.full((m,), -1, dtype=torch.long, device=device),
                 "last_fired": torch.full((m,), -1, dtype=torch.long, device=device),
+                "threshold_ema": torch.zeros(2, dtype=torch.float64, device=device),  # [ema, n]
             }
 
     # -- one step -------------------------------------------------------------------------
@@ -88,6 +110,14 @@ class Trainer:
         err_hat = sparse_decode(vals, dead[idx], sae.W_dec)
         scale = min(len(dead) / k_aux, 1.0)
         return scale * (err_hat - err).pow(2).sum() / (err - err.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+    @staticmethod
+    def _update_threshold(sae: SAE, ema: torch.Tensor, vals: torch.Tensor) -> None:
+        kept = vals[vals > 0]
+        if len(kept):
+            ema[0] = 0.999 * ema[0] + 0.001 * kept.min()
+            ema[1] += 1
+            sae.cfg.threshold = float(ema[0] / (1 - 0.999 ** ema[1]))
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
         """One optimisation step on `batch = {hookpoint: [B, d]}`; returns metrics per hookpoint."""
@@ -110,7 +140,12 @@ class Trainer:
                 st["last_fired"][fired] = self.step
                 st["first_fired"][fired & (st["first_fired"] < 0)] = self.step
                 dead = (st["tokens_since_fired"] >= cfg.dead_tokens).nonzero().squeeze(1)
+                if sae.cfg.architecture == "batchtopk" and self.step >= self.threshold_start:
+                    self._update_threshold(sae, st["threshold_ema"], vals)
             loss = fvu
+            if cfg.ortho_penalty > 0 and self.step % cfg.ortho_every == 0:
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+                loss = loss + cfg.ortho_penalty * cfg.ortho_every * ortho_loss(sae.W_dec, g)
             aux = torch.zeros((), device=self.device)
             if len(dead) and cfg.auxk_alpha > 0:
                 aux = self._aux_loss(sae, x, err.detach(), dead)
@@ -148,7 +183,8 @@ class Trainer:
         """Folded SAEs to `run/<hookpoint>/`, then the whole training state in one atomic file."""
         tensors, meta = {}, {"step": self.step, "scales": self.scales}
         for h, sae in self.saes.items():
-            self.final_sae(h).save(run / h, extra={"input_scale": self.scales[h], "step": self.step, **(extra or {})})
+            info = {"input_scale": self.scales[h], "step": self.step, "init": self.init_reports[h], **(extra or {})}
+            self.final_sae(h).save(run / h, extra=info)
             for n, p in sae.named_parameters():
                 tensors[f"{h}/param/{n}"] = p.detach()
                 for key, t in self.opts[h].state.get(p, {}).items():
@@ -180,6 +216,9 @@ class Trainer:
                         self.opts[h].state[p] = state
             for n in self.stats[h]:
                 self.stats[h][n] = tensors[f"{h}/stats/{n}"]
+            ema = self.stats[h]["threshold_ema"]
+            if ema[1] > 0:
+                sae.cfg.threshold = float(ema[0] / (1 - 0.999 ** ema[1]))
 
 
 def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quiet: bool = False,
