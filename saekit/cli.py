@@ -6,19 +6,24 @@ import sys
 from saekit.errors import SaekitError
 
 
-def _train(args, extra):
+def _config(extra: list[str]):
+    """`[CONFIG.yaml] [--key value ...]` -> TrainConfig."""
     from saekit.config import load_config
+
+    path = extra.pop(0) if extra and not extra[0].startswith("--") else None
+    return load_config(path, extra)
+
+
+def _train(args, extra):
     from saekit.pipeline import train
 
-    cfg = load_config(args.config, extra)
-    train(cfg, resume=args.resume, quiet=args.quiet)
+    train(_config(extra), resume=args.resume, quiet=args.quiet)
 
 
 def _cache(args, extra):
-    from saekit.config import load_config
     from saekit.pipeline import prepare
 
-    _, _, caches = prepare(load_config(args.config, extra), quiet=args.quiet)
+    _, _, caches = prepare(_config(extra), quiet=args.quiet)
     for split, c in caches.items():
         print(f"{split}: {c.path} ({c.n_tokens:,} tokens, hookpoints {', '.join(c.hookpoints)})")
 
@@ -26,8 +31,6 @@ def _cache(args, extra):
 def _eval(args, extra):
     from saekit.evaluate import evaluate_run
 
-    if extra:
-        raise SaekitError(f"unexpected arguments {extra}")
     evaluate_run(args.run, quiet=args.quiet, n_contexts=args.contexts)
 
 
@@ -35,14 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="saekit", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
 
-    t = sub.add_parser("train", help="harvest activations and train one SAE per hookpoint, then evaluate",
-                       description="Config keys from YAML, overridden by --key value (e.g. --k 64 --out runs/x).")
-    t.add_argument("config", nargs="?", help="YAML config (default: the built-in defaults)")
+    t = sub.add_parser("train", usage="saekit train [CONFIG.yaml] [--resume] [--quiet] [--KEY VALUE ...]",
+                       help="harvest activations and train one SAE per hookpoint, then evaluate",
+                       description="Config keys come from the YAML file (default: built-in defaults), "
+                                   "overridden by --key value pairs, e.g. --k 64 --out runs/x.")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.set_defaults(func=_train)
 
-    c = sub.add_parser("cache", help="harvest and cache the activations a config needs (reused by train)")
-    c.add_argument("config", nargs="?")
+    c = sub.add_parser("cache", usage="saekit cache [CONFIG.yaml] [--quiet] [--KEY VALUE ...]",
+                       help="harvest and cache the activations a config needs (reused by train)")
     c.set_defaults(func=_cache)
 
     e = sub.add_parser("eval", help="evaluate a run's SAEs on its held-out text (writes RUN/eval.json)")
@@ -52,11 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for s in (t, c, e):
         s.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(strict=True)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "strict", False) and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args, extra)
     except SaekitError as e:

@@ -67,3 +67,78 @@ def zero_ablate(mask: torch.Tensor):
         return acts.masked_fill(mask.to(acts.device).view(*mask.shape, *[1] * (acts.ndim - 2)), 0)
 
     return replace
+
+
+@torch.no_grad()
+def downstream_metrics(model, sae: SAE, hookpoint: str, tokens: torch.Tensor, mask: torch.Tensor,
+                       batch_size: int = 4) -> dict:
+    """Next-token CE with clean activations, the SAE's reconstruction spliced in, and zeros;
+    loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean); KL(clean || spliced).
+
+    Losses average over positions whose target is a real (unmasked) token.
+    """
+    from saekit.model import logprobs
+
+    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    n = 0
+    for s in range(0, len(tokens), batch_size):
+        toks, m = tokens[s : s + batch_size], mask[s : s + batch_size]
+        tgt = toks[:, 1:].unsqueeze(-1)
+        keep = m[:, 1:]
+        lp = {
+            "clean": logprobs(model, toks),
+            "sae": logprobs(model, toks, hookpoint, splice(sae, m)),
+            "zero": logprobs(model, toks, hookpoint, zero_ablate(m)),
+        }
+        for name, v in lp.items():
+            v = v[:, :-1].cpu()
+            sums[f"ce_{name}"] += float(-(v.gather(-1, tgt).squeeze(-1))[keep].sum())
+            lp[name] = v
+        p_clean = lp["clean"].exp()
+        for name in ("sae", "zero"):
+            sums[f"kl_{name}"] += float((p_clean * (lp["clean"] - lp[name])).sum(-1)[keep].sum())
+        n += int(keep.sum())
+    out = {k: v / n for k, v in sums.items()}
+    gap = out["ce_zero"] - out["ce_clean"]
+    out["loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap > 0 else float("nan")
+    return out
+
+
+def evaluate_run(run, model=None, caches=None, ctx=None, quiet: bool = False, n_contexts: int | None = None) -> dict:
+    """Evaluate every SAE of a run folder on its held-out split; write RUN/eval.json, print a table."""
+    import json
+    from pathlib import Path
+
+    from saekit.errors import SaekitError
+    from saekit.pipeline import load_run_config, prepare
+
+    run = Path(run)
+    cfg = load_run_config(run)
+    if model is None:
+        model, ctx, caches = prepare(cfg, quiet)
+    val = caches["val"]
+    device = next(model.parameters()).device
+    tokens, mask = ctx["val"]
+    n_ctx = n_contexts or cfg.eval_contexts
+    results = {}
+    for h in cfg.hookpoints:
+        sae = SAE.load(run / h, device=device)
+        if sae.d_in != val.dim(h):
+            raise SaekitError(f"{run / h}: the SAE has d_in {sae.d_in} but {h} has dimension {val.dim(h)}")
+        batches = (t for i in range(len(val.manifest["shards"])) for t in val.load_shard(i, [h])[h].split(4096))
+        results[h] = {**reconstruction_metrics(sae, batches),
+                      **downstream_metrics(model, sae, h, tokens[:n_ctx], mask[:n_ctx])}
+    (run / "eval.json").write_text(json.dumps(results, indent=2))
+    print(format_table(results))
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Markdown table, one column per hookpoint."""
+    hooks = list(results)
+    keys = list(next(iter(results.values())))
+    lines = ["| metric | " + " | ".join(hooks) + " |", "|---|" + "---|" * len(hooks)]
+    for k in keys:
+        cells = [f"{results[h][k]:.4g}" if isinstance(results[h][k], float) else str(results[h][k]) for h in hooks]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
