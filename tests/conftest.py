@@ -1,0 +1,22 @@
+"""Shared fixtures. Nothing may reach a hub: tests run offline on the bundled model/corpus."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The offline default model (dequantised once into the user cache, then ~1 s per load)."""
+    from saekit.model import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def act_cache_dir(tmp_path_factory):
+    """One activation cache folder shared by the pipeline tests (harvest once)."""
+    return tmp_path_factory.mktemp("act_cache")

@@ -1,0 +1,125 @@
+"""`saekit train/eval` end to end on the offline model: outputs, kill-and-resume, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from saekit import cli, pipeline
+from saekit.activations import build_cache, resume_point
+from saekit.config import load_config
+from saekit.errors import SaekitError
+from saekit.sae import SAE
+from saekit.trainer import Trainer
+
+HOOK = "blocks.2.hook_resid_post"
+
+
+@pytest.fixture
+def tiny(act_cache_dir, tmp_path):
+    """CLI args of a run that takes seconds: 2 epochs over ~6k tokens of layer-2 activations."""
+    return ["--hookpoints", HOOK, "--n_tokens", "6000", "--val_tokens", "600", "--ctx_len", "64",
+            "--epochs", "2", "--expansion", "2", "--k", "16", "--batch_size", "500", "--checkpoint_every", "4",
+            "--log_every", "1", "--eval_contexts", "2", "--cache_dir", str(act_cache_dir), "--dead_tokens", "3000"]
+
+
+def run_cli(*args) -> int:
+    return cli.main(["train", *args, "--quiet"])
+
+
+def test_train_writes_a_loadable_evaluated_run(tiny, tmp_path, capsys):
+    assert run_cli(*tiny, "--out", str(tmp_path / "run")) == 0
+    run = tmp_path / "run"
+    sae = SAE.load(run / HOOK)
+    assert sae.W_dec.shape == (1152, 576) and sae.cfg.hookpoint == HOOK
+    results = json.loads((run / "eval.json").read_text())[HOOK]
+    assert 0 < results["fvu"] < 1 and results["l0"] == pytest.approx(16, abs=0.5)
+    assert results["ce_clean"] < results["ce_sae"] < results["ce_zero"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fvus = [m[HOOK]["fvu"] for m in metrics]
+    assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
+    assert sum(fvus[-3:]) < 0.9 * sum(fvus[:3])  # FVU falls on real activations
+    assert "| fvu |" in capsys.readouterr().out
+    assert cli.main(["eval", str(run), "--quiet"]) == 0  # re-evaluation from the folder alone
+
+
+def test_killed_run_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
+    assert run_cli(*tiny, "--out", str(tmp_path / "full")) == 0
+
+    real_step = Trainer.train_step
+
+    def dies_at_step_10(self, batch):
+        if self.step == 10:
+            raise KeyboardInterrupt  # as if killed: nothing after the last checkpoint is saved
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_10)
+    assert run_cli(*tiny, "--out", str(tmp_path / "cut")) == 130
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert run_cli(*tiny, "--out", str(tmp_path / "cut"), "--resume") == 0  # resumes at step 8
+    a, b = SAE.load(tmp_path / "full" / HOOK), SAE.load(tmp_path / "cut" / HOOK)
+    for n, p in a.named_parameters():
+        torch.testing.assert_close(p, getattr(b, n), rtol=1e-4, atol=1e-5, msg=n)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no step logged twice
+
+
+def test_bad_inputs_exit_cleanly(tiny, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "r")]
+    assert run_cli(*tiny, *out, "--hookpoints", "blocks.2.hook_resid_psot") == 2
+    assert "close matches: blocks.2.hook_resid_post" in capsys.readouterr().err
+    assert run_cli(*tiny, *out, "--learning_rate", "1") == 2
+    assert "unknown config key 'learning_rate'" in capsys.readouterr().err
+    assert run_cli(str(tmp_path / "nope.yaml")) == 2
+    assert run_cli(*tiny, *out, "--dataset", str(tmp_path / "missing_dir/")) == 2
+    assert "not found" in capsys.readouterr().err
+    assert run_cli(*tiny, *out, "--resume") == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert cli.main(["eval", str(tmp_path), "--quiet"]) == 2
+
+
+def test_resume_with_other_config_and_corrupt_state_are_refused(tiny, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert run_cli(*tiny, "--out", str(run)) == 0
+    before = (run / HOOK / "sae.safetensors").read_bytes()
+    assert run_cli(*tiny, "--out", str(run)) == 2  # no silent overwrite
+    assert "already holds a run" in capsys.readouterr().err
+    assert run_cli(*tiny, "--out", str(run), "--resume", "--k", "8") == 2
+    assert "k: 16 -> 8" in capsys.readouterr().err
+    state = run / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:1000])
+    assert run_cli(*tiny, "--out", str(run), "--resume") == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+    assert (run / HOOK / "sae.safetensors").read_bytes() == before  # nothing saved was lost
+
+
+def test_sae_with_wrong_width_for_the_hookpoint(tiny, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert run_cli(*tiny, "--out", str(run)) == 0
+    SAE(SAE.load(run / HOOK).cfg.__class__(d_in=64, n_latents=128, k=4)).save(run / HOOK)
+    assert cli.main(["eval", str(run), "--quiet"]) == 2
+    assert "d_in 64" in capsys.readouterr().err
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg = load_config(None, ["--dataset", str(tmp_path / "empty.jsonl"), "--cache_dir", str(tmp_path)])
+    with pytest.raises(SaekitError):
+        pipeline.prepare(cfg, quiet=True)
+
+
+def test_interrupted_harvest_continues(tmp_path):
+    chunks = [{"h": torch.full((10, 2), float(i))} for i in range(9)]
+
+    def dies_after(n):
+        for i, c in enumerate(chunks):
+            if i == n:
+                raise KeyboardInterrupt
+            yield c
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(tmp_path / "c", dies_after(7), {}, shard_tokens=30)
+    done = resume_point(tmp_path / "c")
+    assert done == 6  # two full shards were written before the kill
+    cache = build_cache(tmp_path / "c", iter(chunks[done:]), {}, shard_tokens=30, chunks_done=done)
+    assert torch.equal(cache.tensor("h")[:, 0], torch.arange(9).repeat_interleave(10).float())
