@@ -23,10 +23,11 @@ def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) 
 
 
 @torch.no_grad()
-def effective_dimension(sample: torch.Tensor) -> dict:
-    """Spectrum summary of centred activations `[n, d]`: the share of the d directions needed
-    for 90 % and 99 % of the variance, and the effective rank exp(H(sigma / sum sigma))."""
-    s = torch.linalg.svdvals((sample - sample.mean(0)).double())
+def effective_dimension(sample: torch.Tensor, center: bool = True) -> dict:
+    """Spectrum summary of `[n, d]` rows (centred activations, or a decoder with center=False):
+    the share of the d directions needed for 90 % and 99 % of the variance, and the
+    effective rank exp(H(sigma / sum sigma))."""
+    s = torch.linalg.svdvals((sample - sample.mean(0) if center else sample).double())
     var = s.pow(2) / s.pow(2).sum()
     cum = var.cumsum(0)
     d = sample.shape[1]
