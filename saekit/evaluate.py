@@ -1,10 +1,14 @@
 """Evaluation (spec §9): reconstruction metrics on held-out activations and downstream loss
 with the SAE spliced into the model."""
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
+from saekit.errors import SaekitError
+from saekit.model import logprobs
 from saekit.sae import SAE
 
 
@@ -77,8 +81,6 @@ def downstream_metrics(model, sae: SAE, hookpoint: str, tokens: torch.Tensor, ma
 
     Losses average over positions whose target is a real (unmasked) token.
     """
-    from saekit.model import logprobs
-
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n = 0
     for s in range(0, len(tokens), batch_size):
@@ -106,11 +108,7 @@ def downstream_metrics(model, sae: SAE, hookpoint: str, tokens: torch.Tensor, ma
 
 def evaluate_run(run, model=None, caches=None, ctx=None, quiet: bool = False, n_contexts: int | None = None) -> dict:
     """Evaluate every SAE of a run folder on its held-out split; write RUN/eval.json, print a table."""
-    import json
-    from pathlib import Path
-
-    from saekit.errors import SaekitError
-    from saekit.pipeline import load_run_config, prepare
+    from saekit.pipeline import load_run_config, prepare  # pipeline imports this module
 
     run = Path(run)
     cfg = load_run_config(run)

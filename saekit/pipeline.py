@@ -20,6 +20,7 @@ from saekit import data, model as lm
 from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_key, resume_point
 from saekit.config import TrainConfig, make_config
 from saekit.errors import SaekitError
+from saekit.evaluate import evaluate_run
 from saekit.trainer import INIT_SAMPLE, STATE_FILE, Trainer, resolve_device, run_steps
 
 # Keys that may change between a run and its resume without changing what is trained.
@@ -89,8 +90,6 @@ def _check_run_folder(cfg: TrainConfig, run: Path, resume: bool) -> None:
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     """Train one SAE per hookpoint as configured, evaluate them, return the run folder."""
-    from saekit.evaluate import evaluate_run
-
     run = Path(cfg.out)
     _check_run_folder(cfg, run, resume)
     model, ctx, caches = prepare(cfg, quiet)
