@@ -1,0 +1,150 @@
+"""Analyses on SAEs with planted ground truth (dead latents, duplicate pairs, a known spectrum,
+absorbed tokens), then `saekit analyze` end to end on a tiny run and its bad inputs."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saekit import analyze, cli
+from saekit.analyze.absorption import FirstLetterData, absorption_from_data, absorption_scores
+from saekit.analyze.collapse import duplicate_pairs
+from saekit.analyze.dead import FiringHistory
+from saekit.errors import SaekitError
+from saekit.sae import SAE, SAEConfig
+
+
+def make_sae(W_dec: torch.Tensor, W_enc: torch.Tensor | None = None, k: int = 1, b_enc=None) -> SAE:
+    m, d = W_dec.shape
+    sae = SAE(SAEConfig(d_in=d, n_latents=m, k=k)).eval().requires_grad_(False)
+    sae.W_dec.copy_(W_dec)
+    sae.W_enc.copy_(W_dec if W_enc is None else W_enc)
+    sae.b_enc.copy_(torch.zeros(m) if b_enc is None else b_enc)
+    sae.b_dec.zero_()
+    return sae
+
+
+def test_planted_dead_latents_and_duplicate_pairs_are_counted_exactly():
+    g = torch.Generator().manual_seed(0)
+    d, m = 64, 300
+    W = F.normalize(torch.randn(m, d, generator=g), dim=1)
+    dup = [(3, 150), (40, 41), (7, 299)]
+    for i, j in dup:  # near-copies: cosine ~0.995
+        W[j] = F.normalize(W[i] + 0.1 * F.normalize(torch.randn(d, generator=g), dim=0), dim=0)
+    dead_ids = torch.arange(200, 240)
+    b_enc = torch.zeros(m)
+    b_enc[dead_ids] = -1e4  # never selectable
+    sae = make_sae(W, k=8, b_enc=b_enc)
+    x = torch.randn(5000, d, generator=g)
+    res = analyze.dead(sae, (t for t in x.split(700)))  # an iterable of batches
+    assert res.n_dead == 40 and res.dead_fraction == pytest.approx(40 / m)
+    assert (res.density[dead_ids] == 0).all() and (res.density[:200] > 0).all()
+    assert res.n_tokens == 5000 and sum(res.hist_counts) == m - 40
+    assert res.density.sum() == pytest.approx(8, rel=1e-5)  # k latents per token
+    assert res.dense_fraction == pytest.approx(float((res.density > 0.1).double().mean()))
+    col = analyze.collapse(sae, tau=0.9)
+    assert col.duplicate_pairs == sorted(dup)
+    assert col.duplicate_fraction == pytest.approx(6 / m)
+    assert duplicate_pairs(W, 0.9, block=7) == sorted(dup)  # block edges do not matter
+    json.dumps(res.to_dict()), json.dumps(col.to_dict())
+
+
+def test_dead_at_init_versus_died_during_training():
+    sae = make_sae(torch.eye(4), k=1, b_enc=torch.tensor([0.0, 0.0, -1e4, -1e4]))
+    hist = FiringHistory(step=100, first_fired=torch.tensor([0, 3, -1, 5]),
+                        last_fired=torch.tensor([99, 99, -1, 40]))
+    res = analyze.dead(sae, torch.randn(200, 4), history=hist)
+    assert (res.n_dead, res.dead_at_init, res.died_in_training, res.died_last_fired_median) == (2, 1, 1, 40.0)
+
+
+def test_effective_rank_and_participation_ratio_of_a_known_spectrum():
+    d, m = 16, 64
+    sigma = torch.linspace(1, 4, d, dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(m, d, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    W = (U * sigma) @ V.T  # singular values exactly sigma
+    res = analyze.collapse(make_sae(W.float()))
+    p = sigma / sigma.sum()
+    lam = sigma**2
+    assert res.effective_rank == pytest.approx(math.exp(-(p * p.log()).sum()), rel=1e-4)
+    assert res.participation_ratio == pytest.approx(float(lam.sum() ** 2 / lam.pow(2).sum()), rel=1e-4)
+    torch.testing.assert_close(res.singular_values.double(), sigma.flip(0), rtol=1e-4, atol=1e-4)
+    half = analyze.collapse(make_sae(torch.eye(d)[: d // 2].repeat(4, 1)))  # 8 equal directions
+    assert half.effective_rank == pytest.approx(d // 2) and half.participation_ratio == pytest.approx(d // 2)
+
+
+def test_code_covariance_rank_with_activations():
+    d = 8
+    sae = make_sae(torch.eye(d), k=1)
+    x = torch.zeros(800, d)
+    x[torch.arange(800), torch.arange(800) % 4] = 1.0  # 4 latents fire, one at a time, equally often
+    res = analyze.collapse(sae, x)
+    # cov = I/4 - 1/16 (rank 3, equal eigenvalues 1/4): effective rank 3 over 4 live latents
+    assert res.code_latents == 4 and res.code_effective_rank == pytest.approx(3, rel=1e-6)
+    assert res.input_dims_99 == 3 and res.n_tokens == 800
+    sub = analyze.collapse(sae, x, max_code_latents=2)  # a random 2-latent subset
+    assert sub.code_latents <= 2
+
+
+# -- absorption on a hand-built SAE --------------------------------------------------------
+D = 32  # 26 letter directions e_0..e_25, 6 spare directions
+ABSORBED = {0: 26, 1: 27, 2: 28}  # letter -> spare direction of its absorbing latent
+
+
+def letter_sae() -> SAE:
+    """Latent c (c < 26) = e_c; latent 26 + i absorbs letter i: decoder (e_i + e_spare)/sqrt 2,
+    firing (k = 1 wins) only on tokens that carry the spare direction."""
+    eye = torch.eye(D)
+    W_dec = torch.cat([eye[:26], F.normalize(torch.stack([eye[c] + eye[s] for c, s in ABSORBED.items()]), dim=1)])
+    W_enc = torch.cat([1.2 * eye[:26], torch.stack([eye[c] + 2 * eye[s] for c, s in ABSORBED.items()])])
+    b_enc = torch.cat([torch.zeros(26), torch.full((len(ABSORBED),), -0.5)])
+    return make_sae(W_dec, W_enc, k=1, b_enc=b_enc)
+
+
+def letter_data(per_letter: int = 30, planted: int = 3):
+    """Tokens x = e_letter + noise; in the held-out split `planted` tokens of each absorbed
+    letter also carry the spare direction, so the absorbing latent fires instead of the main one."""
+    g = torch.Generator().manual_seed(0)
+    letters = torch.arange(26).repeat_interleave(per_letter)
+    x = F.one_hot(letters, D).float() + 0.05 * torch.randn(len(letters), D, generator=g)
+    train = (torch.arange(len(letters)) % per_letter) < int(0.8 * per_letter)
+    plant = torch.zeros(len(letters), dtype=torch.bool)
+    for c, s in ABSORBED.items():
+        rows = ((letters == c) & ~train).nonzero().squeeze(1)[:planted]
+        x[rows, s] += 1.0
+        plant[rows] = True
+    words = [" " + "abcdefghijklmnopqrstuvwxyz"[c] + "x" for c in letters]
+    return FirstLetterData(words, letters, x, train), plant
+
+
+def test_absorption_core_flags_exactly_the_planted_tokens():
+    data, plant = letter_data()
+    s = absorption_scores(letter_sae(), data.acts, data.letters, torch.eye(D)[:26], [[c] for c in range(26)])
+    assert torch.equal(s.fraction > 0, plant) and torch.equal(s.full, plant)
+    assert (s.fraction[plant] == 1).all() and (s.fraction[~plant] == 0).all()
+    absorbed_by = s.absorbers[plant, 0]
+    assert absorbed_by.tolist() == [26 + c for c in ABSORBED for _ in range(3)]
+
+
+def test_absorption_end_to_end_with_learned_probes():
+    data, plant = letter_data()
+    res = absorption_from_data(letter_sae(), data)
+    t = res.table.set_index("letter")
+    assert res.n_letters == 26 and (t["probe_f1"] == 1).all()
+    assert t["main_latents"].tolist() == [[c] for c in range(26)]  # k-sparse probing finds the letter latents
+    absorbed = {"abcdefghijklmnopqrstuvwxyz"[c] for c in ABSORBED}
+    assert set(t.index[t["n_absorbed"] > 0]) == absorbed
+    assert t.loc[sorted(absorbed), "n_absorbed"].tolist() == [3, 3, 3]  # of 6 held-out tokens each
+    assert t.loc[sorted(absorbed), "full_absorption"].tolist() == [0.5, 0.5, 0.5]
+    assert res.absorbing_latents["a"] == [26] and res.absorbing_latents["d"] == []
+    assert res.mean_absorption_fraction == pytest.approx(3 * 0.5 / 26)
+    json.dumps(res.to_dict())
+
+
+def test_too_few_letters_pass_the_probe():
+    data, _ = letter_data()
+    data.acts = torch.randn_like(data.acts)  # nothing to find
+    with pytest.raises(SaekitError, match="letters have a probe F1"):
+        absorption_from_data(letter_sae(), data)
