@@ -16,6 +16,7 @@ from itertools import chain
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -128,8 +129,7 @@ class Trainer:
             B = x.shape[0]
             vals, idx = sae.encode(x)
             x_hat = sae.decode(vals, idx)
-            err = x - x_hat
-            fvu = err.pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+            fvu = F.mse_loss(x_hat, x, reduction="sum") / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
             st = self.stats[h]
             with torch.no_grad():
@@ -148,7 +148,7 @@ class Trainer:
                 loss = loss + cfg.ortho_penalty * cfg.ortho_every * ortho_loss(sae.W_dec, g)
             aux = torch.zeros((), device=self.device)
             if len(dead) and cfg.auxk_alpha > 0:
-                aux = self._aux_loss(sae, x, err.detach(), dead)
+                aux = self._aux_loss(sae, x, (x - x_hat).detach(), dead)
                 loss = loss + cfg.auxk_alpha * aux
 
             opt = self.opts[h]

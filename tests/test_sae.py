@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saekit.errors import SaekitError
-from saekit.sae import SAE, SAEConfig
+from saekit.sae import SAE, SAEConfig, row_topk
 
 
 def dense_reference(sae: SAE, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -108,3 +108,15 @@ def test_bad_sae_config():
         SAEConfig(d_in=4, n_latents=8, k=2, architecture="jumprelu")
     with pytest.raises(SaekitError, match="k must be"):
         SAEConfig(d_in=4, n_latents=8, k=9)
+
+
+@pytest.mark.parametrize("m,k", [(9216, 32), (4096, 8), (1000, 5), (96, 5)])
+def test_row_topk_is_exact(m, k):
+    torch.manual_seed(m)
+    pre = torch.randn(70, m) + torch.randn(m)  # per-latent offsets, as trained biases give
+    pre[0, :] = 1.0  # all ties
+    vals, idx = row_topk(pre, k)
+    want = pre.topk(k, dim=1).values
+    torch.testing.assert_close(vals.sort(1, descending=True).values, want, rtol=0, atol=0)
+    assert torch.equal(pre.gather(1, idx), vals)
+    assert all(len(set(row.tolist())) == k for row in idx)
