@@ -34,6 +34,14 @@ def _eval(args, extra):
     evaluate_run(args.run, quiet=args.quiet, n_contexts=args.contexts)
 
 
+def _analyze(args, extra):
+    from saekit.analyze.report import ANALYSES, analyze_run
+
+    analyze_run(args.run, ANALYSES if args.analysis == "all" else (args.analysis,), hookpoint=args.hookpoint,
+                activations=args.activations, tokens=args.tokens, words=args.words, f1_threshold=args.f1_threshold,
+                min_letters=args.min_letters, quiet=args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="saekit", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
@@ -54,9 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--contexts", type=int, default=None, help="held-out contexts for the downstream loss")
     e.set_defaults(func=_eval)
 
-    for s in (t, c, e):
+    a = sub.add_parser("analyze", help="dead/dense latents, collapse, absorption of a run's SAEs (writes RUN/analysis/)")
+    a.add_argument("analysis", choices=["dead", "collapse", "absorption", "all"])
+    a.add_argument("run")
+    a.add_argument("--hookpoint", default=None, help="analyse only this hookpoint of the run")
+    a.add_argument("--activations", default=None,
+                   help="activation cache folder or .safetensors file with one [N, d_in] tensor "
+                        "(default: the run's held-out cache)")
+    a.add_argument("--tokens", type=int, default=None, help="tokens for dead/collapse (default: all)")
+    a.add_argument("--words", type=int, default=3000, help="vocabulary words for absorption")
+    a.add_argument("--f1-threshold", type=float, default=0.6, help="absorption: keep letters whose probe F1 >= this")
+    a.add_argument("--min-letters", type=int, default=20, help="absorption: letters that must pass the probe")
+    a.set_defaults(func=_analyze)
+
+    for s in (t, c, e, a):
         s.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(strict=True)
+    a.set_defaults(strict=True)
     return p
 
 

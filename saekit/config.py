@@ -54,6 +54,7 @@ class TrainConfig:
     harvest_batch: int = 16  # contexts per model forward while harvesting
     checkpoint_every: int = 50  # steps
     log_every: int = 5  # steps
+    collapse_every: int = 0  # steps; log the decoder's collapse figures to metrics.jsonl (0 = off)
     eval_contexts: int = 24  # held-out contexts for CE loss / KL in evaluation
     wandb: bool = False  # log to Weights & Biases too (if installed)
 

@@ -18,13 +18,15 @@ import torch
 
 from saekit import data, model as lm
 from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_key, resume_point
+from saekit.analyze.collapse import decoder_collapse
 from saekit.config import TrainConfig, make_config
 from saekit.errors import SaekitError
 from saekit.evaluate import evaluate_run
 from saekit.trainer import INIT_SAMPLE, STATE_FILE, Trainer, resolve_device, run_steps
 
 # Keys that may change between a run and its resume without changing what is trained.
-RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "wandb", "harvest_batch", "eval_contexts", "cache_dir"}
+RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "wandb", "harvest_batch", "eval_contexts", "cache_dir",
+                     "collapse_every"}
 
 
 def cache_root(cfg: TrainConfig) -> Path:
@@ -43,12 +45,17 @@ def contexts(cfg: TrainConfig, tokenizer) -> dict[str, tuple[torch.Tensor, torch
     return {"train": (tt, tm), "val": (vt, vm)}
 
 
-def activation_cache(cfg: TrainConfig, model, split: str, tokens, mask, quiet: bool = False) -> ActivationCache:
-    """The cached activations of one split, harvested now if no finished cache exists."""
+def cache_path(cfg: TrainConfig, split: str) -> Path:
+    """Folder of the activation cache of one split (no model needed to find it)."""
     key = cache_key(model=cfg.model, dataset=cfg.dataset, text_field=cfg.text_field, ctx_len=cfg.ctx_len,
                     n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.seed,
                     hookpoints=sorted(cfg.hookpoints), split=split)
-    path = cache_root(cfg) / key
+    return cache_root(cfg) / key
+
+
+def activation_cache(cfg: TrainConfig, model, split: str, tokens, mask, quiet: bool = False) -> ActivationCache:
+    """The cached activations of one split, harvested now if no finished cache exists."""
+    path = cache_path(cfg, split)
     try:
         return ActivationCache.open(path)
     except SaekitError:
@@ -112,6 +119,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     log = _wandb_logger(cfg, run)
 
     def on_log(step, metrics):
+        prev = (step - 1) // cfg.log_every * cfg.log_every  # the previous logged step
+        if cfg.collapse_every and step // cfg.collapse_every > prev // cfg.collapse_every:
+            for h, sae in trainer.saes.items():  # a multiple of collapse_every was reached since then
+                metrics[h]["collapse"] = decoder_collapse(sae).summary()
         with metrics_file.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if log:

@@ -148,3 +148,77 @@ def test_too_few_letters_pass_the_probe():
     data.acts = torch.randn_like(data.acts)  # nothing to find
     with pytest.raises(SaekitError, match="letters have a probe F1"):
         absorption_from_data(letter_sae(), data)
+
+
+# -- `saekit analyze` on a tiny run of the offline model -------------------------------------
+HOOK = "blocks.2.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(act_cache_dir, tmp_path_factory):
+    """A run trained by the CLI in seconds (as tests/test_pipeline.py's `tiny`)."""
+    run = tmp_path_factory.mktemp("analyze") / "run"
+    args = ["--hookpoints", HOOK, "--n_tokens", "6000", "--val_tokens", "600", "--ctx_len", "64", "--epochs", "2",
+            "--expansion", "2", "--k", "16", "--batch_size", "500", "--log_every", "1", "--collapse_every", "4",
+            "--eval_contexts", "2", "--cache_dir", str(act_cache_dir), "--dead_tokens", "3000", "--out", str(run)]
+    assert cli.main(["train", *args, "--quiet"]) == 0
+    return run
+
+
+def test_collapse_is_logged_during_training(tiny_run):
+    lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    logged = [m["step"] for m in lines if "collapse" in m[HOOK]]
+    assert logged == [s for s in range(4, lines[-1]["step"] + 1, 4)]
+    c = lines[logged[0] - 1][HOOK]["collapse"]
+    assert 0 < c["effective_rank"] <= 576 and 0 <= c["duplicate_fraction"] <= 1
+
+
+def test_analyze_all_writes_the_report(tiny_run, capsys):
+    assert cli.main(["analyze", "all", str(tiny_run), "--words", "400", "--min-letters", "3", "--quiet"]) == 0
+    out = tiny_run / "analysis"
+    report = json.loads((out / "report.json").read_text())
+    r = report[HOOK]
+    assert r["dead"]["n_tokens"] >= 600 and len(r["dead"]["density"]) == 1152
+    assert r["dead"]["dead_at_init"] + r["dead"]["died_in_training"] == r["dead"]["n_dead"]
+    assert 0 < r["collapse"]["effective_rank"] <= 576 and r["collapse"]["code_latents"] > 0
+    assert r["absorption"]["n_letters"] >= 3 and 0 <= r["absorption"]["mean_absorption_fraction"] <= 1
+    assert set(report["wall_time_s"][HOOK]) == {"dead", "collapse", "absorption"}
+    md = (out / "report.md").read_text()
+    assert "Absorption" in md and "Wall time" in md
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    try:
+        import matplotlib  # noqa: F401
+        assert len(pngs) == 3 and "![density]" in md
+    except ImportError:
+        assert not pngs and "matplotlib is not installed" in md
+
+
+def test_analyze_on_activations_a_user_brings(tiny_run, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.randn(300, 576)}, tmp_path / "acts.safetensors")
+    assert cli.main(["analyze", "dead", str(tiny_run), "--activations", str(tmp_path / "acts.safetensors"),
+                     "--quiet"]) == 0
+    assert json.loads((tiny_run / "analysis" / "dead.json").read_text())[HOOK]["dead"]["n_tokens"] == 300
+
+
+def test_analyze_bad_inputs(tiny_run, tmp_path, capsys):
+    def fails(*args, match):
+        assert cli.main(["analyze", *args, "--quiet"]) == 2
+        assert match in capsys.readouterr().err
+
+    fails("dead", str(tmp_path), match="not a saekit run folder")
+    fails("dead", str(tiny_run), "--hookpoint", "blocks.3.hook_resid_post", match="is not in")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.randn(10, 64)}, tmp_path / "narrow.safetensors")
+    fails("collapse", str(tiny_run), "--activations", str(tmp_path / "narrow.safetensors"), match="[batch, 576]")
+    fails("dead", str(tiny_run), "--activations", str(tmp_path / "missing"), match="expected an activation cache")
+    fails("absorption", str(tiny_run), "--words", "60", match="letters have a probe F1")
+    no_model = tmp_path / "no_model"
+    no_model.mkdir()
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    del cfg["model"]
+    (no_model / "config.json").write_text(json.dumps(cfg))
+    (no_model / HOOK).symlink_to(tiny_run / HOOK)
+    fails("absorption", str(no_model), match="names no model")

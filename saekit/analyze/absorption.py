@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from saekit.analyze.common import Result
 from saekit.errors import SaekitError
@@ -34,7 +35,7 @@ class FirstLetterData:
 
 @torch.no_grad()
 def first_letter_data(model, hookpoint: str, n_words: int = 3000, n_icl: int = 4, train_share: float = 0.8,
-                      seed: int = 0, batch_size: int = 32) -> FirstLetterData:
+                      seed: int = 0, batch_size: int = 32, progress: bool = False) -> FirstLetterData:
     """Activations at `hookpoint` for `n_words` alphabetic vocabulary tokens with a leading space.
 
     Each prompt is BOS, `n_icl` solved examples `"{w} has the first letter: {W[0]}"` drawn from
@@ -68,7 +69,7 @@ def first_letter_data(model, hookpoint: str, n_words: int = 3000, n_icl: int = 4
     pad = tok.eos_token_id if tok.eos_token_id is not None else 0
     device = next(model.parameters()).device
     acts = []
-    for s in range(0, len(prompts), batch_size):
+    for s in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="first-letter prompts", unit="batch"):
         chunk = prompts[s : s + batch_size]
         width = max(map(len, chunk))  # right-padded: the pad tokens come after the word
         toks = torch.tensor([p + [pad] * (width - len(p)) for p in chunk], device=device)
@@ -242,22 +243,24 @@ class AbsorptionResult(Result):
     absorbing_latents: dict[str, list[int]]  # letter -> absorbing latents, most frequent first
     probe_f1: dict[str, float]  # held-out F1 of the ground-truth probe, all letters
     n_words: int
+    f1_threshold: float
     hookpoint: str | None = None
 
 
 def absorption_from_data(sae: SAE, data: FirstLetterData, f1_threshold: float = 0.6, min_letters: int = 20,
-                         l1: float = 0.01, max_k: int = 10, f1_jump: float = 0.03, seed: int = 0) -> AbsorptionResult:
+                         l1: float = 0.01, max_k: int = 10, f1_jump: float = 0.03) -> AbsorptionResult:
     """Probe, k-sparse probing and the absorption metric on collected first-letter data; the
-    metric is averaged per letter over held-out tokens on which the probe is a true positive."""
+    metric is averaged per letter over held-out tokens on which the probe is a true positive.
+    Deterministic: the probes start at zero and train full-batch."""
     if data.acts.shape[1] != sae.d_in:
         raise SaekitError(f"activations have d={data.acts.shape[1]}, the SAE expects d_in={sae.d_in}")
-    torch.manual_seed(seed)
     directions, probe_f1, pred = letter_probe(data)
     kept = [c for c in range(26) if probe_f1[c] >= f1_threshold]
     if len(kept) < min_letters:
         raise SaekitError(
             f"only {len(kept)} letters have a probe F1 >= {f1_threshold} (need {min_letters}); "
-            "use more words (--words), a later layer, or lower f1_threshold / min_letters")
+            "use more words (--words), a later layer, or lower the F1 threshold / minimum letters "
+            "(--f1-threshold / --min-letters)")
     main, _ = main_latents(sae, data, l1, max_k, f1_jump)
     test = ~data.train
     letters = data.letters[test]
@@ -280,17 +283,19 @@ def absorption_from_data(sae: SAE, data: FirstLetterData, f1_threshold: float = 
         mean_full_absorption=float(table["full_absorption"].mean()),
         n_letters=len(kept), table=table, absorbing_latents=absorbing,
         probe_f1={LETTERS[c]: float(probe_f1[c]) for c in range(26)}, n_words=len(data.words),
+        f1_threshold=f1_threshold,
     )
 
 
 def absorption(sae: SAE, model, hookpoint: str | None = None, n_words: int = 3000, n_icl: int = 4,
-               f1_threshold: float = 0.6, min_letters: int = 20, seed: int = 0, **options) -> AbsorptionResult:
+               f1_threshold: float = 0.6, min_letters: int = 20, seed: int = 0, progress: bool = False,
+               **options) -> AbsorptionResult:
     """First-letter absorption of `sae` at `hookpoint` (default: the SAE's own) of `model`, a
     TransformerBridge with a tokenizer. `options`: l1, max_k, f1_jump (see `absorption_from_data`)."""
     hookpoint = hookpoint or sae.cfg.hookpoint
     if hookpoint is None:
         raise SaekitError("the SAE names no hookpoint: pass hookpoint=")
-    data = first_letter_data(model, hookpoint, n_words, n_icl, seed=seed)
-    res = absorption_from_data(sae, data, f1_threshold, min_letters, seed=seed, **options)
+    data = first_letter_data(model, hookpoint, n_words, n_icl, seed=seed, progress=progress)
+    res = absorption_from_data(sae, data, f1_threshold, min_letters, **options)
     res.hookpoint = hookpoint
     return res

@@ -35,7 +35,7 @@ class CollapseResult(Result):
     duplicate_fraction: float  # share of latents in at least one such pair
     # with activations
     n_tokens: int | None = None
-    code_effective_rank: float | None = None  # of the latent-code covariance
+    code_effective_rank: float | None = None  # of the latent-code covariance (sqrt of its eigenvalues)
     code_latents: int | None = None  # live latents it was measured over (the rank's upper bound)
     code_effective_rank_ratio: float | None = None
     input_dims_90: int | None = None
@@ -99,9 +99,11 @@ def collapse(sae: SAE, activations: Activations | None = None, tau: float = 0.9,
 
     The code covariance `[c, c]` is accumulated exactly from the sparse codes (k^2 products per
     token, no dense `[batch, m]` codes) over all latents when m <= `max_code_latents`, else over
-    a seeded random subset of that many; its effective rank exp(H(lambda / sum lambda)) over the
-    covariance's eigenvalues is reported against the number of those latents that fired (`code_latents`). Memory is
-    8 c^2 bytes and the eigendecomposition O(c^3): c = 4096 takes 134 MB and 10-20 s on 2 cores.
+    a seeded random subset of that many. Its effective rank follows the input's and decoder's
+    convention, exp(H(sigma / sum sigma)) with sigma = sqrt(eigenvalues) (the singular values of
+    the centred code matrix), and is reported against the number of those latents that fired
+    (`code_latents`). Memory is 8 c^2 bytes and the eigendecomposition O(c^3): c = 4096 takes
+    134 MB and 10-20 s on 2 cores.
     """
     res = decoder_collapse(sae, tau, block)
     if activations is None:
@@ -135,7 +137,7 @@ def collapse(sae: SAE, activations: Activations | None = None, tau: float = 0.9,
     inp = effective_dimension(torch.cat(sample))
     res.n_tokens = n
     res.code_latents = int(live.sum())
-    res.code_effective_rank = _entropy_rank(lam) if res.code_latents else 0.0
+    res.code_effective_rank = _entropy_rank(lam.sqrt()) if res.code_latents else 0.0
     res.code_effective_rank_ratio = res.code_effective_rank / max(res.code_latents, 1)
     res.input_dims_90, res.input_dims_99 = inp["dims_90"], inp["dims_99"]
     res.input_share_90, res.input_share_99 = inp["share_90"], inp["share_99"]

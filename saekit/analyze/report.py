@@ -1,0 +1,193 @@
+"""`saekit analyze`: run the analyses on a run folder's SAEs and write `RUN/analysis/`.
+
+`all` writes `report.md` (tables, wall time of each analysis), `report.json` (every number)
+and PNG plots (density histogram, decoder singular values, per-letter absorption; they need
+the optional `plots` extra, matplotlib). A single analysis writes `RUN/analysis/<name>.json`.
+Activations come from `--activations` (a cache folder or a .safetensors file) or the run's
+own held-out activation cache; absorption loads the run's model.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from saekit.activations import ActivationCache
+from saekit.analyze.absorption import absorption
+from saekit.analyze.collapse import collapse
+from saekit.analyze.common import Result, open_activations
+from saekit.analyze.dead import dead, firing_history
+from saekit.errors import SaekitError
+from saekit.pipeline import cache_path, load_run_config
+from saekit.sae import SAE, atomic_write
+from saekit.trainer import STATE_FILE
+
+ANALYSES = ("dead", "collapse", "absorption")
+
+
+def run_model(run: Path) -> str:
+    """The model a run was trained on, from its config.json (not the default: it must be named)."""
+    model = json.loads((run / "config.json").read_text()).get("model")
+    if not model:
+        raise SaekitError(f"{run / 'config.json'} names no model; add \"model\": \"<name or local folder>\" "
+                          "(e.g. \"smollm2-135m\") so absorption can run it")
+    return model
+
+
+def _activations(run: Path, hookpoint: str, path: str | None):
+    """The activations to analyse: `path` if given, else the run's held-out cache."""
+    if path is not None:
+        return open_activations(path, hookpoint)
+    cache = cache_path(load_run_config(run), "val")
+    try:
+        ActivationCache.open(cache)
+    except SaekitError:
+        raise SaekitError(f"the run's held-out activation cache {cache} is missing or incomplete; rebuild it with "
+                          f"`saekit cache {run / 'config.json'}` or pass --activations PATH") from None
+    return open_activations(cache, hookpoint)
+
+
+def _analyse(name: str, run: Path, h: str, sae: SAE, acts, model, tokens: int | None, quiet: bool,
+             **absorption_options) -> Result:
+    if name == "dead":
+        history = firing_history(run, h) if (run / STATE_FILE).exists() else None
+        return dead(sae, acts, max_tokens=tokens, history=history)
+    if name == "collapse":
+        return collapse(sae, acts, max_tokens=tokens)
+    return absorption(sae, model, h, progress=not quiet, **absorption_options)
+
+
+def analyze_run(run: str | Path, analyses: tuple[str, ...] = ANALYSES, hookpoint: str | None = None,
+                activations: str | None = None, tokens: int | None = None, words: int = 3000,
+                f1_threshold: float = 0.6, min_letters: int = 20, quiet: bool = False) -> dict:
+    """Run `analyses` on every hookpoint of `run` (or just `hookpoint`); returns every number
+    as `{hookpoint: {analysis: dict}}` plus `wall_time_s`, and writes RUN/analysis/."""
+    run = Path(run)
+    cfg = load_run_config(run)
+    hooks = cfg.hookpoints if hookpoint is None else [hookpoint]
+    for h in hooks:
+        if h not in cfg.hookpoints or not (run / h).is_dir():
+            raise SaekitError(f"hookpoint {h!r} is not in {run} (it has {', '.join(cfg.hookpoints)})")
+    acts = {h: _activations(run, h, activations) if {"dead", "collapse"} & set(analyses) else None for h in hooks}
+    model = None
+    if "absorption" in analyses:
+        from saekit.model import load_model
+
+        model = load_model(run_model(run))
+    say = (lambda *a: None) if quiet else print
+    results: dict = {"run": str(run), "wall_time_s": {}}
+    for h in hooks:
+        sae = SAE.load(run / h)
+        results[h], results["wall_time_s"][h] = {}, {}
+        for name in analyses:
+            t0 = time.perf_counter()
+            res = _analyse(name, run, h, sae, acts[h], model, tokens, quiet, n_words=words,
+                           f1_threshold=f1_threshold, min_letters=min_letters)
+            results[h][name] = res.to_dict()
+            results["wall_time_s"][h][name] = round(time.perf_counter() - t0, 2)
+            say(f"{h} {name}: {results['wall_time_s'][h][name]:.1f} s")
+    out = run / "analysis"
+    out.mkdir(exist_ok=True)
+    name = "report" if tuple(analyses) == ANALYSES else "_".join(analyses)
+    atomic_write(out / f"{name}.json", lambda p: p.write_text(json.dumps(results, indent=1)))
+    md = markdown(results, plots(results, out) if name == "report" else None)
+    if name == "report":
+        atomic_write(out / "report.md", lambda p: p.write_text(md))
+    print(md)
+    return results
+
+
+def _table(rows: list[dict]) -> list[str]:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+            *("| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows)]
+
+
+def markdown(results: dict, plot_note: list[str] | None = None) -> str:
+    """The report: headline tables per hookpoint, the per-letter table, wall times, plots."""
+    lines = [f"# saekit analysis of `{results['run']}`", ""]
+    for h, res in results.items():
+        if h in ("run", "wall_time_s"):
+            continue
+        lines += [f"## {h}", ""]
+        if d := res.get("dead"):
+            lines += ["### Dead and dense latents", "", *_table([{
+                "tokens": d["n_tokens"], "latents": d["n_latents"], "dead": d["n_dead"],
+                "dead share": d["dead_fraction"], "dense share (> 0.1)": d["dense_fraction"],
+                "share > 0.01": d["dense_fraction_1pct"], "dead at init": d["dead_at_init"],
+                "died in training": d["died_in_training"]}]), ""]
+        if c := res.get("collapse"):
+            lines += ["### Collapse", "", *_table([{
+                "effective rank": c["effective_rank"], "d_in": c["d_in"], "ratio": c["effective_rank_ratio"],
+                "participation ratio": c["participation_ratio"], "mean max dec cos": c["mean_max_decoder_cos"],
+                "mean max enc cos": c["mean_max_encoder_cos"], f"pairs cos > {c['tau']}": len(c["duplicate_pairs"]),
+                "share in pairs": c["duplicate_fraction"]}]), ""]
+            if c["n_tokens"] is not None:
+                lines += [*_table([{
+                    "tokens": c["n_tokens"], "code eff. rank": c["code_effective_rank"],
+                    "over live latents": c["code_latents"], "ratio": c["code_effective_rank_ratio"],
+                    "input dims 90 %": c["input_dims_90"], "input dims 99 %": c["input_dims_99"],
+                    "share 99 %": c["input_share_99"]}]), ""]
+            lines += ["Collapse rate, each part named: "
+                      + (f"dead share {res['dead']['dead_fraction']:.4g}, " if "dead" in res else "")
+                      + f"near-duplicate share {c['duplicate_fraction']:.4g}, "
+                      f"effective-rank ratio {c['effective_rank_ratio']:.4g}.", ""]
+        if a := res.get("absorption"):
+            lines += ["### Absorption (first letter)", "",
+                      f"Mean absorption fraction **{a['mean_absorption_fraction']:.4g}**, full-absorption rate "
+                      f"**{a['mean_full_absorption']:.4g}**, over {a['n_letters']} letters with probe F1 >= "
+                      f"{a['f1_threshold']} "
+                      f"({a['n_words']} words).", "",
+                      *_table([{**r, "main_latents": ", ".join(map(str, r["main_latents"])),
+                                "absorbing (top 5)": ", ".join(map(str, a["absorbing_latents"][r["letter"]][:5]))}
+                               for r in a["table"]]), ""]
+    lines += ["## Wall time (s)", "", *_table([{"hookpoint": h, **t} for h, t in results["wall_time_s"].items()]), ""]
+    if plot_note:
+        lines += ["## Plots", "", *plot_note, ""]
+    return "\n".join(lines)
+
+
+def plots(results: dict, out: Path) -> list[str]:
+    """PNG plots next to the report; returns the markdown lines that show them (or a note)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["Plots skipped: matplotlib is not installed (`pip install 'saekit[plots]'`)."]
+    lines = []
+    for h, res in results.items():
+        if h in ("run", "wall_time_s"):
+            continue
+        stem = h.replace("/", "_")
+        figs = []
+        if d := res.get("dead"):
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            e = d["hist_edges"]
+            ax.stairs(d["hist_counts"], e, fill=True)
+            ax.set(xlabel="log10 density", ylabel="latents", title=f"{h}: {d['n_dead']} dead of {d['n_latents']}")
+            figs.append(("density", fig))
+        if c := res.get("collapse"):
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.semilogy(c["singular_values"])
+            ax.set(xlabel="index", ylabel="singular value of W_dec",
+                   title=f"{h}: effective rank {c['effective_rank']:.0f} / {c['d_in']}")
+            figs.append(("spectrum", fig))
+        if a := res.get("absorption"):
+            fig, ax = plt.subplots(figsize=(7, 3.5))
+            t = a["table"]
+            x = range(len(t))
+            ax.bar([i - 0.2 for i in x], [r["absorption_fraction"] for r in t], 0.4, label="absorption fraction")
+            ax.bar([i + 0.2 for i in x], [r["full_absorption"] for r in t], 0.4, label="full absorption")
+            ax.set_xticks(list(x), [r["letter"] for r in t])
+            ax.set(ylabel="rate", title=f"{h}: absorption per letter")
+            ax.legend()
+            figs.append(("absorption", fig))
+        for kind, fig in figs:
+            file = f"{stem}_{kind}.png"
+            fig.tight_layout()
+            atomic_write(out / file, lambda p: fig.savefig(p, dpi=110, format="png"))  # noqa: B023
+            plt.close(fig)
+            lines.append(f"![{kind}]({file})")
+    return lines
