@@ -222,3 +222,12 @@ def test_analyze_bad_inputs(tiny_run, tmp_path, capsys):
     (no_model / "config.json").write_text(json.dumps(cfg))
     (no_model / HOOK).symlink_to(tiny_run / HOOK)
     fails("absorption", str(no_model), match="names no model")
+
+
+def test_report_without_matplotlib_gives_a_note(monkeypatch, tmp_path):
+    import sys
+
+    from saekit.analyze.report import plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert "matplotlib is not installed" in plots({"run": "r", "wall_time_s": {}}, tmp_path)[0]
