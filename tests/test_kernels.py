@@ -86,6 +86,18 @@ def test_scatter_outer_matches_torch(case, dtype):
     assert (got[never.to(got.device)] == 0).all()
 
 
+def test_bf16_inputs_accumulate_in_fp32():
+    """256 + 254 * 1: a bf16 running sum sticks at 256 (its spacing there is 2); fp32 gives 510."""
+    n, bf = 255, dict(device=DEVICE, dtype=torch.bfloat16)
+    terms = torch.ones(n, **bf)
+    terms[0] = 256
+    ones = torch.ones(n, 1, **bf)
+    same = torch.zeros(1, n, dtype=torch.long, device=DEVICE)
+    assert triton_ops.gather_sum(terms[None], same, ones[:1]).item() == 510
+    assert triton_ops.gather_dot(same[:, :1], ones.T, terms[None]).item() == 510
+    assert triton_ops.scatter_outer(terms[:, None], same.T, ones, 1).item() == 510
+
+
 def preacts(x, b_dec, W_enc, b_enc, idx):
     return ((x - b_dec) @ W_enc.T + b_enc).gather(1, idx)
 
