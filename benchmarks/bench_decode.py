@@ -119,8 +119,11 @@ def main():
     p.add_argument("--k", type=int, nargs="*", help="active latents per token (default depends on the device)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
     p.add_argument("--skip-scaling", action="store_true")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, cuda: {torch.cuda.is_available()}")
     bench_decode(a, "cpu")
     if torch.cuda.is_available():
