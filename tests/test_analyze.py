@@ -53,10 +53,11 @@ def test_planted_dead_latents_and_duplicate_pairs_are_counted_exactly():
 
 def test_dead_at_init_versus_died_during_training():
     sae = make_sae(torch.eye(4), k=1, b_enc=torch.tensor([0.0, 0.0, -1e4, -1e4]))
-    hist = FiringHistory(step=100, first_fired=torch.tensor([0, 3, -1, 5]),
-                        last_fired=torch.tensor([99, 99, -1, 40]))
+    hist = FiringHistory(step=100, first_fired=torch.tensor([0, 3, -1, 5]), last_fired=torch.tensor([99, 99, -1, 40]),
+                         tokens_since_fired=torch.tensor([0, 10, 500, 300]), dead_tokens=300)
     res = analyze.dead(sae, torch.randn(200, 4), history=hist)
     assert (res.n_dead, res.dead_at_init, res.died_in_training, res.died_last_fired_median) == (2, 1, 1, 40.0)
+    assert res.dead_by_training_rule == 2
 
 
 def test_effective_rank_and_participation_ratio_of_a_known_spectrum():

@@ -36,7 +36,7 @@ class FirstLetterData:
 @torch.no_grad()
 def first_letter_data(model, hookpoint: str, n_words: int = 3000, n_icl: int = 4, train_share: float = 0.8,
                       seed: int = 0, batch_size: int = 32, progress: bool = False) -> FirstLetterData:
-    """Activations at `hookpoint` for `n_words` alphabetic vocabulary tokens with a leading space.
+    """Activations at `hookpoint` for `n_words` vocabulary tokens that are a space and 2+ letters.
 
     Each prompt is BOS, `n_icl` solved examples `"{w} has the first letter: {W[0]}"` drawn from
     the training words, then the word itself. The activation is read at the word, the last
@@ -53,6 +53,8 @@ def first_letter_data(model, hookpoint: str, n_words: int = 3000, n_icl: int = 4
     rng.shuffle(words)
     words = words[:n_words]
     n_train = int(train_share * len(words))
+    if n_train <= n_icl:
+        raise SaekitError(f"n_words={n_words} leaves {n_train} training words, too few for {n_icl} ICL examples")
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     suffix, newline = enc(PROMPT), enc("\n")
     answer = {c: enc(" " + c.upper()) for c in LETTERS}

@@ -6,7 +6,6 @@ m = 65k latents fit in a few GiB. Near-duplicate pairs are searched only among l
 best match exceeds tau (a pair above tau implies both ends are such latents).
 """
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -2,7 +2,7 @@
 as `[batch, d_in]` tensors whatever their source (a tensor, an iterable, a cache, a file)."""
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -87,7 +87,7 @@ def open_activations(path: str | Path, hookpoint: str, batch_size: int = 4096) -
 class _Stream:
     """An iterable that restarts its generator on every `iter()` (so it can be read twice)."""
 
-    def __init__(self, make: callable):
+    def __init__(self, make: Callable[[], Iterator[torch.Tensor]]):
         self.make = make
 
     def __iter__(self):

@@ -22,20 +22,25 @@ class FiringHistory:
     step: int  # steps trained when the state was saved
     first_fired: torch.Tensor  # [m] step of the first firing, -1 = never
     last_fired: torch.Tensor  # [m] step of the last firing, -1 = never
+    tokens_since_fired: torch.Tensor | None = None  # [m]
+    dead_tokens: int | None = None  # the run's training-time dead rule (spec §1)
 
 
 def firing_history(run: str | Path, hookpoint: str) -> FiringHistory:
-    """Read `first_fired` / `last_fired` of `hookpoint` from a run's training state."""
+    """Read the per-latent firing statistics of `hookpoint` from a run's training state."""
     file = Path(run) / STATE_FILE
     try:
         with safe_open(file, "pt") as f:
             step = json.loads(f.metadata()["meta"])["step"]
-            first, last = (f.get_tensor(f"{hookpoint}/stats/{n}") for n in ("first_fired", "last_fired"))
+            first, last, since = (f.get_tensor(f"{hookpoint}/stats/{n}")
+                                  for n in ("first_fired", "last_fired", "tokens_since_fired"))
     except FileNotFoundError:
         raise SaekitError(f"{file} not found: dead-at-init vs died-later needs the run's training state") from None
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise SaekitError(f"{file} is corrupt or has no stats for {hookpoint!r} ({e})") from None
-    return FiringHistory(step, first, last)
+    config = Path(run) / "config.json"
+    dead_tokens = json.loads(config.read_text()).get("dead_tokens") if config.is_file() else None
+    return FiringHistory(step, first, last, since, dead_tokens)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class DeadResult(Result):
     died_in_training: int | None = None  # fired during training, silent here
     died_last_fired_median: float | None = None  # median last training step they fired at
     training_steps: int | None = None
+    dead_by_training_rule: int | None = None  # silent for >= dead_tokens when training ended
 
 
 @torch.no_grad()
@@ -94,4 +100,6 @@ def dead(sae: SAE, activations: Activations, dense_threshold: float = 0.1, max_t
         out.died_in_training = int(died.sum())
         out.died_last_fired_median = float(history.last_fired[died].double().median()) if died.any() else None
         out.training_steps = history.step
+        if history.tokens_since_fired is not None and history.dead_tokens is not None:
+            out.dead_by_training_rule = int((history.tokens_since_fired >= history.dead_tokens).sum())
     return out

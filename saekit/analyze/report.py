@@ -115,7 +115,7 @@ def markdown(results: dict, plot_note: list[str] | None = None) -> str:
                 "tokens": d["n_tokens"], "latents": d["n_latents"], "dead": d["n_dead"],
                 "dead share": d["dead_fraction"], "dense share (> 0.1)": d["dense_fraction"],
                 "share > 0.01": d["dense_fraction_1pct"], "dead at init": d["dead_at_init"],
-                "died in training": d["died_in_training"]}]), ""]
+                "died in training": d["died_in_training"], "dead by training rule": d["dead_by_training_rule"]}]), ""]
         if c := res.get("collapse"):
             lines += ["### Collapse", "", *_table([{
                 "effective rank": c["effective_rank"], "d_in": c["d_in"], "ratio": c["effective_rank_ratio"],
