@@ -78,6 +78,11 @@ class ActivationCache:
             raise SaekitError(f"activation shard {file} is corrupt: {e}") from None
         return {h: tensors[h].float() for h in (hookpoints or self.hookpoints)}
 
+    def batches(self, hookpoint: str, batch_size: int = 4096) -> Iterator[torch.Tensor]:
+        """One hookpoint's activations in stored order, as `[batch_size, d]` float32 pieces."""
+        for i in range(len(self.manifest["shards"])):
+            yield from self.load_shard(i, [hookpoint])[hookpoint].split(batch_size)
+
     def tensor(self, hookpoint: str, max_tokens: int | None = None) -> torch.Tensor:
         """The first `max_tokens` activations of one hookpoint, `[n, d]` float32."""
         parts, n = [], 0

@@ -39,7 +39,7 @@ class TrainConfig:
     ortho_every: int = 1  # apply the penalty every n-th step with weight n * gamma
     # -- optimisation --------------------------------------------------------------------
     batch_size: int = 4096
-    lr: float | None = None  # None: 2e-4 / sqrt(n_latents / 2**14) (Gao et al.)
+    lr: float | None = None  # None: 2e-4 / sqrt(n_latents / 2**14) (Gao et al., long runs); short runs want ~10x
     warmup_steps: int = 20
     decay_start: float = 0.8  # lr decays linearly to 0 over the steps after this fraction
     k_aux: int | None = None  # None: d_in // 2

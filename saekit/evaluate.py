@@ -123,8 +123,7 @@ def evaluate_run(run, model=None, caches=None, ctx=None, quiet: bool = False, n_
         sae = SAE.load(run / h, device=device)
         if sae.d_in != val.dim(h):
             raise SaekitError(f"{run / h}: the SAE has d_in {sae.d_in} but {h} has dimension {val.dim(h)}")
-        batches = (t for i in range(len(val.manifest["shards"])) for t in val.load_shard(i, [h])[h].split(4096))
-        results[h] = {**reconstruction_metrics(sae, batches),
+        results[h] = {**reconstruction_metrics(sae, val.batches(h)),
                       **downstream_metrics(model, sae, h, tokens[:n_ctx], mask[:n_ctx])}
     (run / "eval.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))

@@ -60,8 +60,7 @@ def open_activations(path: str | Path, hookpoint: str, batch_size: int = 4096) -
         cache = ActivationCache.open(path)
         if hookpoint not in cache.hookpoints:
             raise SaekitError(f"activation cache {path} has no {hookpoint!r} (it holds {', '.join(cache.hookpoints)})")
-        return _Stream(lambda: (t for i in range(len(cache.manifest["shards"]))
-                                for t in cache.load_shard(i, [hookpoint])[hookpoint].split(batch_size)))
+        return _Stream(lambda: cache.batches(hookpoint, batch_size))
     if path.suffix != ".safetensors" or not path.is_file():
         raise SaekitError(f"--activations {path}: expected an activation cache folder (with {MANIFEST}) "
                           "or a .safetensors file holding one [N, d_in] tensor")
