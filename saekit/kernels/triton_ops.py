@@ -96,8 +96,8 @@ def scatter_outer(coeffs: torch.Tensor, idx: torch.Tensor, X: torch.Tensor, m: i
 
     Sorting (one argsort of B*k ints) rather than atomics makes every output row a single
     deterministic fp32 sum written once, needs no zero-initialised fp32 buffer for bf16
-    outputs, and writes zeros for latents never selected; a very frequent latent makes one
-    long program, which at k << m costs less than the contention of atomics on its row.
+    outputs, and writes zeros for latents never selected. The price is load imbalance: a very
+    frequent latent makes one long program (not yet measured on a GPU).
     """
     B, k = idx.shape
     d = X.shape[1]
