@@ -11,19 +11,35 @@ import torch
 def max_cosine(A: torch.Tensor, B: torch.Tensor | None = None, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of `A [n, d]`, its highest cosine to a row of `B [p, d]` and that row's index.
 
-    With `B=None` rows are compared with the other rows of A (self-matches excluded).
-    Memory is O(block * p).
+    With `B=None` rows are compared with the other rows of A (self-matches excluded); the
+    similarity matrix is symmetric, so each pair of blocks is computed once and read both
+    ways (half the matmul work). Memory is O(block * p), or O(block^2) with `B=None`.
     """
     An = A / A.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    Bn = An if B is None else B / B.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    vals = torch.empty(len(A), dtype=A.dtype, device=A.device)
-    idx = torch.empty(len(A), dtype=torch.long, device=A.device)
+    vals = torch.full((len(A),), -torch.inf, dtype=A.dtype, device=A.device)
+    idx = torch.zeros(len(A), dtype=torch.long, device=A.device)
+    if B is not None:
+        Bn = B / B.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        for s in range(0, len(A), block):
+            torch.max(An[s : s + block] @ Bn.T, dim=1, out=(vals[s : s + block], idx[s : s + block]))
+        return vals, idx
+
+    def merge(rows: slice, v: torch.Tensor, i: torch.Tensor) -> None:
+        better = v > vals[rows]
+        vals[rows] = torch.where(better, v, vals[rows])
+        idx[rows] = torch.where(better, i, idx[rows])
+
     for s in range(0, len(A), block):
-        sims = An[s : s + block] @ Bn.T
-        if B is None:
-            r = torch.arange(sims.shape[0], device=A.device)
-            sims[r, r + s] = -torch.inf
-        torch.max(sims, dim=1, out=(vals[s : s + block], idx[s : s + block]))
+        rs = slice(s, s + block)
+        for t in range(s, len(A), block):
+            sims = An[rs] @ An[t : t + block].T  # [block, block]
+            if t == s:
+                sims.fill_diagonal_(-torch.inf)
+            v, i = sims.max(dim=1)
+            merge(rs, v, i + t)
+            if t != s:
+                v, i = sims.max(dim=0)
+                merge(slice(t, t + block), v, i + s)
     return vals, idx
 
 

@@ -82,6 +82,17 @@ def test_ortho_loss_matches_dense_definition():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("block", [64, 70, 1000])
+def test_max_cosine_matches_dense_search(block):
+    g = torch.Generator().manual_seed(5)
+    A, B = torch.randn(300, 12, generator=g, dtype=torch.float64), torch.randn(40, 12, generator=g, dtype=torch.float64)
+    S = unit(A) @ unit(A).T
+    S.fill_diagonal_(-torch.inf)
+    for got, want in ((max_cosine(A, block=block), S.max(1)), (max_cosine(A, B, block=block), (unit(A) @ unit(B).T).max(1))):
+        torch.testing.assert_close(got[0], want.values)
+        assert torch.equal(got[1], want.indices)
+
+
 def test_ortho_penalty_lowers_decoder_similarity():
     g = torch.Generator().manual_seed(2)
     base = unit(torch.randn(96, 48, generator=g))
