@@ -53,8 +53,9 @@ def row_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     The k largest entries of a row lie in the k groups of G adjacent columns with the largest
     maxima. Keeping only those groups (G = 32, then 4 within them) leaves k*4 candidates per
     row for `torch.topk`, whose cost on CPU is linear in the row length: ~25 % less time for
-    k = 32 of 9,216. Rows too short for a level (fewer than 4k groups) skip it; CUDA tensors
-    go straight to `torch.topk` (its radix select is not linear in the same way; unmeasured).
+    k = 32 of 9,216. A level with fewer than 4k groups is skipped (k = 128 of 9,216, BatchTopK's
+    candidates, uses groups of 4 only). CUDA tensors go straight to `torch.topk` (its radix
+    select is not linear in the same way; unmeasured).
     """
     if pre.is_cuda:
         return pre.topk(k, 1, sorted=False)
@@ -63,7 +64,7 @@ def row_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     for G in (32, 4):
         n = cand.shape[1]
         if n % G or n < 4 * k * G:
-            break
+            continue  # too few groups at this size: try the finer level
         groups = cand.view(R, n // G, G).amax(2).topk(k, 1, sorted=False).indices  # [R, k]
         flat = groups + torch.arange(R, device=pre.device)[:, None] * (n // G)
         cand = cand.reshape(-1, G)[flat.flatten()].view(R, k * G)
