@@ -65,8 +65,6 @@ def main():
             print(h, name, stats[name], flush=True)
         timing = [{h: b[h]} for b, _ in zip(batches.batches(0, 1), range(3))]
         times = {name: [] for name in trainers}
-        for tr in trainers.values():
-            tr.total_steps = None  # past the schedule's end: time at constant lr
         for rep in range(args.reps + 2):  # 2 warm-up rounds
             for name, tr in trainers.items():
                 t0 = time.perf_counter()

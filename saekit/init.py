@@ -22,6 +22,12 @@ def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) 
     return y
 
 
+def entropy_rank(s: torch.Tensor) -> float:
+    """Effective rank exp(H(p)), p = s / sum s, of non-negative values `s` (singular values)."""
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.clamp_min(1e-300).log()).sum()))
+
+
 @torch.no_grad()
 def effective_dimension(sample: torch.Tensor, center: bool = True) -> dict:
     """Spectrum summary of `[n, d]` rows (centred activations, or a decoder with center=False):
@@ -31,14 +37,13 @@ def effective_dimension(sample: torch.Tensor, center: bool = True) -> dict:
     var = s.pow(2) / s.pow(2).sum()
     cum = var.cumsum(0)
     d = sample.shape[1]
-    p = s / s.sum()
     return {
         "d": d,
         "dims_90": int((cum < 0.90).sum()) + 1,
         "dims_99": int((cum < 0.99).sum()) + 1,
         "share_90": (int((cum < 0.90).sum()) + 1) / d,
         "share_99": (int((cum < 0.99).sum()) + 1) / d,
-        "effective_rank": float(torch.exp(-(p * p.clamp_min(1e-300).log()).sum())),
+        "effective_rank": entropy_rank(s),
     }
 
 

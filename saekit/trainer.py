@@ -52,12 +52,12 @@ def _keep_freed_memory() -> None:
 
 
 def lr_factor(step: int, total: int | None, warmup: int, decay_start: float) -> float:
-    """Linear warm-up, constant, then linear decay to 0 over the last (1 - decay_start)."""
+    """Linear warm-up, constant, then linear decay to 0 over the last (1 - decay_start); 0 past the end."""
     f = min(1.0, (step + 1) / max(warmup, 1))
     if total:
         start = int(decay_start * total)
         if step >= start:
-            f = min(f, (total - step) / max(total - start, 1))
+            f = min(f, max(total - step, 0) / max(total - start, 1))
     return f
 
 

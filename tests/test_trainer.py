@@ -85,6 +85,7 @@ def test_lr_schedule():
     assert lr_factor(0, 100, 10, 0.8) == pytest.approx(0.1)
     assert lr_factor(50, 100, 10, 0.8) == 1.0
     assert lr_factor(90, 100, 10, 0.8) == pytest.approx(0.5)
+    assert lr_factor(130, 100, 10, 0.8) == 0.0  # past the end: stays at 0, never negative
     assert lr_factor(10**6, None, 10, 0.8) == 1.0
 
 

@@ -12,7 +12,7 @@ import torch
 
 from saekit.analyze.common import Activations, Result, batches
 from saekit.errors import SaekitError
-from saekit.init import effective_dimension
+from saekit.init import effective_dimension, entropy_rank
 from saekit.ortho import max_cosine
 from saekit.sae import SAE
 
@@ -49,12 +49,6 @@ class CollapseResult(Result):
                 if k not in ("singular_values", "duplicate_pairs") and v is not None}
 
 
-def _entropy_rank(s: torch.Tensor) -> float:
-    """exp(H(s / sum s)) of non-negative values `s`."""
-    p = s / s.sum()
-    return float(torch.exp(-(p * p.clamp_min(1e-300).log()).sum()))
-
-
 @torch.no_grad()
 def duplicate_pairs(W: torch.Tensor, tau: float, best: torch.Tensor | None = None,
                     block: int = 1024) -> list[tuple[int, int]]:
@@ -81,7 +75,7 @@ def decoder_collapse(sae: SAE, tau: float = 0.9, block: int = 1024) -> CollapseR
     best, _ = max_cosine(W, block=block)  # [m]
     pairs = duplicate_pairs(W, tau, best, block)
     in_pairs = {i for p in pairs for i in p}
-    eff = _entropy_rank(s)
+    eff = entropy_rank(s)
     return CollapseResult(
         d_in=sae.d_in, n_latents=sae.n_latents, effective_rank=eff, effective_rank_ratio=eff / sae.d_in,
         participation_ratio=float(lam.sum() ** 2 / lam.pow(2).sum()), singular_values=s.float().cpu(),
@@ -136,7 +130,7 @@ def collapse(sae: SAE, activations: Activations | None = None, tau: float = 0.9,
     inp = effective_dimension(torch.cat(sample))
     res.n_tokens = n
     res.code_latents = int(live.sum())
-    res.code_effective_rank = _entropy_rank(lam.sqrt()) if res.code_latents else 0.0
+    res.code_effective_rank = entropy_rank(lam.sqrt()) if res.code_latents else 0.0
     res.code_effective_rank_ratio = res.code_effective_rank / max(res.code_latents, 1)
     res.input_dims_90, res.input_dims_99 = inp["dims_90"], inp["dims_99"]
     res.input_share_90, res.input_share_99 = inp["share_90"], inp["share_99"]
