@@ -50,25 +50,25 @@ class SparseCode(NamedTuple):
 def row_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k (unsorted values, column ids; [R, k] each) of every row of `pre [R, n]`.
 
-    The k largest entries of a row lie in the k groups of G adjacent columns with the largest
-    maxima. Keeping only those groups (G = 32, then 4 within them) leaves k*4 candidates per
-    row for `torch.topk`, whose cost on CPU is linear in the row length: ~25 % less time for
-    k = 32 of 9,216. A level with fewer than 4k groups is skipped (k = 128 of 9,216, BatchTopK's
-    candidates, uses groups of 4 only). CUDA tensors go straight to `torch.topk` (its radix
-    select is not linear in the same way; unmeasured).
+    The k largest entries of a row lie in the k groups (of any partition of the columns) with
+    the largest maxima. With G groups of n/G strided columns (group j = columns j + t*n/G),
+    the group maxima are an elementwise max of G contiguous slices: one streaming pass, fast
+    on CPU and GPU alike. Keeping the k best groups (G = 32, then 4 within them) leaves k*4
+    candidates per row for `torch.topk`, whose cost is linear in the row length on CPU and
+    several passes on CUDA. A level with fewer than 4k groups is skipped (k = 128 of 9,216,
+    BatchTopK's candidates, uses groups of 4 only). Measured: benchmarks/tune_triton.py (GPU),
+    RESULTS.md (CPU).
     """
-    if pre.is_cuda:
-        return pre.topk(k, 1, sorted=False)
     R = pre.shape[0]
     cand, cols = pre, None  # candidates [R, n'] and their columns in pre
     for G in (32, 4):
         n = cand.shape[1]
         if n % G or n < 4 * k * G:
             continue  # too few groups at this size: try the finer level
-        groups = cand.view(R, n // G, G).amax(2).topk(k, 1, sorted=False).indices  # [R, k]
-        flat = groups + torch.arange(R, device=pre.device)[:, None] * (n // G)
-        cand = cand.reshape(-1, G)[flat.flatten()].view(R, k * G)
-        c = (groups[:, :, None] * G + torch.arange(G, device=pre.device)).view(R, k * G)
+        w = n // G  # groups; group j holds columns j, j + w, j + 2w, ...
+        groups = cand.view(R, G, w).amax(1).topk(k, 1, sorted=False).indices  # [R, k]
+        c = (groups[:, None, :] + torch.arange(G, device=pre.device)[:, None] * w).view(R, G * k)
+        cand = cand.gather(1, c)
         cols = c if cols is None else cols.gather(1, c)
     vals, j = cand.topk(k, 1, sorted=False)
     return vals, (j if cols is None else cols.gather(1, j))
@@ -109,11 +109,10 @@ class SAE(nn.Module):
 
     # -- encoding -------------------------------------------------------------------------
     def _preacts(self, xc: torch.Tensor) -> torch.Tensor:
-        """Dense pre-activations [rows, m] for a chunk of centred inputs."""
-        if self.matmul_dtype is None:
-            return torch.addmm(self.b_enc, xc, self.W_enc.T)
-        dt = self.matmul_dtype
-        return (xc.to(dt) @ self.W_enc.to(dt).T).float() + self.b_enc
+        """Dense pre-activations [rows, m] for a chunk of centred inputs, in `matmul_dtype`
+        when set (bf16 on GPU: half the bytes for the matmul's output and the top-k)."""
+        dt = self.matmul_dtype or self.W_enc.dtype
+        return torch.addmm(self.b_enc.to(dt), xc.to(dt), self.W_enc.to(dt).T)
 
     def _chunks(self, n: int):
         """Row slices: 512 rows on CPU keep a [rows, m] block in cache between the matmul and
@@ -146,7 +145,9 @@ class SAE(nn.Module):
         vals, order = vals.sort(dim=1, descending=True)
         idx = idx.gather(1, order)
         n_keep = min(k * B, vals.numel())
-        cut = vals.flatten().kthvalue(vals.numel() - n_keep + 1).values
+        flat = vals.flatten()
+        # the (n_keep)-th largest value: CUDA's kthvalue selects in a single block, its topk in many
+        cut = flat.topk(n_keep, sorted=False).values.min() if flat.is_cuda else flat.kthvalue(flat.numel() - n_keep + 1).values
         keep = vals >= cut
         width = max(int(keep.sum(1).max()), 1)
         vals, idx, keep = vals[:, :width], idx[:, :width], keep[:, :width]
@@ -160,7 +161,7 @@ class SAE(nn.Module):
             pre = self._preacts(xc[s])
             width = max(int((pre > theta).sum(1).max()), 1)
             v, i = pre.topk(width, dim=1)
-            parts.append((v * (v > theta), i))
+            parts.append(((v * (v > theta)).to(self.W_enc.dtype), i))
         width = max(v.shape[1] for v, _ in parts)
         pad = lambda t: nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
         return torch.cat([pad(v) for v, _ in parts]), torch.cat([pad(i) for _, i in parts])

@@ -120,8 +120,11 @@ class Trainer:
             ema[1] += 1
             sae.cfg.threshold = float(ema[0] / (1 - 0.999 ** ema[1]))
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-        """One optimisation step on `batch = {hookpoint: [B, d]}`; returns metrics per hookpoint."""
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float | torch.Tensor]]:
+        """One optimisation step on `batch = {hookpoint: [B, d]}`; returns metrics per hookpoint.
+
+        fvu, l0 and aux_loss stay 0-dim device tensors (`float()` them to read): on a GPU the
+        only host sync of a step is the list of dead latents, so the CPU queues ahead."""
         cfg, metrics = self.cfg, {}
         lr_f = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_start)
         for h, sae in self.saes.items():
@@ -132,13 +135,12 @@ class Trainer:
             fvu = F.mse_loss(x_hat, x, reduction="sum") / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
             st = self.stats[h]
-            with torch.no_grad():
-                fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=self.device)
-                fired[idx[vals > 1e-3]] = True
-                st["tokens_since_fired"] += B
-                st["tokens_since_fired"][fired] = 0
-                st["last_fired"][fired] = self.step
-                st["first_fired"][fired & (st["first_fired"] < 0)] = self.step
+            with torch.no_grad():  # masked updates, not boolean indexing: no host sync
+                active = (vals > 1e-3).reshape(-1).float()
+                fired = torch.zeros(sae.n_latents, device=self.device).index_add_(0, idx.reshape(-1), active) > 0
+                st["tokens_since_fired"].add_(B).masked_fill_(fired, 0)
+                st["last_fired"].masked_fill_(fired, self.step)
+                st["first_fired"].masked_fill_(fired & (st["first_fired"] < 0), self.step)
                 dead = (st["tokens_since_fired"] >= cfg.dead_tokens).nonzero().squeeze(1)
                 if sae.cfg.architecture == "batchtopk" and self.step >= self.threshold_start:
                     self._update_threshold(sae, st["threshold_ema"], vals)
@@ -162,10 +164,10 @@ class Trainer:
             opt.step()
             sae.normalize_decoder()
             metrics[h] = {
-                "fvu": float(fvu.detach()),
-                "l0": float((vals > 0).sum()) / B,
+                "fvu": fvu.detach(),
+                "l0": (vals > 0).sum() / B,
                 "dead_fraction": len(dead) / sae.n_latents,
-                "aux_loss": float(aux.detach()),
+                "aux_loss": aux.detach(),
                 "lr": opt.param_groups[0]["lr"],
             }
         self.step += 1
@@ -236,6 +238,7 @@ def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quie
         tokens += len(next(iter(batch.values())))
         bar.update(1)
         if trainer.step % cfg.log_every == 0 or trainer.step == trainer.total_steps:
+            metrics = {h: {k: float(v) for k, v in m.items()} for h, m in metrics.items()}
             speed = tokens / (time.perf_counter() - t0)
             first = next(iter(metrics.values()))
             bar.set_postfix(tok_s=f"{speed:,.0f}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
@@ -269,7 +272,9 @@ def fit(activations: torch.Tensor | Iterable[torch.Tensor], n_latents: int, k: i
 
     `activations` is an `[N, d_in]` tensor (shuffled each epoch, `epochs` passes) or any
     iterable of `[batch, d_in]` tensors (one pass, used in order). `options` are
-    TrainConfig keys: batch_size, lr, epochs, architecture, dead_tokens, k_aux, ...
+    TrainConfig keys: batch_size, lr, epochs, architecture, dead_tokens, k_aux, device, ...
+    Training runs on `device` (default: CUDA when present); the SAE comes back on the
+    activations' device.
     """
     cfg = make_config(TrainConfig, {"n_latents": n_latents, "k": k, "seed": seed, "hookpoints": ["x"],
                                     "log_every": 10**9, **options})
@@ -301,4 +306,4 @@ def fit(activations: torch.Tensor | Iterable[torch.Tensor], n_latents: int, k: i
 
     trainer = Trainer(cfg, {"x": sample.shape[1]}, {"x": sample}, total, device)
     run_steps(trainer, ({"x": x} for x in stream()), quiet=quiet)
-    return trainer.final_sae("x")
+    return trainer.final_sae("x").to(sample.device)

@@ -32,8 +32,14 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad_out):
         vals, idx, W = ctx.saved_tensors
         ops = backend(W)
-        grad_vals = ops.gather_dot(idx, W, grad_out) if ctx.needs_input_grad[0] else None
-        grad_W = ops.scatter_outer(vals, idx, grad_out, W.shape[0]) if ctx.needs_input_grad[2] else None
+        need_vals, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_vals = grad_W = None
+        if need_vals and need_W:  # one pass over the latent-sorted pairs for both
+            grad_vals, grad_W = ops.decode_backward(vals, idx, W, grad_out)
+        elif need_vals:
+            grad_vals = ops.gather_dot(idx, W, grad_out).masked_fill(vals == 0, 0)
+        elif need_W:
+            grad_W = ops.scatter_outer(vals, idx, grad_out, W.shape[0])
         return grad_vals, None, grad_W
 
 
@@ -60,7 +66,9 @@ class _SelectedPreacts(torch.autograd.Function):
 
 
 def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """`out[b] = sum_j vals[b,j] * W[idx[b,j]]` -> [B, d]; differentiable in vals and W."""
+    """`out[b] = sum_j vals[b,j] * W[idx[b,j]]` -> [B, d]; differentiable in vals and W.
+
+    A zero value is padding and gets gradient 0 (exact for post-ReLU codes)."""
     return _SparseDecode.apply(vals, idx, W)
 
 
