@@ -1,34 +1,42 @@
 """One SAE training step (forward + backward + optimizer), side by side in one process.
 
-Contenders at the same d_in, n_latents, k, batch, fp32, on random inputs:
+Contenders at the same d_in, n_latents, k, batch, fp32 parameters, on random inputs:
   saekit    `Trainer.train_step` (TopK, sparse kernels, decoder-gradient projection, fused Adam)
   sparsify  eai-sparsify `SparseCoder` stepped as its `Trainer.fit` does with optimizer="adam"
+            (on CUDA: its bf16 autocast forward and Triton decoder)
   sae-lens  `TopKTrainingSAE` stepped by `SAETrainer._train_step` (its own per-step routine)
-  dense     a textbook TopK SAE: dense [B, m] latents, dense decode, torch Adam
-  matmul    the encoder matmul alone, x [B, d] @ W_enc.T [d, m]: the bound on a step
+  dense     a textbook TopK SAE: dense [B, m] latents, dense decode, torch Adam (bf16
+            autocast on CUDA)
+  matmul    the encoder matmul alone, x [B, d] @ W_enc.T [d, m] (bf16 on CUDA): the bound
 
 Timing: every repetition times one step of each contender in turn (interleaved, so load
-changes hit all alike), after warm-up; the table gives medians. Memory: each contender also
-runs alone in a fresh subprocess; "peak MiB" is that process's peak resident set size over
-building the SAE and a few steps (VmHWM, reset just before the build via /proc/self/clear_refs)
-minus its resident size at that moment (after imports and inputs): parameters, optimizer
-state, activations, gradients and what the allocators keep cached.
+changes hit all alike), after warm-up; the table gives medians (on CUDA each step is timed
+between synchronisations). Memory, CPU: each contender also runs alone in a fresh subprocess;
+"peak MiB" is that process's peak resident set size over building the SAE and a few steps
+(VmHWM, reset just before the build via /proc/self/clear_refs) minus its resident size at
+that moment: parameters, optimizer state, activations, gradients and what the allocators
+keep cached. CUDA: growth of `torch.cuda.max_memory_allocated` over the build and a few steps.
 
 The anchors come from PyPI in `benchmarks/.venv`, which this script creates on first use
 (CPU torch pinned first, then eai-sparsify and sae-lens, then saekit itself with --no-deps)
-and re-runs itself in. An anchor that cannot be imported is skipped with a message.
+and re-runs itself in; `--no-venv` uses the current interpreter instead (a GPU machine with
+the anchors' wheels on PYTHONPATH). An anchor that cannot be imported is skipped with a message.
 
-    python3 benchmarks/bench_step.py                 # d_in 576, m 9216, k 32, batch 4096
+    python3 benchmarks/bench_step.py                 # d_in 576, m 9216, k 32, batch 4096, CPU
     python3 benchmarks/bench_step.py --m 4608 --reps 5 --only saekit,matmul
+    python3 benchmarks/bench_step.py --device cuda --no-venv --d 2304 --m 65536 --batch 16384
+    python3 benchmarks/bench_step.py --only saekit --profile     # where saekit's step spends its time
 """
 
 import argparse
+import importlib.util
 import os
 import re
 import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -57,22 +65,44 @@ def ensure_venv() -> None:
     os.execv(str(VENV_PY), [str(VENV_PY), __file__, *sys.argv[1:]])
 
 
+def import_sparsify() -> types.ModuleType:
+    """eai-sparsify's `sparse_coder` module, without running its package `__init__` (which
+    imports its trainer and thereby `datasets`, absent from a bare GPU machine)."""
+    if "sparsify" not in sys.modules:
+        spec = importlib.util.find_spec("sparsify")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("eai-sparsify is not installed")
+        pkg = types.ModuleType("sparsify")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["sparsify"] = pkg
+    import sparsify.sparse_coder
+
+    return sparsify.sparse_coder
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 # -- contenders: each returns a zero-argument step function --------------------------------
 def make_saekit(x, a):
     from saekit.config import TrainConfig, make_config
     from saekit.trainer import Trainer
 
     cfg = make_config(TrainConfig, {"n_latents": a.m, "k": a.k, "hookpoints": ["x"], "batch_size": a.batch,
-                                    "log_every": 10**9})
-    trainer = Trainer(cfg, {"x": a.d}, {"x": x}, 10**6, torch.device("cpu"))
+                                    "log_every": 10**9, "architecture": a.architecture})
+    trainer = Trainer(cfg, {"x": a.d}, {"x": x}, 10**6, torch.device(a.device))
     return lambda: trainer.train_step({"x": x})
 
 
 def make_sparsify(x, a):
-    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its CPU decoder (embedding_bag)
-    from sparsify import SparseCoder, SparseCoderConfig
+    if a.device == "cpu":
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its CPU decoder (embedding_bag)
+    sc = import_sparsify()
+    from sparsify.config import SparseCoderConfig
 
-    sae = SparseCoder(a.d, SparseCoderConfig(num_latents=a.m, k=a.k), device="cpu")
+    sae = sc.SparseCoder(a.d, SparseCoderConfig(num_latents=a.m, k=a.k), device=a.device)
     opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (a.m / 2**14) ** 0.5)  # as its trainer
     total_variance = (x - x.mean(0)).pow(2).sum()
 
@@ -92,7 +122,7 @@ def make_sae_lens(x, a):
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=a.d, d_sae=a.m, k=a.k, dtype="float32", device="cpu"))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=a.d, d_sae=a.m, k=a.k, dtype="float32", device=a.device))
     lr = 2e-4 / (a.m / 2**14) ** 0.5
     cfg = SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=a.batch, lr=lr, lr_end=lr,
                            logger=LoggingConfig(log_to_wandb=False))
@@ -101,19 +131,20 @@ def make_sae_lens(x, a):
 
 
 def make_dense(x, a):
-    g = torch.Generator().manual_seed(0)
-    W_dec = torch.randn(a.m, a.d, generator=g)
+    g = torch.Generator(device=a.device).manual_seed(0)
+    W_dec = torch.randn(a.m, a.d, generator=g, device=a.device)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
-    params = [W_dec.clone().requires_grad_(), torch.zeros(a.m, requires_grad=True),
-              W_dec.requires_grad_(), torch.zeros(a.d, requires_grad=True)]
+    params = [W_dec.clone().requires_grad_(), torch.zeros(a.m, requires_grad=True, device=a.device),
+              W_dec.requires_grad_(), torch.zeros(a.d, requires_grad=True, device=a.device)]
     W_enc, b_enc, W_dec, b_dec = params
     opt = torch.optim.Adam(params, lr=2e-4 / (a.m / 2**14) ** 0.5)
 
     def step():
-        pre = (x - b_dec) @ W_enc.T + b_enc  # [B, m]
-        vals, idx = pre.topk(a.k, dim=1)
-        z = torch.zeros_like(pre).scatter(1, idx, vals.relu())  # [B, m] dense latents
-        fvu = (z @ W_dec + b_dec - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        with torch.autocast("cuda", torch.bfloat16, enabled=a.device == "cuda"):
+            pre = (x - b_dec) @ W_enc.T + b_enc  # [B, m]
+            vals, idx = pre.topk(a.k, dim=1)
+            z = torch.zeros_like(pre).scatter(1, idx, vals.relu())  # [B, m] dense latents
+            fvu = (z @ W_dec + b_dec - x).float().pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         fvu.backward()
         with torch.no_grad():
             W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
@@ -126,8 +157,9 @@ def make_dense(x, a):
 
 
 def make_matmul(x, a):
-    W = torch.randn(a.m, a.d)
-    return lambda: torch.mm(x, W.T)
+    dt = torch.bfloat16 if a.device == "cuda" else torch.float32
+    W, xm = torch.randn(a.m, a.d, device=a.device, dtype=dt), x.to(dt)
+    return lambda: torch.mm(xm, W.T)
 
 
 MAKERS = dict(zip(CONTENDERS, (make_saekit, make_sparsify, make_sae_lens, make_dense, make_matmul)))
@@ -143,6 +175,38 @@ def build(names, x, a):
     return steps
 
 
+def cuda_peak_mib(name: str, x, a) -> float | None:
+    """Growth of the CUDA allocator's peak over building `name` and warm-up + 3 steps."""
+    sync("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step = build([name], x, a).get(name)
+    if step is None:
+        return None
+    for _ in range(a.warmup + 3):
+        step()
+    sync("cuda")
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del step
+    torch.cuda.empty_cache()
+    return peak
+
+
+def profile(step, a) -> None:
+    """Print where one contender's step spends its time (torch.profiler, 3 steps)."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
+    for _ in range(a.warmup):
+        step()
+    with prof(activities=acts) as p:
+        for _ in range(3):
+            step()
+        sync(a.device)
+    key = "self_cuda_time_total" if a.device == "cuda" else "self_cpu_time_total"
+    print(p.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+
+
 def _status_kib(key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
@@ -150,7 +214,8 @@ def _status_kib(key: str) -> int:
 def peak_mib(name: str, a) -> float | None:
     """Peak RSS growth of a fresh process that builds `name` and runs warm-up + 3 steps."""
     argv = [sys.executable, __file__, "--memory-of", name, *(f"--{k}={v}" for k, v in
-            (("d", a.d), ("m", a.m), ("k", a.k), ("batch", a.batch), ("threads", a.threads)))]
+            (("d", a.d), ("m", a.m), ("k", a.k), ("batch", a.batch), ("threads", a.threads),
+             ("architecture", a.architecture)))]
     out = subprocess.run(argv, capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     return float(lines[-1]) if out.returncode == 0 and lines else None
@@ -165,19 +230,26 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--architecture", default="topk", choices=["topk", "batchtopk"], help="saekit's SAE")
     p.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    p.add_argument("--no-venv", action="store_true", help="use this interpreter's anchors, not benchmarks/.venv")
+    p.add_argument("--profile", action="store_true", help="profile the first contender's step, then stop")
     p.add_argument("--no-memory", action="store_true", help="skip the per-contender memory subprocesses")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     a = p.parse_args()
     names = [n for n in a.only.split(",") if n]
     if unknown := set(names) - set(CONTENDERS):
         p.error(f"unknown contenders {sorted(unknown)}; choose from {CONTENDERS}")
-    if any(n in ("sparsify", "sae-lens") for n in names):
+    if any(n in ("sparsify", "sae-lens") for n in names) and not a.no_venv:
         ensure_venv()
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    x = torch.randn(a.batch, a.d, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(a.batch, a.d, generator=torch.Generator().manual_seed(0)).to(a.device)
+    if a.profile:
+        profile(build(names[:1], x, a)[names[0]], a)
+        return
     if a.memory_of:  # child: print the peak RSS growth in MiB
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current size
         base = _status_kib("VmRSS")
@@ -187,6 +259,9 @@ def main():
         print((_status_kib("VmHWM") - base) / 1024)
         return
 
+    cuda_mem = {}
+    if a.device == "cuda" and not a.no_memory:  # before the timed SAEs exist: one at a time
+        cuda_mem = {n: cuda_peak_mib(n, x, a) for n in names}
     steps = build(names, x, a)
     times = {n: [] for n in steps}
     for _ in range(a.warmup):
@@ -194,20 +269,23 @@ def main():
             f()
     for _ in range(a.reps):
         for n, f in steps.items():
+            sync(a.device)
             t = time.perf_counter()
             f()
+            sync(a.device)
             times[n].append(time.perf_counter() - t)
     med = {n: statistics.median(t) for n, t in times.items()}
-    mem = {} if a.no_memory else {n: peak_mib(n, a) for n in steps}
+    mem = cuda_mem if a.device == "cuda" else {} if a.no_memory else {n: peak_mib(n, a) for n in steps}
 
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; d_in {a.d}, m {a.m}, k {a.k}, "
-          f"batch {a.batch}, fp32; median of {a.reps} after {a.warmup} warm-up")
-    print(f"| {'contender':9} | step s | tokens/s | matmul/step | peak MiB |")
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"\ntorch {torch.__version__}, {where}; saekit {a.architecture}; d_in {a.d}, m {a.m}, k {a.k}, "
+          f"batch {a.batch}, fp32 parameters; median of {a.reps} after {a.warmup} warm-up")
+    print(f"| {'contender':9} | step ms | tokens/s | matmul/step | peak MiB |")
     print("|---|---:|---:|---:|---:|")
     for n, t in med.items():
         bound = f"{med['matmul'] / t:.2f}" if "matmul" in med else "-"
         mb = f"{mem[n]:.0f}" if mem.get(n) is not None else "-"
-        print(f"| {n:9} | {t:.3f} | {a.batch / t:,.0f} | {bound} | {mb} |")
+        print(f"| {n:9} | {1e3 * t:.2f} | {a.batch / t:,.0f} | {bound} | {mb} |")
     if "saekit" in med:
         for n in ("sparsify", "sae-lens", "dense"):
             if n in med:

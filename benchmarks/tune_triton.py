@@ -1,0 +1,68 @@
+"""Tile settings of saekit's Triton kernels, and top-k strategies, timed on the GPU at hand.
+
+For each kernel shape in `saekit.kernels.triton_ops.TILES` and each (tile elements, elements
+per thread), the median time of the primitives using it (triton.testing.do_bench) at one
+training-step size; then the encoder's top-k:
+`torch.topk` against saekit's grouped `row_topk`, on bf16 and fp32 pre-activations.
+Pick the defaults from the first table; CUDA only.
+
+    python3 benchmarks/tune_triton.py --d 2304 --m 65536 --k 32 --batch 16384 --tiles 4096 8192 16384
+"""
+
+import argparse
+import itertools
+
+import torch
+from triton.testing import do_bench
+
+from saekit.kernels import triton_ops as ops
+from saekit.sae import row_topk
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d", type=int, default=2304)
+    p.add_argument("--m", type=int, default=65536)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16384)
+    p.add_argument("--tiles", type=int, nargs="*", help="tile sizes to try (default: only the current TILES)")
+    p.add_argument("--elems", type=int, nargs="*", default=[16, 32, 64, 128])
+    a = p.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, d, m, k = a.batch, a.d, a.m, a.k
+    W = torch.randn(m, d, device="cuda", generator=g)
+    X = torch.randn(B, d, device="cuda", generator=g)
+    vals = torch.rand(B, k, device="cuda", generator=g)
+    idx = torch.randint(0, m, (B, k), device="cuda", generator=g)
+    kinds = {  # kernel shape -> the primitives that use it
+        "gather": {"gather_sum": lambda: ops.gather_sum(vals, idx, W), "gather_dot": lambda: ops.gather_dot(idx, W, X)},
+        "segment": {"scatter_outer": lambda: ops.scatter_outer(vals, idx, X, m)},
+        "segment_dot": {"decode_backward": lambda: ops.decode_backward(vals, idx, W, X)},
+    }
+    gb = B * k * d * 4 / 1e9  # bytes of the gathered fp32 rows: one pass
+    print(f"{torch.cuda.get_device_name()}; B {B}, d {d}, m {m}, k {k}, fp32; ms (median); "
+          f"one pass over the B*k gathered rows = {gb:.2f} GB; current TILES = {ops.TILES}")
+    for kind, prims in kinds.items():
+        print(f"\n{kind}\n| TILE | elems/thread |" + "".join(f" {n} |" for n in prims))
+        print("|---:|---:|" + "---:|" * len(prims))
+        default = ops.TILES[kind]
+        for setting in itertools.product(a.tiles, a.elems) if a.tiles else [default]:
+            ops.TILES[kind] = setting
+            t = [do_bench(f, warmup=25, rep=100, return_mode="median") for f in prims.values()]
+            print(f"| {setting[0]} | {setting[1]} |" + "".join(f" {v:.3f} |" for v in t), flush=True)
+        ops.TILES[kind] = default
+
+    print(f"\ntop-{k} of [{B}, {m}] pre-activations, ms (median)")
+    print("| dtype | torch.topk | row_topk (grouped) |\n|---|---:|---:|")
+    for dt in (torch.bfloat16, torch.float32):
+        pre = torch.randn(B, m, device="cuda", generator=g).to(dt)
+        ref = pre.topk(k, 1).values.sort(1).values
+        assert torch.equal(row_topk(pre, k)[0].sort(1).values, ref)
+        t1 = do_bench(lambda: pre.topk(k, 1, sorted=False), warmup=25, rep=100, return_mode="median")
+        t2 = do_bench(lambda: row_topk(pre, k), warmup=25, rep=100, return_mode="median")
+        print(f"| {str(dt)[6:]} | {t1:.3f} | {t2:.3f} |", flush=True)
+        del pre
+
+
+if __name__ == "__main__":
+    main()
