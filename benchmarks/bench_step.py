@@ -10,8 +10,9 @@ Contenders at the same d_in, n_latents, k, batch, fp32 parameters, on random inp
   matmul    the encoder matmul alone, x [B, d] @ W_enc.T [d, m] (bf16 on CUDA): the bound
 
 Timing: every repetition times one step of each contender in turn (interleaved, so load
-changes hit all alike), after warm-up; the table gives medians (on CUDA each step is timed
-between synchronisations). Memory, CPU: each contender also runs alone in a fresh subprocess;
+changes hit all alike), after warm-up; the table gives medians, and means (the average cost
+when some steps do more, as with OrtSAE's every-n-th penalty: use reps a multiple of n). On
+CUDA each step is timed between synchronisations. Memory, CPU: each contender also runs alone in a fresh subprocess;
 "peak MiB" is that process's peak resident set size over building the SAE and a few steps
 (VmHWM, reset just before the build via /proc/self/clear_refs) minus its resident size at
 that moment: parameters, optimizer state, activations, gradients and what the allocators
@@ -91,7 +92,8 @@ def make_saekit(x, a):
     from saekit.trainer import Trainer
 
     cfg = make_config(TrainConfig, {"n_latents": a.m, "k": a.k, "hookpoints": ["x"], "batch_size": a.batch,
-                                    "log_every": 10**9, "architecture": a.architecture})
+                                    "log_every": 10**9, "architecture": a.architecture,
+                                    "ortho_penalty": a.ortho_penalty, "ortho_every": a.ortho_every})
     trainer = Trainer(cfg, {"x": a.d}, {"x": x}, 10**6, torch.device(a.device))
     return lambda: trainer.train_step({"x": x})
 
@@ -215,7 +217,7 @@ def peak_mib(name: str, a) -> float | None:
     """Peak RSS growth of a fresh process that builds `name` and runs warm-up + 3 steps."""
     argv = [sys.executable, __file__, "--memory-of", name, *(f"--{k}={v}" for k, v in
             (("d", a.d), ("m", a.m), ("k", a.k), ("batch", a.batch), ("threads", a.threads),
-             ("architecture", a.architecture)))]
+             ("architecture", a.architecture), ("ortho-penalty", a.ortho_penalty), ("ortho-every", a.ortho_every)))]
     out = subprocess.run(argv, capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     return float(lines[-1]) if out.returncode == 0 and lines else None
@@ -232,6 +234,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--architecture", default="topk", choices=["topk", "batchtopk"], help="saekit's SAE")
+    p.add_argument("--ortho-penalty", type=float, default=0.0, help="saekit's OrtSAE weight (0: off)")
+    p.add_argument("--ortho-every", type=int, default=1, help="apply the OrtSAE penalty every n-th step")
     p.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
     p.add_argument("--no-venv", action="store_true", help="use this interpreter's anchors, not benchmarks/.venv")
     p.add_argument("--profile", action="store_true", help="profile the first contender's step, then stop")
@@ -278,14 +282,14 @@ def main():
     mem = cuda_mem if a.device == "cuda" else {} if a.no_memory else {n: peak_mib(n, a) for n in steps}
 
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"\ntorch {torch.__version__}, {where}; saekit {a.architecture}; d_in {a.d}, m {a.m}, k {a.k}, "
+    print(f"\ntorch {torch.__version__}, {where}; saekit {a.architecture}, ortho {a.ortho_penalty}/{a.ortho_every}; d_in {a.d}, m {a.m}, k {a.k}, "
           f"batch {a.batch}, fp32 parameters; median of {a.reps} after {a.warmup} warm-up")
-    print(f"| {'contender':9} | step ms | tokens/s | matmul/step | peak MiB |")
-    print("|---|---:|---:|---:|---:|")
-    for n, t in med.items():
+    print(f"| {'contender':9} | step ms | mean ms | tokens/s | matmul/step | peak MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for n, t in med.items():  # mean: what a step costs on average (OrtSAE's penalty is every n-th step)
         bound = f"{med['matmul'] / t:.2f}" if "matmul" in med else "-"
         mb = f"{mem[n]:.0f}" if mem.get(n) is not None else "-"
-        print(f"| {n:9} | {1e3 * t:.2f} | {a.batch / t:,.0f} | {bound} | {mb} |")
+        print(f"| {n:9} | {1e3 * t:.2f} | {1e3 * statistics.mean(times[n]):.2f} | {a.batch / t:,.0f} | {bound} | {mb} |")
     if "saekit" in med:
         for n in ("sparsify", "sae-lens", "dense"):
             if n in med:

@@ -11,11 +11,13 @@ Pick the defaults from the first table; CUDA only.
 
 import argparse
 import itertools
+import sys
+from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
-from saekit.kernels import triton_ops as ops
+from saekit.kernels import sparse_decode, triton_ops as ops
 from saekit.sae import row_topk
 
 
@@ -27,6 +29,8 @@ def main():
     p.add_argument("--batch", type=int, default=16384)
     p.add_argument("--tiles", type=int, nargs="*", help="tile sizes to try (default: only the current TILES)")
     p.add_argument("--elems", type=int, nargs="*", default=[16, 32, 64, 128])
+    p.add_argument("--only", nargs="*", choices=["gather", "segment", "segment_dot"], help="kernel shapes to tune")
+    p.add_argument("--skip-topk", action="store_true")
     a = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     B, d, m, k = a.batch, a.d, a.m, a.k
@@ -34,11 +38,32 @@ def main():
     X = torch.randn(B, d, device="cuda", generator=g)
     vals = torch.rand(B, k, device="cuda", generator=g)
     idx = torch.randint(0, m, (B, k), device="cuda", generator=g)
+    Wg, vg = W.clone().requires_grad_(), vals.clone().requires_grad_()
+
+    def decode(fn):  # forward + backward of a squared error, as in bench_decode.py
+        def run():
+            Wg.grad = vg.grad = None
+            (fn(vg, idx, Wg) - X).pow(2).sum().backward()
+        return run
+
     kinds = {  # kernel shape -> the primitives that use it
         "gather": {"gather_sum": lambda: ops.gather_sum(vals, idx, W), "gather_dot": lambda: ops.gather_dot(idx, W, X)},
         "segment": {"scatter_outer": lambda: ops.scatter_outer(vals, idx, X, m)},
-        "segment_dot": {"decode_backward": lambda: ops.decode_backward(vals, idx, W, X)},
+        "segment_dot": {"decode_backward": lambda: ops.decode_backward(vals, idx, W, X),
+                        "decode fwd+bwd": decode(sparse_decode)},
     }
+    kinds = {n: kinds[n] for n in a.only or kinds}
+    try:  # the reference: eai-sparsify's Triton decoder, when importable
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_step import import_sparsify
+
+        import_sparsify()
+        from sparsify.utils import triton_decode
+
+        t = do_bench(decode(lambda v, i, w: triton_decode(i, v, w.mT)), warmup=25, rep=100, return_mode="median")
+        print(f"eai-sparsify Triton decoder, decode fwd+bwd: {t:.3f} ms")
+    except ImportError as e:
+        print(f"no eai-sparsify reference ({e})")
     gb = B * k * d * 4 / 1e9  # bytes of the gathered fp32 rows: one pass
     print(f"{torch.cuda.get_device_name()}; B {B}, d {d}, m {m}, k {k}, fp32; ms (median); "
           f"one pass over the B*k gathered rows = {gb:.2f} GB; current TILES = {ops.TILES}")
@@ -52,6 +77,8 @@ def main():
             print(f"| {setting[0]} | {setting[1]} |" + "".join(f" {v:.3f} |" for v in t), flush=True)
         ops.TILES[kind] = default
 
+    if a.skip_topk:
+        return
     print(f"\ntop-{k} of [{B}, {m}] pre-activations, ms (median)")
     print("| dtype | torch.topk | row_topk (grouped) |\n|---|---:|---:|")
     for dt in (torch.bfloat16, torch.float32):
