@@ -183,3 +183,11 @@ def test_autograd_grads_same_with_triton_backend(monkeypatch):
         grads[name] = [a.grad.clone() for a in args[:5]]
     for g_torch, g_triton in zip(grads["torch"], grads["triton"]):  # fp32 rounding of sums of large terms
         torch.testing.assert_close(g_triton, g_torch, rtol=1e-5, atol=1e-5 * float(g_torch.abs().max()))
+
+
+def test_unknown_kernel_choice_is_refused(monkeypatch):
+    from saekit.errors import SaekitError
+
+    monkeypatch.setenv("SAEKIT_KERNELS", "trition")
+    with pytest.raises(SaekitError, match="SAEKIT_KERNELS"):
+        sparse_decode(torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), torch.ones(3, 4))

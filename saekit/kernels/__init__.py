@@ -10,12 +10,16 @@ from types import ModuleType
 
 import torch
 
+from saekit.errors import SaekitError
 from saekit.kernels import torch_ops
 
 
 def backend(t: torch.Tensor) -> ModuleType:
     """The primitive set for tensors on `t`'s device: Triton for CUDA, torch otherwise."""
-    if t.is_cuda and os.environ.get("SAEKIT_KERNELS", "auto") != "torch":
+    choice = os.environ.get("SAEKIT_KERNELS", "auto")
+    if choice not in ("auto", "torch"):
+        raise SaekitError(f"SAEKIT_KERNELS must be 'auto' or 'torch', got {choice!r}")
+    if t.is_cuda and choice == "auto":
         from saekit.kernels import triton_ops
 
         return triton_ops
