@@ -282,14 +282,16 @@ def main():
     mem = cuda_mem if a.device == "cuda" else {} if a.no_memory else {n: peak_mib(n, a) for n in steps}
 
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"\ntorch {torch.__version__}, {where}; saekit {a.architecture}, ortho {a.ortho_penalty}/{a.ortho_every}; d_in {a.d}, m {a.m}, k {a.k}, "
-          f"batch {a.batch}, fp32 parameters; median of {a.reps} after {a.warmup} warm-up")
+    print(f"\ntorch {torch.__version__}, {where}; saekit {a.architecture}, ortho {a.ortho_penalty}/{a.ortho_every}; "
+          f"d_in {a.d}, m {a.m}, k {a.k}, batch {a.batch}, fp32 parameters; "
+          f"median of {a.reps} after {a.warmup} warm-up")
     print(f"| {'contender':9} | step ms | mean ms | tokens/s | matmul/step | peak MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for n, t in med.items():  # mean: what a step costs on average (OrtSAE's penalty is every n-th step)
         bound = f"{med['matmul'] / t:.2f}" if "matmul" in med else "-"
         mb = f"{mem[n]:.0f}" if mem.get(n) is not None else "-"
-        print(f"| {n:9} | {1e3 * t:.2f} | {1e3 * statistics.mean(times[n]):.2f} | {a.batch / t:,.0f} | {bound} | {mb} |")
+        mean = 1e3 * statistics.mean(times[n])
+        print(f"| {n:9} | {1e3 * t:.2f} | {mean:.2f} | {a.batch / t:,.0f} | {bound} | {mb} |")
     if "saekit" in med:
         for n in ("sparsify", "sae-lens", "dense"):
             if n in med:

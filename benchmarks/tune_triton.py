@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-from saekit.kernels import sparse_decode, triton_ops as ops
+from saekit.kernels import sparse_decode
+from saekit.kernels import triton_ops as ops
 from saekit.sae import row_topk
 
 
@@ -82,13 +83,15 @@ def main():
     print(f"\ntop-{k} of [{B}, {m}] pre-activations, ms (median)")
     print("| dtype | torch.topk | row_topk (grouped) |\n|---|---:|---:|")
     for dt in (torch.bfloat16, torch.float32):
-        pre = torch.randn(B, m, device="cuda", generator=g).to(dt)
-        ref = pre.topk(k, 1).values.sort(1).values
-        assert torch.equal(row_topk(pre, k)[0].sort(1).values, ref)
-        t1 = do_bench(lambda: pre.topk(k, 1, sorted=False), warmup=25, rep=100, return_mode="median")
-        t2 = do_bench(lambda: row_topk(pre, k), warmup=25, rep=100, return_mode="median")
+        t1, t2 = time_topk(torch.randn(B, m, device="cuda", generator=g).to(dt), k)
         print(f"| {str(dt)[6:]} | {t1:.3f} | {t2:.3f} |", flush=True)
-        del pre
+
+
+def time_topk(pre: torch.Tensor, k: int) -> tuple[float, float]:
+    """Median ms of `torch.topk` and of `row_topk` on `pre`, after checking they agree."""
+    assert torch.equal(row_topk(pre, k)[0].sort(1).values, pre.topk(k, 1).values.sort(1).values)
+    return tuple(do_bench(f, warmup=25, rep=100, return_mode="median")
+                 for f in (lambda: pre.topk(k, 1, sorted=False), lambda: row_topk(pre, k)))
 
 
 if __name__ == "__main__":

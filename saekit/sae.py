@@ -145,9 +145,11 @@ class SAE(nn.Module):
         vals, order = vals.sort(dim=1, descending=True)
         idx = idx.gather(1, order)
         n_keep = min(k * B, vals.numel())
-        flat = vals.flatten()
-        # the (n_keep)-th largest value: CUDA's kthvalue selects in a single block, its topk in many
-        cut = flat.topk(n_keep, sorted=False).values.min() if flat.is_cuda else flat.kthvalue(flat.numel() - n_keep + 1).values
+        flat = vals.flatten()  # the cut is its n_keep-th largest value
+        if flat.is_cuda:  # CUDA's kthvalue selects in a single block, its topk in many
+            cut = flat.topk(n_keep, sorted=False).values.min()
+        else:
+            cut = flat.kthvalue(flat.numel() - n_keep + 1).values
         keep = vals >= cut
         width = max(int(keep.sum(1).max()), 1)
         vals, idx, keep = vals[:, :width], idx[:, :width], keep[:, :width]

@@ -112,7 +112,6 @@ def test_decode_backward_is_both_products_and_skips_padding(case):
 
 def test_kernels_match_float64(case):
     """fp32 Triton results sit at fp32 rounding of the float64 torch reference (relative norm)."""
-    vals, idx, W, G = case
     dev = [t.to(DEVICE) for t in case]
     ref = [t.double() if t.is_floating_point() else t for t in case]
     got = [triton_ops.gather_sum(dev[0], dev[1], dev[2]), *triton_ops.decode_backward(*dev)]
