@@ -116,7 +116,7 @@ class SAE(nn.Module):
 
     def _chunks(self, n: int):
         """Row slices: 512 rows on CPU keep a [rows, m] block in cache between the matmul and
-        top-k (~20 % faster than one big matmul); one slice on GPU."""
+        top-k (faster than one big matmul then top-k); one slice on GPU."""
         step = n if self.W_enc.is_cuda else 512
         return (slice(s, s + step) for s in range(0, n, max(step, 1)))
 

@@ -16,9 +16,8 @@ sorted by latent, so each row of W (or of the output) is touched in one run whil
 cache; `scatter_outer` is then an embedding-bag *forward* with one bag per latent (every
 output row written once, no zero fill, no second sort inside ATen's embedding backward), and
 `decode_backward` sorts once for both of the decoder's gradients.
-On 1 core at B=4096, k=32, d=576, m=9216: ~11 ms (gather_sum), ~15 ms (gather_dot, 2x
-faster than unsorted) and ~11 ms (scatter_outer, 2x faster than ATen's embedding backward),
-plus ~2 ms per sort; versus ~400 ms for `W[idx]`.
+Decode forward + backward at B=4096, k=32, d=576, m=9216 on 2 cores: ~22 ms, against ~800 ms
+dense (`benchmarks/bench_decode.py`, RESULTS.md table 3).
 """
 
 import torch
