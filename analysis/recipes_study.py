@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from saekit.activations import ShuffledBatches
-from saekit.config import load_config, make_config, TrainConfig
+from saekit.config import TrainConfig, load_config, make_config
 from saekit.evaluate import reconstruction_metrics
-from saekit.init import effective_dimension
+from saekit.linalg import effective_dimension
 from saekit.ortho import max_cosine
 from saekit.pipeline import prepare
 from saekit.trainer import INIT_SAMPLE, Trainer
@@ -63,7 +63,7 @@ def main():
                            effective_dimension(sae.W_dec, center=False)["effective_rank"])
             trainers[name] = tr
             print(h, name, stats[name], flush=True)
-        timing = [{h: b[h]} for b, _ in zip(batches.batches(0, 1), range(3))]
+        timing = [{h: b[h]} for b, _ in zip(batches.batches(0, 1), range(3), strict=False)]
         times = {name: [] for name in trainers}
         for rep in range(args.reps + 2):  # 2 warm-up rounds
             for name, tr in trainers.items():
@@ -74,11 +74,14 @@ def main():
         base_time = statistics.mean(times["TopK"])
         rows += [(h, name, *stats[name], statistics.mean(times[name]) / base_time) for name in trainers]
     lines = [f"Command: `python analysis/recipes_study.py --n_tokens {args.n_tokens} --epochs {args.epochs}` "
-             f"(SmolLM2-135M, Shakespeare, 16x expansion, k=32, batch 4096, Adam lr {base.lr:g}, 2-core CPU; step times: "
+             f"(SmolLM2-135M, Shakespeare, 16x expansion, k=32, batch 4096, Adam lr {base.lr:g}, 2-core CPU; "
+             "step times: "
              f"mean of {args.reps} interleaved steps after training)", "",
-             "| hookpoint | recipe | FVU (held out) | L0 | dead % | mean max dec cos | dec eff. rank | step time / TopK |",
+             "| hookpoint | recipe | FVU (held out) | L0 | dead % | mean max dec cos | dec eff. rank "
+             "| step time / TopK |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {h} | {n} | {f:.4f} | {l0:.1f} | {d:.2f} | {c:.3f} | {r:.0f} | {t:.2f} |" for h, n, f, l0, d, c, r, t in rows]
+    lines += [f"| {h} | {n} | {f:.4f} | {l0:.1f} | {d:.2f} | {c:.3f} | {r:.0f} | {t:.2f} |"
+              for h, n, f, l0, d, c, r, t in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

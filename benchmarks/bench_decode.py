@@ -95,7 +95,8 @@ def bench_decode(a, device: str) -> None:
     mem_cols = "".join(f" {n} MiB |" for n in names) if device == "cuda" else ""  # beyond the inputs
     ours = "triton" if device == "cuda" else "sparse"
     ratios = [("dense", ours)] + ([("sparsify", "triton")] if "sparsify" in names else [])
-    print("| m | k |" + "".join(f" {n} |" for n in names) + "".join(f" {num}/{den} |" for num, den in ratios) + mem_cols)
+    print("| m | k |" + "".join(f" {n} |" for n in names)
+          + "".join(f" {num}/{den} |" for num, den in ratios) + mem_cols)
     print("|---:|---:|" + "---:|" * (len(names) + len(ratios) + (len(names) if device == "cuda" else 0)))
     for m in ms:
         for k in ks:
@@ -118,7 +119,8 @@ def bench_decode(a, device: str) -> None:
             med = {n: 1e3 * statistics.median(t) for n, t in times.items()}
             if a.profile:
                 profile_fns(fns, reset, device)
-            row = "".join(f" {med[n]:.2f} |" for n in names) + "".join(f" {med[num] / med[den]:.1f}x |" for num, den in ratios)
+            row = "".join(f" {med[n]:.2f} |" for n in names) \
+                + "".join(f" {med[num] / med[den]:.1f}x |" for num, den in ratios)
             row += "".join(f" {mem[n]:.0f} |" for n in names) if device == "cuda" else ""
             print(f"| {m} | {k} |" + row)
     os.environ.pop("SAEKIT_KERNELS", None)

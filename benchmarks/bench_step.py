@@ -164,7 +164,7 @@ def make_matmul(x, a):
     return lambda: torch.mm(xm, W.T)
 
 
-MAKERS = dict(zip(CONTENDERS, (make_saekit, make_sparsify, make_sae_lens, make_dense, make_matmul)))
+MAKERS = dict(zip(CONTENDERS, (make_saekit, make_sparsify, make_sae_lens, make_dense, make_matmul), strict=False))
 
 
 def build(names, x, a):
@@ -196,7 +196,8 @@ def cuda_peak_mib(name: str, x, a) -> float | None:
 
 def profile(step, a) -> None:
     """Print where one contender's step spends its time (torch.profiler, 3 steps)."""
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
     for _ in range(a.warmup):

@@ -35,7 +35,6 @@ from torch import nn
 import saekit
 from saekit.activations import ActivationCache, ShuffledBatches
 from saekit.evaluate import reconstruction_metrics
-from saekit.pipeline import cache_path, load_run_config
 
 
 class ActivationStream(nn.Module):
@@ -91,9 +90,10 @@ def main():
     ap.add_argument("--adam", action="store_true", help="also train sparsify with optimizer='adam'")
     args = ap.parse_args()
 
-    cfg = load_run_config(args.run)
+    run = saekit.Run.open(args.run)
+    cfg = run.config
     assert cfg.architecture == "topk", "sparsify's SparseCoder is a TopK SAE"
-    train, val = ActivationCache.open(cache_path(cfg, "train")), ActivationCache.open(cache_path(cfg, "val"))
+    train, val = run.cache("train"), run.cache("val")
     rows = []
     for hook in cfg.hookpoints:
         sae = saekit.SAE.load(Path(args.run) / hook)
@@ -112,7 +112,8 @@ def main():
     for hook, name, model, seconds in rows:
         with torch.no_grad():
             m = reconstruction_metrics(model, val.batches(hook))
-        print(f"| {hook} | {name} | {m['fvu']:.4f} | {m['l0']:.1f} | {100 * m['dead_fraction']:.1f} | {seconds:.0f} s |")
+        print(f"| {hook} | {name} | {m['fvu']:.4f} | {m['l0']:.1f} | {100 * m['dead_fraction']:.1f} "
+              f"| {seconds:.0f} s |")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-from saekit.kernels import sparse_decode
+from saekit.kernels import row_topk, sparse_decode
 from saekit.kernels import triton_ops as ops
-from saekit.sae import row_topk
 
 
 def main():

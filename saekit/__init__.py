@@ -1,9 +1,26 @@
 """saekit: sparse autoencoders on transformer activations — train, evaluate, analyse."""
 
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+
 from saekit.config import TrainConfig, load_config
 from saekit.errors import SaekitError
+from saekit.run import Run
 from saekit.sae import SAE, SAEConfig, SparseCode
 from saekit.trainer import fit
+
+try:
+    __version__ = version("saekit")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+_SUBMODULES = ("analyze",)  # imported on first use: `saekit.analyze.dead(...)` after `import saekit`
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"saekit.{name}")
+    raise AttributeError(f"module 'saekit' has no attribute {name!r}")
 
 
 def train(config: TrainConfig, resume: bool = False, quiet: bool = False):
@@ -13,4 +30,5 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False):
     return _train(config, resume=resume, quiet=quiet)
 
 
-__all__ = ["SAE", "SAEConfig", "SaekitError", "SparseCode", "TrainConfig", "fit", "load_config", "train"]
+__all__ = ["SAE", "Run", "SAEConfig", "SaekitError", "SparseCode", "TrainConfig", "__version__", "analyze", "fit",
+           "load_config", "train"]

@@ -9,26 +9,39 @@ a pure function of (seed, step), so a resumed run sees exactly the batches it ha
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from saekit.errors import SaekitError
-from saekit.sae import atomic_write
+from saekit.io import atomic_write, saekit_cache
 
 MANIFEST = "manifest.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+Activations = torch.Tensor | Iterable[torch.Tensor]  # an [N, d] tensor or a stream of [batch, d] tensors
 
 
 def cache_key(**fields) -> str:
     """Stable short hash of everything that determines a cache's content."""
     blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_path(cfg, split: str) -> Path:
+    """Folder of the activation cache of one split of a TrainConfig (no model needed to find it):
+    `cache_dir` or $SAEKIT_CACHE/activations, then a hash of what determines the content."""
+    root = Path(cfg.cache_dir) if cfg.cache_dir else saekit_cache() / "activations"
+    key = cache_key(model=cfg.model, dataset=cfg.dataset, text_field=cfg.text_field, ctx_len=cfg.ctx_len,
+                    n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.seed,
+                    hookpoints=sorted(cfg.hookpoints), split=split)
+    return root / key
 
 
 @dataclass
@@ -206,3 +219,62 @@ class ShuffledBatches:
         """All batches from global step `start_step` to the end of `epochs` epochs."""
         for epoch in range(start_step // self.steps_per_epoch, epochs):
             yield from self._epoch(epoch, max(0, start_step - epoch * self.steps_per_epoch))
+
+
+def open_activations(path: str | Path, hookpoint: str, batch_size: int = 4096) -> Iterable[torch.Tensor]:
+    """Re-iterable `[batch, d]` stream from a saekit activation cache folder (the hookpoint's
+    tensor) or a .safetensors file holding one `[N, d]` tensor (read slice by slice)."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        cache = ActivationCache.open(path)
+        if hookpoint not in cache.hookpoints:
+            raise SaekitError(f"activation cache {path} has no {hookpoint!r} (it holds {', '.join(cache.hookpoints)})")
+        return _Stream(lambda: cache.batches(hookpoint, batch_size))
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise SaekitError(f"--activations {path}: expected an activation cache folder (with {MANIFEST}) "
+                          "or a .safetensors file holding one [N, d_in] tensor")
+    try:
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+            shape = f.get_slice(keys[0]).get_shape() if len(keys) == 1 else None
+    except (SafetensorError, OSError) as e:
+        raise SaekitError(f"{path} is not a readable safetensors file: {e}") from None
+    if shape is None or len(shape) != 2:
+        raise SaekitError(f"{path} must hold exactly one [N, d_in] tensor (found {len(keys)} tensors"
+                          f"{'' if shape is None else f' of shape {shape}'})")
+
+    def read():
+        with safe_open(path, "pt") as f:
+            sl = f.get_slice(keys[0])
+            for s in range(0, shape[0], batch_size):
+                yield sl[s : s + batch_size]
+
+    return _Stream(read)
+
+
+class _Stream:
+    """An iterable that restarts its generator on every `iter()` (so it can be read twice)."""
+
+    def __init__(self, make: Callable[[], Iterator[torch.Tensor]]):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
+def batches(activations: Activations, d_in: int, batch_size: int = 4096,
+            max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+    """`[batch, d_in]` float32 tensors from a tensor or an iterable of tensors, checking d_in,
+    stopping after `max_tokens` rows."""
+    parts = activations.split(batch_size) if isinstance(activations, torch.Tensor) else activations
+    n = 0
+    for x in parts:
+        if max_tokens is not None and n >= max_tokens:
+            return
+        if x.ndim != 2 or x.shape[1] != d_in:
+            raise SaekitError(f"activations must be [batch, {d_in}] to match the SAE's d_in, got shape "
+                              f"{tuple(x.shape)}; pass activations of the SAE's hookpoint")
+        if max_tokens is not None:
+            x = x[: max_tokens - n]
+        n += len(x)
+        yield x.float()

@@ -1,37 +1,50 @@
-"""The `saekit` command line: one verb per stage (train, cache, eval, ...)."""
+"""The `saekit` command line: one verb per stage (train, cache, eval, analyze)."""
 
 import argparse
 import sys
 
+import saekit
 from saekit.errors import SaekitError
 
 
-def _config(extra: list[str]):
-    """`[CONFIG.yaml] [--key value ...]` -> TrainConfig."""
-    from saekit.config import load_config
+def _values(extra: list[str]) -> dict:
+    """`[CONFIG.yaml] [--key value ...]` -> the raw config values they give."""
+    from saekit.config import load_values
 
     path = extra.pop(0) if extra and not extra[0].startswith("--") else None
-    return load_config(path, extra)
+    return load_values(path, extra)
 
 
 def _train(args, extra):
+    from saekit.config import TrainConfig, make_config
     from saekit.pipeline import train
+    from saekit.run import Run
+    from saekit.runtime import keep_freed_memory
 
-    train(_config(extra), resume=args.resume, quiet=args.quiet)
+    values = _values(extra)
+    if args.resume:  # the stored config; what is given again must agree with it
+        cfg = Run.for_resume(values.get("out", TrainConfig.out), values).config
+    else:
+        cfg = make_config(TrainConfig, values)
+    keep_freed_memory()
+    run = train(cfg, resume=args.resume, quiet=args.quiet)
+    print(f"saekit: run written to {run} (SAEs in {run}/<hookpoint>/, eval.json, metrics.jsonl)")
 
 
 def _cache(args, extra):
+    from saekit.config import TrainConfig, make_config
     from saekit.pipeline import prepare
 
-    _, _, caches = prepare(_config(extra), quiet=args.quiet)
+    _, _, caches = prepare(make_config(TrainConfig, _values(extra)), quiet=args.quiet)
     for split, c in caches.items():
         print(f"{split}: {c.path} ({c.n_tokens:,} tokens, hookpoints {', '.join(c.hookpoints)})")
 
 
 def _eval(args, extra):
-    from saekit.evaluate import evaluate_run
+    from saekit.pipeline import evaluate_run
 
-    evaluate_run(args.run, quiet=args.quiet, n_contexts=args.contexts)
+    evaluate_run(args.run, quiet=args.quiet, n_contexts=args.contexts, activations=args.activations,
+                 model_name=args.model)
 
 
 def _analyze(args, extra):
@@ -39,18 +52,28 @@ def _analyze(args, extra):
 
     analyze_run(args.run, ANALYSES if args.analysis == "all" else (args.analysis,), hookpoint=args.hookpoint,
                 activations=args.activations, tokens=args.tokens, words=args.words, f1_threshold=args.f1_threshold,
-                min_letters=args.min_letters, quiet=args.quiet)
+                min_letters=args.min_letters, model=args.model, quiet=args.quiet)
+
+
+ACTIVATIONS_HELP = ("activation cache folder or .safetensors file with one [N, d_in] tensor "
+                    "(default: the run's held-out cache; needed for a bare SAE folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from saekit.config import config_help
+
     p = argparse.ArgumentParser(prog="saekit", description=__doc__)
+    p.add_argument("--version", action="version", version=f"saekit {saekit.__version__}")
     sub = p.add_subparsers(dest="verb", required=True)
 
     t = sub.add_parser("train", usage="saekit train [CONFIG.yaml] [--resume] [--quiet] [--KEY VALUE ...]",
                        help="harvest activations and train one SAE per hookpoint, then evaluate",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Config keys come from the YAML file (default: built-in defaults), "
-                                   "overridden by --key value pairs, e.g. --k 64 --out runs/x.")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+                                   "overridden by --key value pairs, e.g. --k 64 --out runs/x.",
+                       epilog="config keys (default, meaning):\n" + config_help())
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its stored config")
     t.set_defaults(func=_train)
 
     c = sub.add_parser("cache", usage="saekit cache [CONFIG.yaml] [--quiet] [--KEY VALUE ...]",
@@ -58,17 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cache)
 
     e = sub.add_parser("eval", help="evaluate a run's SAEs on its held-out text (writes RUN/eval.json)")
-    e.add_argument("run")
+    e.add_argument("run", help="a run folder or a bare SAE folder")
     e.add_argument("--contexts", type=int, default=None, help="held-out contexts for the downstream loss")
+    e.add_argument("--activations", default=None, help=ACTIVATIONS_HELP)
+    e.add_argument("--model", default=None, help="model for the downstream loss of a bare SAE folder")
     e.set_defaults(func=_eval)
 
-    a = sub.add_parser("analyze", help="dead/dense latents, collapse, absorption of a run's SAEs (writes RUN/analysis/)")
+    a = sub.add_parser("analyze", help="dead/dense latents, collapse, absorption of a run's SAEs "
+                                       "(writes RUN/analysis/)")
     a.add_argument("analysis", choices=["dead", "collapse", "absorption", "all"])
-    a.add_argument("run")
+    a.add_argument("run", help="a run folder or a bare SAE folder")
     a.add_argument("--hookpoint", default=None, help="analyse only this hookpoint of the run")
-    a.add_argument("--activations", default=None,
-                   help="activation cache folder or .safetensors file with one [N, d_in] tensor "
-                        "(default: the run's held-out cache)")
+    a.add_argument("--activations", default=None, help=ACTIVATIONS_HELP)
+    a.add_argument("--model", default=None, help="model for absorption (default: the run's)")
     a.add_argument("--tokens", type=int, default=None, help="tokens for dead/collapse (default: all)")
     a.add_argument("--words", type=int, default=3000, help="vocabulary words for absorption")
     a.add_argument("--f1-threshold", type=float, default=0.6, help="absorption: keep letters whose probe F1 >= this")

@@ -1,19 +1,24 @@
 """Run configuration: one flat dataclass, loaded from YAML plus `--key value` overrides.
 
-Unknown keys and wrongly typed values raise SaekitError naming the key, so a typo never
-silently falls back to a default.
+Unknown keys, wrongly typed values, choices outside their `Literal` and values outside their
+range raise SaekitError naming the key and what it allows, when the config is built: before
+any model is loaded, token harvested or folder written.
 """
 
 import dataclasses
 import difflib
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from saekit.errors import SaekitError
+from saekit.runtime import DEVICE_PATTERN
 
 
 @dataclass
@@ -28,11 +33,11 @@ class TrainConfig:
     epochs: int = 3
     val_tokens: int = 32_768  # held-out tokens for evaluation (never trained on)
     # -- the SAE -------------------------------------------------------------------------
-    architecture: str = "topk"  # "topk" | "batchtopk"
+    architecture: Literal["topk", "batchtopk"] = "topk"  # k per token | k*B per batch (Bussmann et al. 2024)
     expansion: int = 16  # n_latents = expansion * d_in unless n_latents is set
     n_latents: int | None = None
     k: int = 32
-    init: str = "tied"  # "tied" (random directions) | "subspace" (inside the data's principal subspace)
+    init: Literal["tied", "subspace"] = "tied"  # random directions | inside the data's principal subspace
     subspace_rank: int | None = None  # fixed r for subspace init; None: smallest r with subspace_variance
     subspace_variance: float = 0.99
     ortho_penalty: float = 0.0  # OrtSAE weight gamma (0.25 in the paper); 0 = off
@@ -58,6 +63,43 @@ class TrainConfig:
     eval_contexts: int = 24  # held-out contexts for CE loss / KL in evaluation
     wandb: bool = False  # log to Weights & Biases too (if installed)
 
+    def __post_init__(self):
+        for key, ok, allowed in _RULES:
+            value = getattr(self, key)
+            if value is not None and not ok(value, self):
+                raise SaekitError(f"config key {key!r} must be {allowed}, got {value!r}")
+
+
+# (key, check(value, config), what it allows); None values are "use the default" and skip the check.
+_RULES: list[tuple[str, typing.Callable, str]] = [
+    ("hookpoints", lambda v, c: len(v) > 0 and len(set(v)) == len(v), "a non-empty list of distinct names"),
+    ("ctx_len", lambda v, c: v >= 2, ">= 2"),
+    ("n_tokens", lambda v, c: v >= 1, ">= 1"),
+    ("epochs", lambda v, c: v >= 1, ">= 1"),
+    ("val_tokens", lambda v, c: 1 <= v < c.n_tokens, "in [1, n_tokens) (held-out text smaller than the training text)"),
+    ("expansion", lambda v, c: v >= 1, ">= 1 (n_latents = expansion * d_in)"),
+    ("n_latents", lambda v, c: v >= 1, ">= 1"),
+    ("k", lambda v, c: v >= 1 and (c.n_latents is None or v <= c.n_latents), "in [1, n_latents]"),
+    ("subspace_rank", lambda v, c: v >= 1, ">= 1"),
+    ("subspace_variance", lambda v, c: 0 < v <= 1, "in (0, 1]"),
+    ("ortho_penalty", lambda v, c: v >= 0, ">= 0"),
+    ("ortho_every", lambda v, c: v >= 1, ">= 1"),
+    ("batch_size", lambda v, c: v >= 1, ">= 1"),
+    ("lr", lambda v, c: v > 0, "> 0 (or null for the default)"),
+    ("warmup_steps", lambda v, c: v >= 0, ">= 0"),
+    ("decay_start", lambda v, c: 0 <= v <= 1, "in [0, 1]"),
+    ("k_aux", lambda v, c: v >= 1, ">= 1"),
+    ("auxk_alpha", lambda v, c: v >= 0, ">= 0"),
+    ("dead_tokens", lambda v, c: v >= 1, ">= 1"),
+    ("device", lambda v, c: re.fullmatch(DEVICE_PATTERN, v), "auto, cpu, cuda or cuda:N"),
+    ("buffer_tokens", lambda v, c: v >= 1, ">= 1"),
+    ("harvest_batch", lambda v, c: v >= 1, ">= 1"),
+    ("checkpoint_every", lambda v, c: v >= 1, ">= 1"),
+    ("log_every", lambda v, c: v >= 1, ">= 1"),
+    ("collapse_every", lambda v, c: v >= 0, ">= 0 (0 = off)"),
+    ("eval_contexts", lambda v, c: v >= 1, ">= 1"),
+]
+
 
 def _type_ok(value, tp) -> bool:
     origin = typing.get_origin(tp)
@@ -65,6 +107,8 @@ def _type_ok(value, tp) -> bool:
         return any(_type_ok(value, t) for t in typing.get_args(tp))
     if tp is type(None):
         return value is None
+    if origin is Literal:
+        return value in typing.get_args(tp)
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
@@ -73,6 +117,16 @@ def _type_ok(value, tp) -> bool:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, tp)
+
+
+def _describe(tp) -> str:
+    """A type as a user reads it: `one of 'topk', 'batchtopk'`, `int or None`, `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(t) for t in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp)) if origin is None else str(tp)
 
 
 def make_config(cls, values: dict):
@@ -92,7 +146,7 @@ def make_config(cls, values: dict):
             except ValueError:
                 pass
         if not _type_ok(value, hints[key]):
-            raise SaekitError(f"config key {key!r} must be {hints[key]}, got {value!r}")
+            raise SaekitError(f"config key {key!r} must be {_describe(hints[key])}, got {value!r}")
         if hints[key] is float and isinstance(value, int):
             values[key] = float(value)
     return cls(**values)
@@ -100,6 +154,11 @@ def make_config(cls, values: dict):
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """YAML file (optional) + `--key value` pairs -> TrainConfig (values parsed as YAML)."""
+    return make_config(TrainConfig, load_values(path, overrides))
+
+
+def load_values(path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The raw key/values a YAML file (optional) and `--key value` pairs give, later ones winning."""
     values: dict = {}
     if path is not None:
         p = Path(path)
@@ -112,7 +171,20 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         if not isinstance(values, dict):
             raise SaekitError(f"{path} must hold a mapping of config keys")
     values.update(parse_overrides(overrides or []))
-    return make_config(TrainConfig, values)
+    return values
+
+
+def config_help() -> str:
+    """Every TrainConfig key with its default and comment, read from the class source (for --help)."""
+    lines = []
+    for line in inspect.getsource(TrainConfig).splitlines():
+        if m := re.match(r"    # -- (.*?) -+$", line):
+            lines.append(f"{m.group(1)}:")
+        elif m := re.match(r"    (\w+): ([^=]+?) = (.+?)(?:  # (.*))?$", line):
+            name, default, note = m.group(1), m.group(3), m.group(4) or ""
+            default = re.sub(r"field\(default_factory=lambda: (.*)\)", r"\1", default)
+            lines.append(f"  --{name} {default}" + (f"   {note}" if note else ""))
+    return "\n".join(lines)
 
 
 def parse_overrides(args: list[str]) -> dict:

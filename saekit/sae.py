@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from saekit.errors import SaekitError
-from saekit.kernels import selected_preacts, sparse_decode
+from saekit.io import atomic_write
+from saekit.kernels import row_topk, selected_preacts, sparse_decode
 
 ARCHITECTURES = ("topk", "batchtopk")
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -47,40 +48,6 @@ class SparseCode(NamedTuple):
     indices: torch.Tensor  # [B, k'] int64 latent ids
 
 
-def row_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k (unsorted values, column ids; [R, k] each) of every row of `pre [R, n]`.
-
-    The k largest entries of a row lie in the k groups (of any partition of the columns) with
-    the largest maxima. With G groups of n/G strided columns (group j = columns j + t*n/G),
-    the group maxima are an elementwise max of G contiguous slices: one streaming pass, fast
-    on CPU and GPU alike. Keeping the k best groups (G = 32, then 4 within them) leaves k*4
-    candidates per row for `torch.topk`, whose cost is linear in the row length on CPU and
-    several passes on CUDA. A level with fewer than 4k groups is skipped (k = 128 of 9,216,
-    BatchTopK's candidates, uses groups of 4 only). Measured: benchmarks/tune_triton.py (GPU),
-    RESULTS.md (CPU).
-    """
-    R = pre.shape[0]
-    cand, cols = pre, None  # candidates [R, n'] and their columns in pre
-    for G in (32, 4):
-        n = cand.shape[1]
-        if n % G or n < 4 * k * G:
-            continue  # too few groups at this size: try the finer level
-        w = n // G  # groups; group j holds columns j, j + w, j + 2w, ...
-        groups = cand.view(R, G, w).amax(1).topk(k, 1, sorted=False).indices  # [R, k]
-        c = (groups[:, None, :] + torch.arange(G, device=pre.device)[:, None] * w).view(R, G * k)
-        cand = cand.gather(1, c)
-        cols = c if cols is None else cols.gather(1, c)
-    vals, j = cand.topk(k, 1, sorted=False)
-    return vals, (j if cols is None else cols.gather(1, j))
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename onto `path`, so readers never see a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, device=None, dtype=torch.float32):
         super().__init__()
@@ -94,6 +61,11 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
         # bf16 encoder matmul (set by the trainer on GPU); everything else stays fp32.
         self.matmul_dtype: torch.dtype | None = None
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        where = f", hookpoint={c.hookpoint!r}" if c.hookpoint else ""
+        return f"d_in={c.d_in}, n_latents={c.n_latents}, k={c.k}, architecture={c.architecture!r}{where}"
 
     @property
     def d_in(self) -> int:
@@ -172,7 +144,9 @@ class SAE(nn.Module):
         """Sparse code of `x [B, d]`; differentiable in the parameters when grad is enabled.
 
         TopK keeps k per row. BatchTopK keeps k*B per batch in training mode and, in eval
-        mode, every pre-activation above the learned threshold (if one is set).
+        mode, every pre-activation above the learned threshold (if one is set). Each row's
+        values come in no particular order (the top k are selected, not ranked:
+        `values.sort(dim=1, descending=True)` ranks them); a zero value is padding.
         """
         x = x.to(self.W_enc.dtype)
         xc = x - self.b_dec.detach()

@@ -1,24 +1,19 @@
 """Training: one SAE per hookpoint, all stepped on the same batches of activations.
 
-One step per hookpoint (spec §1): scale x to unit RMS, sparse encode/decode, FVU loss plus
+One step per hookpoint (Gao et al. 2024): scale x to unit RMS, sparse encode/decode, FVU loss plus
 AuxK on dead latents, backward through the sparse kernels, project the decoder-parallel
 gradient out, Adam, renormalise decoder rows. Inputs are divided by a fixed per-hookpoint
 scale during training; the saved SAE has it folded back in and acts on raw activations.
 """
 
-import ctypes
-import json
 import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from itertools import chain
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from saekit.config import TrainConfig, make_config
@@ -26,29 +21,11 @@ from saekit.errors import SaekitError
 from saekit.init import init_sae
 from saekit.kernels import selected_preacts, sparse_decode
 from saekit.ortho import ortho_loss
-from saekit.sae import SAE, SAEConfig, atomic_write
+from saekit.run import Run
+from saekit.runtime import resolve_device
+from saekit.sae import SAE, SAEConfig
 
-STATE_FILE = "state.safetensors"
 INIT_SAMPLE = 16_384  # tokens for b_dec's geometric median and the input scale
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SaekitError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-    return torch.device(name)
-
-
-def _keep_freed_memory() -> None:
-    """Stop glibc from returning large freed blocks to the OS: each CPU step allocates
-    several [m, d] gradient buffers, and re-faulting their pages costs ~10 % of a step."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
 
 def lr_factor(step: int, total: int | None, warmup: int, decay_start: float) -> float:
@@ -68,8 +45,6 @@ class Trainer:
                  total_steps: int | None, device: torch.device):
         self.cfg, self.total_steps, self.device = cfg, total_steps, device
         self.step = 0
-        if device.type == "cpu":
-            _keep_freed_memory()
         self.saes: dict[str, SAE] = {}
         self.opts: dict[str, torch.optim.Adam] = {}
         self.scales: dict[str, float] = {}
@@ -181,32 +156,28 @@ class Trainer:
         sae.load_state_dict(src.state_dict())
         return sae.fold_input_scale(self.scales[hookpoint]).eval().requires_grad_(False)
 
-    def save(self, run: Path, extra: dict | None = None) -> None:
-        """Folded SAEs to `run/<hookpoint>/`, then the whole training state in one atomic file."""
+    def save(self, run: Run, extra: dict | None = None) -> None:
+        """Folded SAEs to the run's SAE folders, then the whole training state in one atomic file."""
         tensors, meta = {}, {"step": self.step, "scales": self.scales}
         for h, sae in self.saes.items():
             info = {"input_scale": self.scales[h], "step": self.step, "init": self.init_reports[h], **(extra or {})}
-            self.final_sae(h).save(run / h, extra=info)
+            self.final_sae(h).save(run.sae_dir(h), extra=info)
             for n, p in sae.named_parameters():
                 tensors[f"{h}/param/{n}"] = p.detach()
                 for key, t in self.opts[h].state.get(p, {}).items():
                     tensors[f"{h}/adam/{n}/{key}"] = t.reshape(-1) if t.ndim == 0 else t
             for n, t in self.stats[h].items():
                 tensors[f"{h}/stats/{n}"] = t
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        atomic_write(run / STATE_FILE, lambda p: save_file(tensors, p, metadata={"meta": json.dumps(meta)}))
+        run.save_state(tensors, meta)
 
-    def load(self, run: Path) -> None:
+    def load(self, run: Run) -> None:
         """Restore the state written by `save` (the SAEs must have been built with the same config)."""
-        file = run / STATE_FILE
-        try:
-            tensors = load_file(file, device=str(self.device))
-            with safe_open(file, "pt") as f:
-                meta = json.loads(f.metadata()["meta"])
-        except FileNotFoundError:
-            raise SaekitError(f"nothing to resume: {file} does not exist") from None
-        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-            raise SaekitError(f"{file} is corrupt or truncated ({e}); start a new run") from None
+        tensors, meta = run.load_state(self.device)
+        missing = [f"{h}/param/{n}" for h, sae in self.saes.items() for n, p in sae.named_parameters()
+                   if tensors.get(f"{h}/param/{n}") is None or tensors[f"{h}/param/{n}"].shape != p.shape]
+        if missing or not {"step", "scales"} <= set(meta):
+            raise SaekitError(f"{run.path} holds a training state of another config (e.g. {missing[:1]} is missing "
+                              "or shaped differently); start a new run")
         self.step, self.scales = meta["step"], meta["scales"]
         for h, sae in self.saes.items():
             with torch.no_grad():
@@ -270,8 +241,9 @@ def fit(activations: torch.Tensor | Iterable[torch.Tensor], n_latents: int, k: i
         quiet: bool = True, **options) -> SAE:
     """Train an SAE on activations you bring and return it (acting on raw activations).
 
-    `activations` is an `[N, d_in]` tensor (shuffled each epoch, `epochs` passes) or any
-    iterable of `[batch, d_in]` tensors (one pass, used in order). `options` are
+    `activations` is an `[N, d_in]` tensor, shuffled each epoch, `epochs` passes (the
+    TrainConfig default: 3), or any iterable of `[batch, d_in]` tensors, one pass in the order
+    given. Leaves the process as it found it (thread count, allocator). `options` are
     TrainConfig keys: batch_size, lr, epochs, architecture, dead_tokens, k_aux, device, ...
     Training runs on `device` (default: CUDA when present); the SAE comes back on the
     activations' device.

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from saekit import analyze, cli
 from saekit.analyze.absorption import FirstLetterData, absorption_from_data, absorption_scores
 from saekit.analyze.collapse import duplicate_pairs
-from saekit.analyze.dead import FiringHistory
 from saekit.errors import SaekitError
+from saekit.run import FiringHistory
 from saekit.sae import SAE, SAEConfig
 
 
@@ -203,12 +203,29 @@ def test_analyze_on_activations_a_user_brings(tiny_run, tmp_path):
     assert json.loads((tiny_run / "analysis" / "dead.json").read_text())[HOOK]["dead"]["n_tokens"] == 300
 
 
+def test_analyze_and_eval_a_bare_sae_folder(tiny_run, tmp_path):
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "sae"
+    SAE.load(tiny_run / HOOK).save(bare)  # cfg.json + sae.safetensors, no run around it
+    save_file({"x": torch.randn(400, 576) * 3}, tmp_path / "acts.safetensors")
+    acts = str(tmp_path / "acts.safetensors")
+    assert cli.main(["analyze", "all", str(bare), "--activations", acts, "--words", "400", "--min-letters", "3",
+                     "--quiet"]) == 0
+    report = json.loads((bare / "analysis" / "report.json").read_text())[HOOK]
+    assert report["dead"]["n_tokens"] == 400 and report["dead"]["dead_at_init"] is None  # no training state
+    assert report["absorption"]["n_letters"] >= 3  # the model named in the SAE's cfg.json
+    assert cli.main(["eval", str(bare), "--activations", acts, "--contexts", "1", "--quiet"]) == 0
+    ev = json.loads((bare / "eval.json").read_text())[HOOK]
+    assert ev["n_tokens"] == 400 and ev["ce_clean"] < ev["ce_zero"]
+
+
 def test_analyze_bad_inputs(tiny_run, tmp_path, capsys):
     def fails(*args, match):
         assert cli.main(["analyze", *args, "--quiet"]) == 2
         assert match in capsys.readouterr().err
 
-    fails("dead", str(tmp_path), match="not a saekit run folder")
+    fails("dead", str(tmp_path), match="neither a saekit run folder")
     fails("dead", str(tiny_run), "--hookpoint", "blocks.3.hook_resid_post", match="is not in")
     from safetensors.torch import save_file
 
@@ -216,13 +233,12 @@ def test_analyze_bad_inputs(tiny_run, tmp_path, capsys):
     fails("collapse", str(tiny_run), "--activations", str(tmp_path / "narrow.safetensors"), match="[batch, 576]")
     fails("dead", str(tiny_run), "--activations", str(tmp_path / "missing"), match="expected an activation cache")
     fails("absorption", str(tiny_run), "--words", "60", match="letters have a probe F1")
-    no_model = tmp_path / "no_model"
-    no_model.mkdir()
-    cfg = json.loads((tiny_run / "config.json").read_text())
-    del cfg["model"]
-    (no_model / "config.json").write_text(json.dumps(cfg))
-    (no_model / HOOK).symlink_to(tiny_run / HOOK)
-    fails("absorption", str(no_model), match="names no model")
+    bare = tmp_path / "bare"  # an SAE folder that records no model
+    sae = SAE.load(tiny_run / HOOK)
+    sae.cfg.model = None
+    sae.save(bare)
+    fails("absorption", str(bare), match="names no model")
+    fails("dead", str(bare), match="bare SAE folder")
 
 
 def test_report_without_matplotlib_gives_a_note(monkeypatch, tmp_path):

@@ -94,7 +94,7 @@ def test_decode_backward_matches_torch(case, dtype):
     got = triton_ops.decode_backward(vals, idx, W, G)
     want = torch_ops.decode_backward(vals.float(), idx, W.float(), G.float())
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=3e-2)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         assert g.dtype == dtype
         torch.testing.assert_close(g.float(), w, **tol)
 
@@ -116,7 +116,7 @@ def test_kernels_match_float64(case):
     ref = [t.double() if t.is_floating_point() else t for t in case]
     got = [triton_ops.gather_sum(dev[0], dev[1], dev[2]), *triton_ops.decode_backward(*dev)]
     want = [torch_ops.gather_sum(ref[0], ref[1], ref[2]), *torch_ops.decode_backward(*ref)]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         assert float((g.cpu().double() - w).norm() / w.norm()) < 1e-5
 
 
@@ -180,7 +180,7 @@ def test_autograd_grads_same_with_triton_backend(monkeypatch):
             a.grad = None
         sae_like_loss(*args).backward()
         grads[name] = [a.grad.clone() for a in args[:5]]
-    for g_torch, g_triton in zip(grads["torch"], grads["triton"]):  # fp32 rounding of sums of large terms
+    for g_torch, g_triton in zip(grads["torch"], grads["triton"], strict=False):  # fp32 rounding of sums of large terms
         torch.testing.assert_close(g_triton, g_torch, rtol=1e-5, atol=1e-5 * float(g_torch.abs().max()))
 
 

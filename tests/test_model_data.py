@@ -36,7 +36,11 @@ def test_harvest_matches_full_forward_and_drops_masked_positions(smollm2):
     _, full = smollm2.run_with_cache(tokens, names_filter=lambda n: n in hooks)  # no early stop
     got = torch.cat([c[HOOK] for c in chunks])
     assert got.shape == (int(mask.sum()), 576)
-    torch.testing.assert_close(got, full[HOOK][mask])
+    # Batches of 3 and of all contexts sum in different orders (and thread splits): fp32 rounding
+    # relative to the activations' scale, accumulated over the layers and the d_model-long sums.
+    want = full[HOOK][mask]
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) * eps * 576)
     z = torch.cat([c["blocks.1.attn.hook_z"] for c in chunks])
     assert z.shape == (int(mask.sum()), 576)  # 9 heads x 64, flattened
 

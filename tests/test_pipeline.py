@@ -39,7 +39,8 @@ def test_train_writes_a_loadable_evaluated_run(tiny, tmp_path, capsys):
     fvus = [m[HOOK]["fvu"] for m in metrics]
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
     assert sum(fvus[-3:]) < 0.9 * sum(fvus[:3])  # FVU falls on real activations
-    assert "| fvu |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| fvu |" in out and f"run written to {run}" in out
     assert cli.main(["eval", str(run), "--quiet"]) == 0  # re-evaluation from the folder alone
 
 
@@ -56,7 +57,9 @@ def test_killed_run_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", dies_at_step_10)
     assert run_cli(*tiny, "--out", str(tmp_path / "cut")) == 130
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    assert run_cli(*tiny, "--out", str(tmp_path / "cut"), "--resume") == 0  # resumes at step 8
+    cut = ["--out", str(tmp_path / "cut"), "--resume"]
+    assert run_cli(*cut, "--k", "8") == 2  # a flag given again must agree with the stored config
+    assert run_cli(*cut, "--log_every", "2") == 0  # the stored config; resumes at step 8
     a, b = SAE.load(tmp_path / "full" / HOOK), SAE.load(tmp_path / "cut" / HOOK)
     for n, p in a.named_parameters():
         torch.testing.assert_close(p, getattr(b, n), rtol=1e-4, atol=1e-5, msg=n)
@@ -98,7 +101,7 @@ def test_sae_with_wrong_width_for_the_hookpoint(tiny, tmp_path, capsys):
     assert run_cli(*tiny, "--out", str(run)) == 0
     SAE(SAE.load(run / HOOK).cfg.__class__(d_in=64, n_latents=128, k=4)).save(run / HOOK)
     assert cli.main(["eval", str(run), "--quiet"]) == 2
-    assert "d_in 64" in capsys.readouterr().err
+    assert "[batch, 64] to match the SAE's d_in" in capsys.readouterr().err
 
 
 def test_empty_dataset(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from saekit.errors import SaekitError
-from saekit.sae import SAE, SAEConfig, row_topk
+from saekit.kernels import row_topk
+from saekit.sae import SAE, SAEConfig
 
 
 def dense_reference(sae: SAE, x: torch.Tensor, k: int) -> torch.Tensor:

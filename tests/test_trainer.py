@@ -6,6 +6,7 @@ import torch
 from saekit.activations import ActivationCache, ShuffledBatches, build_cache
 from saekit.config import TrainConfig, load_config, make_config
 from saekit.errors import SaekitError
+from saekit.run import Run
 from saekit.trainer import Trainer, fit, lr_factor
 
 
@@ -74,7 +75,7 @@ def test_auxk_loss_matches_dense_reference():
     z = torch.zeros_like(pre).scatter(1, idx, vals.relu())
     ref = (z @ sae.W_dec - err).pow(2).sum() / (err - err.mean(0)).pow(2).sum()
     torch.testing.assert_close(loss, ref)
-    for g, r in zip(grads, torch.autograd.grad(ref, [sae.W_enc, sae.b_enc, sae.W_dec])):
+    for g, r in zip(grads, torch.autograd.grad(ref, [sae.W_enc, sae.b_enc, sae.W_dec]), strict=False):
         torch.testing.assert_close(g, r)
     live = torch.ones(40, dtype=torch.bool)
     live[dead] = False
@@ -117,7 +118,7 @@ def _run(cache, cfg, steps, run_dir=None, resume_from=None):
     total = cfg.epochs * batches.steps_per_epoch
     tr = Trainer(cfg, {"h": 16}, {"h": cache.tensor("h", 4096)}, total, torch.device("cpu"))
     if resume_from:
-        tr.load(resume_from)
+        tr.load(Run(resume_from, cfg, ["h"]))
     seen = []
     for batch in batches.batches(tr.step, cfg.epochs):
         if tr.step >= steps:
@@ -125,7 +126,7 @@ def _run(cache, cfg, steps, run_dir=None, resume_from=None):
         seen.append(batch["h"].sum().item())
         tr.train_step(batch)
     if run_dir:
-        tr.save(run_dir)
+        tr.save(Run(run_dir, cfg, ["h"]))
     return tr, seen
 
 
@@ -137,7 +138,7 @@ def test_resume_continues_exactly(tmp_path):
     _, seen_a = _run(cache, cfg, 13, run_dir=tmp_path / "run")
     resumed, seen_b = _run(cache, cfg, 10**9, resume_from=tmp_path / "run")
     assert seen_a + seen_b == seen_full  # no batch lost or repeated
-    for (n, p), q in zip(full.saes["h"].named_parameters(), resumed.saes["h"].parameters()):
+    for (n, p), q in zip(full.saes["h"].named_parameters(), resumed.saes["h"].parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
     for n, t in full.stats["h"].items():
         assert torch.equal(t, resumed.stats["h"][n]), n

@@ -1,4 +1,4 @@
-"""Feature absorption (spec §6; Chanin et al. 2024, the SAEBench variant) on first-letter spelling.
+"""Feature absorption (Chanin et al. 2024, the SAEBench variant) on first-letter spelling.
 
 Three separable parts:
   `first_letter_data`      model-driven: single-token words, ICL prompts, activation at the word;
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from saekit.analyze.common import Result
 from saekit.errors import SaekitError
+from saekit.runtime import torch_threads
 from saekit.sae import SAE
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -60,7 +61,7 @@ def first_letter_data(model, hookpoint: str, n_words: int = 3000, n_icl: int = 4
     answer = {c: enc(" " + c.upper()) for c in LETTERS}
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     prompts = []
-    for n, (i, w) in enumerate(words):
+    for n, (i, _w) in enumerate(words):
         shots = [s for s in rng.sample(range(n_train), n_icl + 1) if s != n][:n_icl]
         ids = list(bos)
         for s in shots:
@@ -104,9 +105,7 @@ def _fit_logistic(X: torch.Tensor, Y: torch.Tensor, l1: float = 0.0, l2: float =
     W = torch.zeros(c, X.shape[-1])
     b = torch.zeros(c)
     opt = torch.optim.Adam([W, b], lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         for _ in range(steps):
             p = torch.sigmoid(_logits(X, W, b))  # [n, c]
             G = (p * (1 + (pw - 1) * Yf) - pw * Yf) / n  # d loss / d logits
@@ -114,8 +113,6 @@ def _fit_logistic(X: torch.Tensor, Y: torch.Tensor, l1: float = 0.0, l2: float =
             W.grad = gW + l1 * W.sign() + 2 * l2 * W
             b.grad = G.sum(0)
             opt.step()
-    finally:
-        torch.set_num_threads(threads)
     return W, b
 
 
@@ -201,7 +198,7 @@ class TokenAbsorption:
 def absorption_scores(sae: SAE, acts: torch.Tensor, letters: torch.Tensor, directions: torch.Tensor,
                       main: list[list[int]], absorber_cos: float = 0.1, full_cos: float = 0.025,
                       min_ratio: float = 0.4) -> TokenAbsorption:
-    """The metric core (spec §6) for tokens `acts [n, d]` of first letters `letters [n]`, unit
+    """The metric core for tokens `acts [n, d]` of first letters `letters [n]`, unit
     probe directions `directions [26, d]` and the main latents of each letter.
 
     proj_i = z_i cos(W_dec[i], p_hat). Absorption fraction: 0 if main >= a or sum(top-3

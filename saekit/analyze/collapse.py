@@ -1,4 +1,4 @@
-"""Collapse (spec §5): is the dictionary spread over the input space or folded onto a few
+"""Collapse: is the dictionary spread over the input space or folded onto a few
 directions, are latents near-duplicates, and do the codes (and the inputs) use few directions.
 
 All pairwise searches are blockwise (`saekit.ortho.max_cosine`): no m x m matrix, so
@@ -12,7 +12,7 @@ import torch
 
 from saekit.analyze.common import Activations, Result, batches
 from saekit.errors import SaekitError
-from saekit.init import effective_dimension, entropy_rank
+from saekit.linalg import effective_dimension, entropy_rank
 from saekit.ortho import max_cosine
 from saekit.sae import SAE
 
@@ -62,7 +62,7 @@ def duplicate_pairs(W: torch.Tensor, tau: float, best: torch.Tensor | None = Non
         sims = Wc[s : s + block] @ Wc.T  # [block, c]
         i, j = (sims > tau).nonzero(as_tuple=True)
         keep = j > i + s
-        pairs += zip(cand[i[keep] + s].tolist(), cand[j[keep]].tolist())
+        pairs += zip(cand[i[keep] + s].tolist(), cand[j[keep]].tolist(), strict=False)
     return sorted((min(a, b), max(a, b)) for a, b in pairs)
 
 

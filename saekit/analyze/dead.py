@@ -1,46 +1,17 @@
-"""Dead and dense latents (spec §5): per-latent firing density over a token stream, the dead
-and dense shares, a log10-density histogram, and — given a run's training state — which dead
-latents never fired at all (dead at init) and which fired early and then died."""
+"""Dead and dense latents: per-latent firing density over a token stream, the dead and dense
+shares, a log10-density histogram, and — given a run's firing history
+(`saekit.Run.firing_history`) — which dead latents never fired at all (dead at init) and which
+fired early and then died."""
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from saekit.analyze.common import Activations, Result, batches
 from saekit.errors import SaekitError
+from saekit.evaluate import density_summary, firing_counts
+from saekit.run import FiringHistory
 from saekit.sae import SAE
-from saekit.trainer import STATE_FILE
-
-
-@dataclass
-class FiringHistory:
-    """Per-latent training statistics of one hookpoint, from RUN/state.safetensors."""
-
-    step: int  # steps trained when the state was saved
-    first_fired: torch.Tensor  # [m] step of the first firing, -1 = never
-    last_fired: torch.Tensor  # [m] step of the last firing, -1 = never
-    tokens_since_fired: torch.Tensor | None = None  # [m]
-    dead_tokens: int | None = None  # the run's training-time dead rule (spec §1)
-
-
-def firing_history(run: str | Path, hookpoint: str) -> FiringHistory:
-    """Read the per-latent firing statistics of `hookpoint` from a run's training state."""
-    file = Path(run) / STATE_FILE
-    try:
-        with safe_open(file, "pt") as f:
-            step = json.loads(f.metadata()["meta"])["step"]
-            first, last, since = (f.get_tensor(f"{hookpoint}/stats/{n}")
-                                  for n in ("first_fired", "last_fired", "tokens_since_fired"))
-    except FileNotFoundError:
-        raise SaekitError(f"{file} not found: dead-at-init vs died-later needs the run's training state") from None
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-        raise SaekitError(f"{file} is corrupt or has no stats for {hookpoint!r} ({e})") from None
-    config = Path(run) / "config.json"
-    dead_tokens = json.loads(config.read_text()).get("dead_tokens") if config.is_file() else None
-    return FiringHistory(step, first, last, since, dead_tokens)
 
 
 @dataclass
@@ -74,7 +45,7 @@ def dead(sae: SAE, activations: Activations, dense_threshold: float = 0.1, max_t
     n = 0
     for x in batches(activations, sae.d_in, batch_size, max_tokens):
         vals, idx = sae.encode(x.to(dev))
-        counts += torch.bincount(idx[vals > 0], minlength=m)
+        counts += firing_counts(vals, idx, m)
         n += len(x)
     if n == 0:
         raise SaekitError("no activations to analyse")
@@ -86,9 +57,7 @@ def dead(sae: SAE, activations: Activations, dense_threshold: float = 0.1, max_t
     is_dead = density == 0
     out = DeadResult(
         n_tokens=n, n_latents=m, density=density.float(), n_dead=int(is_dead.sum()),
-        dead_fraction=float(is_dead.double().mean()),
-        dense_fraction=float((density > dense_threshold).double().mean()),
-        dense_fraction_1pct=float((density > 0.01).double().mean()),
+        **density_summary(density, dense_threshold),
         dense_threshold=dense_threshold, hist_edges=edges.tolist(), hist_counts=hist.long().tolist(),
     )
     if history is not None:

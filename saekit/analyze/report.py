@@ -1,106 +1,76 @@
-"""`saekit analyze`: run the analyses on a run folder's SAEs and write `RUN/analysis/`.
+"""`saekit analyze`: run the analyses on the SAEs of a run (or a bare SAE folder) and write
+`RUN/analysis/`.
 
 `all` writes `report.md` (tables, wall time of each analysis), `report.json` (every number)
 and PNG plots (density histogram, decoder singular values, per-letter absorption; they need
 the optional `plots` extra, matplotlib). A single analysis writes `RUN/analysis/<name>.json`.
 Activations come from `--activations` (a cache folder or a .safetensors file) or the run's
-own held-out activation cache; absorption loads the run's model.
+own held-out activation cache; absorption loads the run's model (or `--model`).
 """
 
-import json
 import time
 from pathlib import Path
 
-from saekit.activations import ActivationCache
 from saekit.analyze.absorption import absorption
 from saekit.analyze.collapse import collapse
-from saekit.analyze.common import Result, open_activations
-from saekit.analyze.dead import dead, firing_history
+from saekit.analyze.common import Result
+from saekit.analyze.dead import dead
 from saekit.errors import SaekitError
-from saekit.pipeline import cache_path, load_run_config
-from saekit.sae import SAE, atomic_write
-from saekit.trainer import STATE_FILE
+from saekit.io import atomic_write, md_table
+from saekit.run import Run
+from saekit.sae import SAE
 
 ANALYSES = ("dead", "collapse", "absorption")
 
 
-def run_model(run: Path) -> str:
-    """The model a run was trained on, from its config.json (not the default: it must be named)."""
-    model = json.loads((run / "config.json").read_text()).get("model")
-    if not model:
-        raise SaekitError(f"{run / 'config.json'} names no model; add \"model\": \"<name or local folder>\" "
-                          "(e.g. \"smollm2-135m\") so absorption can run it")
-    return model
-
-
-def _activations(run: Path, hookpoint: str, path: str | None):
-    """The activations to analyse: `path` if given, else the run's held-out cache."""
-    if path is not None:
-        return open_activations(path, hookpoint)
-    cache = cache_path(load_run_config(run), "val")
-    try:
-        ActivationCache.open(cache)
-    except SaekitError:
-        raise SaekitError(f"the run's held-out activation cache {cache} is missing or incomplete; rebuild it with "
-                          f"`saekit cache {run / 'config.json'}` or pass --activations PATH") from None
-    return open_activations(cache, hookpoint)
-
-
-def _analyse(name: str, run: Path, h: str, sae: SAE, acts, model, tokens: int | None, quiet: bool,
+def _analyse(name: str, run: Run, h: str, sae: SAE, acts, model, tokens: int | None, quiet: bool,
              **absorption_options) -> Result:
     if name == "dead":
-        history = firing_history(run, h) if (run / STATE_FILE).exists() else None
-        return dead(sae, acts, max_tokens=tokens, history=history)
+        return dead(sae, acts, max_tokens=tokens, history=run.firing_history(h))
     if name == "collapse":
         return collapse(sae, acts, max_tokens=tokens)
     return absorption(sae, model, h, progress=not quiet, **absorption_options)
 
 
-def analyze_run(run: str | Path, analyses: tuple[str, ...] = ANALYSES, hookpoint: str | None = None,
+def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hookpoint: str | None = None,
                 activations: str | None = None, tokens: int | None = None, words: int = 3000,
-                f1_threshold: float = 0.6, min_letters: int = 20, quiet: bool = False) -> dict:
+                f1_threshold: float = 0.6, min_letters: int = 20, model: str | None = None,
+                quiet: bool = False) -> dict:
     """Run `analyses` on every hookpoint of `run` (or just `hookpoint`); returns every number
     as `{hookpoint: {analysis: dict}}` plus `wall_time_s`, and writes RUN/analysis/."""
-    run = Path(run)
-    cfg = load_run_config(run)
-    hooks = cfg.hookpoints if hookpoint is None else [hookpoint]
-    for h in hooks:
-        if h not in cfg.hookpoints or not (run / h).is_dir():
-            raise SaekitError(f"hookpoint {h!r} is not in {run} (it has {', '.join(cfg.hookpoints)})")
-    acts = {h: _activations(run, h, activations) if {"dead", "collapse"} & set(analyses) else None for h in hooks}
-    model = None
+    run = run if isinstance(run, Run) else Run.open(run)
+    hooks = run.hookpoints if hookpoint is None else [run.hookpoint(hookpoint)]
+    needs_acts = {"dead", "collapse"} & set(analyses)
+    acts = {h: run.activations(h, path=activations) if needs_acts else None for h in hooks}
+    lm = None
     if "absorption" in analyses:
         from saekit.model import load_model
 
-        model = load_model(run_model(run))
+        name = model or run.model_name
+        if not name:
+            raise SaekitError(f"{run.path} names no model; pass --model NAME (e.g. smollm2-135m or a local HF folder) "
+                              "so absorption can run it")
+        lm = load_model(name)
     say = (lambda *a: None) if quiet else print
-    results: dict = {"run": str(run), "wall_time_s": {}}
+    results: dict = {"run": str(run.path), "wall_time_s": {}}
     for h in hooks:
-        sae = SAE.load(run / h)
+        sae = run.sae(h)
         results[h], results["wall_time_s"][h] = {}, {}
         for name in analyses:
             t0 = time.perf_counter()
-            res = _analyse(name, run, h, sae, acts[h], model, tokens, quiet, n_words=words,
+            res = _analyse(name, run, h, sae, acts[h], lm, tokens, quiet, n_words=words,
                            f1_threshold=f1_threshold, min_letters=min_letters)
             results[h][name] = res.to_dict()
             results["wall_time_s"][h][name] = round(time.perf_counter() - t0, 2)
             say(f"{h} {name}: {results['wall_time_s'][h][name]:.1f} s")
-    out = run / "analysis"
-    out.mkdir(exist_ok=True)
+    out = run.analysis_dir
     name = "report" if tuple(analyses) == ANALYSES else "_".join(analyses)
-    atomic_write(out / f"{name}.json", lambda p: p.write_text(json.dumps(results, indent=1)))
+    run.write_json(f"analysis/{name}.json", results)
     md = markdown(results, plots(results, out) if name == "report" else None)
     if name == "report":
         atomic_write(out / "report.md", lambda p: p.write_text(md))
     print(md)
     return results
-
-
-def _table(rows: list[dict]) -> list[str]:
-    keys = list(rows[0])
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-            *("| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows)]
 
 
 def markdown(results: dict, plot_note: list[str] | None = None) -> str:
@@ -111,19 +81,19 @@ def markdown(results: dict, plot_note: list[str] | None = None) -> str:
             continue
         lines += [f"## {h}", ""]
         if d := res.get("dead"):
-            lines += ["### Dead and dense latents", "", *_table([{
+            lines += ["### Dead and dense latents", "", md_table([{
                 "tokens": d["n_tokens"], "latents": d["n_latents"], "dead": d["n_dead"],
                 "dead share": d["dead_fraction"], "dense share (> 0.1)": d["dense_fraction"],
                 "share > 0.01": d["dense_fraction_1pct"], "dead at init": d["dead_at_init"],
                 "died in training": d["died_in_training"], "dead by training rule": d["dead_by_training_rule"]}]), ""]
         if c := res.get("collapse"):
-            lines += ["### Collapse", "", *_table([{
+            lines += ["### Collapse", "", md_table([{
                 "effective rank": c["effective_rank"], "d_in": c["d_in"], "ratio": c["effective_rank_ratio"],
                 "participation ratio": c["participation_ratio"], "mean max dec cos": c["mean_max_decoder_cos"],
                 "mean max enc cos": c["mean_max_encoder_cos"], f"pairs cos > {c['tau']}": len(c["duplicate_pairs"]),
                 "share in pairs": c["duplicate_fraction"]}]), ""]
             if c["n_tokens"] is not None:
-                lines += [*_table([{
+                lines += [md_table([{
                     "tokens": c["n_tokens"], "code eff. rank": c["code_effective_rank"],
                     "over live latents": c["code_latents"], "ratio": c["code_effective_rank_ratio"],
                     "input dims 90 %": c["input_dims_90"], "input dims 99 %": c["input_dims_99"],
@@ -138,10 +108,10 @@ def markdown(results: dict, plot_note: list[str] | None = None) -> str:
                       f"**{a['mean_full_absorption']:.4g}**, over {a['n_letters']} letters with probe F1 >= "
                       f"{a['f1_threshold']} "
                       f"({a['n_words']} words).", "",
-                      *_table([{**r, "main_latents": ", ".join(map(str, r["main_latents"])),
+                      md_table([{**r, "main_latents": ", ".join(map(str, r["main_latents"])),
                                 "absorbing (top 5)": ", ".join(map(str, a["absorbing_latents"][r["letter"]][:5]))}
                                for r in a["table"]]), ""]
-    lines += ["## Wall time (s)", "", *_table([{"hookpoint": h, **t} for h, t in results["wall_time_s"].items()]), ""]
+    lines += ["## Wall time (s)", "", md_table([{"hookpoint": h, **t} for h, t in results["wall_time_s"].items()]), ""]
     if plot_note:
         lines += ["## Plots", "", *plot_note, ""]
     return "\n".join(lines)

@@ -12,6 +12,9 @@ import torch
 
 from saekit.errors import SaekitError
 from saekit.kernels import torch_ops
+from saekit.kernels.topk import row_topk
+
+__all__ = ["backend", "row_topk", "selected_preacts", "sparse_decode"]
 
 
 def backend(t: torch.Tensor) -> ModuleType:

@@ -23,7 +23,12 @@ dense (`benchmarks/bench_decode.py`, RESULTS.md table 3).
 import torch
 import torch.nn.functional as F
 
+from saekit.runtime import torch_threads
+
 _MODE_SUM = 0
+# ATen's fused per-pair dot product (the embedding-bag weight gradient). It is private, so it is
+# looked up once and replaced by a public, chunked gather-multiply where a torch build lacks it.
+_PSW_BACKWARD = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
 
 
 def _by_latent(idx: torch.Tensor, coeffs: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
@@ -38,12 +43,8 @@ def _by_latent(idx: torch.Tensor, coeffs: torch.Tensor | None = None) -> tuple[t
     flat = idx.reshape(-1)
     live = None if coeffs is None else coeffs.reshape(-1) != 0
     live = None if live is None or bool(live.all()) else live.nonzero().squeeze(1)
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         lat, pair = (flat if live is None else flat[live]).sort()
-    finally:
-        torch.set_num_threads(n_threads)
     if live is not None:
         pair = live[pair]
     counts = torch.bincount(lat)
@@ -53,10 +54,13 @@ def _by_latent(idx: torch.Tensor, coeffs: torch.Tensor | None = None) -> tuple[t
 def _dots(lat, tok, W, G):
     """`G[tok[i]] . W[lat[i]]` for every pair i (fp32 where ATen's CUDA kernel lacks bf16)."""
     dt = W.dtype if W.device.type == "cpu" or W.dtype == torch.float32 else torch.float32
-    offsets = torch.zeros(1, dtype=torch.long, device=W.device)  # unused when offset2bag is given
-    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        G.to(dt).contiguous(), W.to(dt), lat, offsets, tok, _MODE_SUM, -1
-    ).to(W.dtype)
+    G, W_ = G.to(dt).contiguous(), W.to(dt)
+    if _PSW_BACKWARD is not None:
+        offsets = torch.zeros(1, dtype=torch.long, device=W.device)  # unused when offset2bag is given
+        return _PSW_BACKWARD(G, W_, lat, offsets, tok, _MODE_SUM, -1).to(W.dtype)
+    step = 1 << 16  # pairs per chunk: bounds the [chunk, d] gathers
+    return torch.cat([torch.linalg.vecdot(G[tok[s : s + step]], W_[lat[s : s + step]])
+                      for s in range(0, len(lat), step)] or [G.new_zeros(0)]).to(W.dtype)
 
 
 def _segment_sums(coeffs, pair, tok, starts, X, m):

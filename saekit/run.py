@@ -1,0 +1,202 @@
+"""A run folder and everything in it, owned in one place.
+
+    RUN/config.json          the TrainConfig (a resume takes it; flags given again must agree)
+    RUN/metrics.jsonl        one line per logged step
+    RUN/<hookpoint>/         one SAE folder each: cfg.json + sae.safetensors (acts on raw activations)
+    RUN/state.safetensors    everything --resume needs (params, Adam, firing statistics, step)
+    RUN/eval.json            evaluation results
+    RUN/analysis/            what `saekit analyze` (and later analyses) write
+
+A bare SAE folder (`cfg.json` + `sae.safetensors`, no config.json) opens as a run of one
+hookpoint with no config, no state and no activation cache: analyses then take activations
+and a model from the caller. Nothing else in saekit reads config.json or state.safetensors.
+"""
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from saekit.activations import ActivationCache, cache_path, open_activations
+from saekit.config import TrainConfig, make_config
+from saekit.errors import SaekitError
+from saekit.io import atomic_write
+from saekit.sae import SAE
+
+CONFIG, METRICS, STATE, EVAL, ANALYSIS = "config.json", "metrics.jsonl", "state.safetensors", "eval.json", "analysis"
+SAE_FILES = ("cfg.json", "sae.safetensors")
+# Keys that may change between a run and its resume without changing what is trained.
+RESUMABLE_CHANGES = {"out", "device", "log_every", "checkpoint_every", "wandb", "harvest_batch", "eval_contexts",
+                     "cache_dir", "collapse_every"}
+
+
+@dataclass
+class FiringHistory:
+    """Per-latent training statistics of one hookpoint, from the run's training state."""
+
+    step: int  # steps trained when the state was saved
+    first_fired: torch.Tensor  # [m] step of the first firing, -1 = never
+    last_fired: torch.Tensor  # [m] step of the last firing, -1 = never
+    tokens_since_fired: torch.Tensor | None = None  # [m]
+    dead_tokens: int | None = None  # the run's training-time dead rule (Gao et al. 2024)
+
+
+def is_sae_folder(path: Path) -> bool:
+    return all((path / f).is_file() for f in SAE_FILES)
+
+
+@dataclass
+class Run:
+    path: Path
+    config: TrainConfig | None  # None: a bare SAE folder
+    hookpoints: list[str]
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Run":
+        """A run folder (config.json) or a bare SAE folder (cfg.json + sae.safetensors)."""
+        path = Path(path)
+        if (path / CONFIG).is_file():
+            try:
+                cfg = make_config(TrainConfig, json.loads((path / CONFIG).read_text()))
+            except json.JSONDecodeError as e:
+                raise SaekitError(f"{path / CONFIG} is corrupt: {e}") from None
+            return cls(path, cfg, list(cfg.hookpoints))
+        if is_sae_folder(path):
+            return cls(path, None, [SAE.load(path).cfg.hookpoint or path.name])
+        raise SaekitError(f"{path} is neither a saekit run folder (config.json) nor an SAE folder "
+                          f"({' + '.join(SAE_FILES)})")
+
+    @classmethod
+    def create(cls, cfg: TrainConfig) -> "Run":
+        """A new run folder for `cfg` at `cfg.out`. A folder with a config but no training state
+        (a run that died before its first checkpoint) holds nothing to keep and is reused."""
+        path = Path(cfg.out)
+        if (path / CONFIG).exists() and (path / STATE).exists():
+            raise SaekitError(f"{path} already holds a run; pass --resume to continue it or choose another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / CONFIG, lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
+        atomic_write(path / METRICS, lambda p: p.write_text(""))
+        return cls(path, cfg, list(cfg.hookpoints))
+
+    @classmethod
+    def for_resume(cls, out: str | Path, given: dict) -> "Run":
+        """The run at `out`, with its stored config; `given` keys (from a YAML file or flags)
+        must agree with it, except the ones that do not change what is trained."""
+        path = Path(out)
+        if not (path / CONFIG).is_file() or not (path / STATE).is_file():
+            raise SaekitError(f"nothing to resume in {path} (no {CONFIG} / {STATE})")
+        run = cls.open(path)
+        stored = asdict(run.config)
+        given = asdict(make_config(TrainConfig, {**stored, **given}))  # types and ranges checked as usual
+        diff = sorted(k for k in given if given[k] != stored[k] and k not in RESUMABLE_CHANGES)
+        if diff:
+            changes = ", ".join(f"{k}: {stored[k]!r} -> {given[k]!r}" for k in diff)
+            raise SaekitError(f"cannot resume {path} with a different config ({changes}); leave these out "
+                              "(the run's stored config is used) or choose a new --out")
+        run.config = make_config(TrainConfig, {**stored, **{k: given[k] for k in RESUMABLE_CHANGES}})
+        return run
+
+    @property
+    def bare(self) -> bool:
+        return self.config is None
+
+    def hookpoint(self, hookpoint: str | None = None) -> str:
+        """`hookpoint` checked against the run's, or its only one when None."""
+        if hookpoint is None:
+            if len(self.hookpoints) > 1:
+                raise SaekitError(f"{self.path} has several hookpoints ({', '.join(self.hookpoints)}); name one")
+            return self.hookpoints[0]
+        if hookpoint not in self.hookpoints:
+            raise SaekitError(f"hookpoint {hookpoint!r} is not in {self.path} (it has {', '.join(self.hookpoints)})")
+        return hookpoint
+
+    def sae_dir(self, hookpoint: str | None = None) -> Path:
+        return self.path if self.bare else self.path / self.hookpoint(hookpoint)
+
+    def sae(self, hookpoint: str | None = None, device=None) -> SAE:
+        return SAE.load(self.sae_dir(hookpoint), device=device)
+
+    @property
+    def model_name(self) -> str | None:
+        """The model the SAEs were trained on (the config's, or the SAE's own record)."""
+        return self.config.model if self.config else self.sae().cfg.model
+
+    @property
+    def analysis_dir(self) -> Path:
+        out = self.path / ANALYSIS
+        out.mkdir(exist_ok=True)
+        return out
+
+    # -- activations ----------------------------------------------------------------------
+    def cache(self, split: str = "val") -> ActivationCache:
+        """The run's activation cache of `split` ("train" or "val")."""
+        if self.bare:
+            raise SaekitError(f"{self.path} is a bare SAE folder with no activation cache; pass --activations PATH")
+        path = cache_path(self.config, split)
+        try:
+            return ActivationCache.open(path)
+        except SaekitError:
+            raise SaekitError(f"the run's {split} activation cache {path} is missing or incomplete; rebuild it with "
+                              f"`saekit cache {self.path / CONFIG}` or pass --activations PATH") from None
+
+    def activations(self, hookpoint: str | None = None, split: str = "val",
+                    path: str | Path | None = None) -> Iterable[torch.Tensor]:
+        """A re-iterable stream of `[batch, d_in]` activations of `hookpoint`: from `path` (a cache
+        folder or a .safetensors file) if given, else the run's own cache of `split`."""
+        hookpoint = self.hookpoint(hookpoint)
+        return open_activations(path if path is not None else self.cache(split).path, hookpoint)
+
+    # -- training state -------------------------------------------------------------------
+    def save_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        atomic_write(self.path / STATE, lambda p: save_file(tensors, p, metadata={"meta": json.dumps(meta)}))
+
+    def load_state(self, device=None) -> tuple[dict[str, torch.Tensor], dict]:
+        file = self.path / STATE
+        try:
+            tensors = load_file(file, device=str(device or "cpu"))
+            with safe_open(file, "pt") as f:
+                meta = json.loads(f.metadata()["meta"])
+        except FileNotFoundError:
+            raise SaekitError(f"nothing to resume: {file} does not exist") from None
+        except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise SaekitError(f"{file} is corrupt or truncated ({e}); start a new run") from None
+        return tensors, meta
+
+    def firing_history(self, hookpoint: str | None = None) -> FiringHistory | None:
+        """Per-latent firing statistics from the training state (None where there is none)."""
+        file = self.path / STATE
+        if self.bare or not file.is_file():
+            return None
+        hookpoint = self.hookpoint(hookpoint)
+        try:
+            with safe_open(file, "pt") as f:
+                step = json.loads(f.metadata()["meta"])["step"]
+                first, last, since = (f.get_tensor(f"{hookpoint}/stats/{n}")
+                                      for n in ("first_fired", "last_fired", "tokens_since_fired"))
+        except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise SaekitError(f"{file} is corrupt or has no stats for {hookpoint!r} ({e})") from None
+        return FiringHistory(step, first, last, since, self.config.dead_tokens)
+
+    # -- logs and results -----------------------------------------------------------------
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        with (self.path / METRICS).open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric lines past `step` (written after the checkpoint a resume starts from)."""
+        file = self.path / METRICS
+        lines = file.read_text().splitlines() if file.exists() else []
+        kept = "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step)
+        atomic_write(file, lambda p: p.write_text(kept))
+
+    def write_json(self, name: str, data: dict) -> Path:
+        """`data` as RUN/<name> (e.g. "eval.json", "analysis/report.json"), atomically."""
+        file = self.path / name
+        file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(file, lambda p: p.write_text(json.dumps(data, indent=1)))
+        return file
