@@ -1,13 +1,20 @@
 """One SAE training step (forward + backward + optimizer), side by side in one process.
 
 Contenders at the same d_in, n_latents, k, batch, fp32 parameters, on random inputs:
-  saekit    `Trainer.train_step` (TopK, sparse kernels, decoder-gradient projection, fused Adam)
+  saekit    `Trainer.train_step` (TopK, sparse kernels, decoder-gradient projection, fused Adam;
+            on a CPU where bf16 matmuls pay, a bf16 encoder matmul rescored in fp32)
+  saekit-fp32  the same with the encoder matmul forced to fp32 (SAEKIT_ENCODER=fp32)
   sparsify  eai-sparsify `SparseCoder` stepped as its `Trainer.fit` does with optimizer="adam"
             (on CUDA: its bf16 autocast forward and Triton decoder)
   sae-lens  `TopKTrainingSAE` stepped by `SAETrainer._train_step` (its own per-step routine)
   dense     a textbook TopK SAE: dense [B, m] latents, dense decode, torch Adam (bf16
             autocast on CUDA)
   matmul    the encoder matmul alone, x [B, d] @ W_enc.T [d, m] (bf16 on CUDA): the bound
+  matmul-bf16  the same in bf16 on CPU: the bound of the bf16 encoder
+
+`--fit N` times whole trainings on N batches instead, set-up included: `saekit.fit` (geometric
+median, init, input scale, N steps) against sparsify's loop (SparseCoder and Adam built, then N
+of the steps above), each against N encoder matmuls.
 
 Timing: every repetition times one step of each contender in turn (interleaved, so load
 changes hit all alike), after warm-up; the table gives medians, and means (the average cost
@@ -27,6 +34,7 @@ the anchors' wheels on PYTHONPATH). An anchor that cannot be imported is skipped
     python3 benchmarks/bench_step.py --m 4608 --reps 5 --only saekit,matmul
     python3 benchmarks/bench_step.py --device cuda --no-venv --d 2304 --m 65536 --batch 16384
     python3 benchmarks/bench_step.py --only saekit --profile     # where saekit's step spends its time
+    python3 benchmarks/bench_step.py --fit 12 --only saekit,sparsify,matmul   # 12-step fits, set-up included
 """
 
 import argparse
@@ -46,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "benchmarks" / ".venv"
 VENV_PY = VENV / "bin" / "python"
 TORCH_PIN = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
-CONTENDERS = ("saekit", "sparsify", "sae-lens", "dense", "matmul")
+CONTENDERS = ("saekit", "saekit-fp32", "sparsify", "sae-lens", "dense", "matmul", "matmul-bf16")
 
 
 def ensure_venv() -> None:
@@ -87,7 +95,7 @@ def sync(device: str) -> None:
 
 
 # -- contenders: each returns a zero-argument step function --------------------------------
-def make_saekit(x, a):
+def make_saekit(x, a, fp32=False):
     from saekit.config import TrainConfig, make_config
     from saekit.trainer import Trainer
 
@@ -95,7 +103,16 @@ def make_saekit(x, a):
                                     "log_every": 10**9, "architecture": a.architecture,
                                     "ortho_penalty": a.ortho_penalty, "ortho_every": a.ortho_every})
     trainer = Trainer(cfg, {"x": a.d}, {"x": x}, 10**6, torch.device(a.device))
+    if fp32:
+        trainer.saes["x"].matmul_dtype = torch.float32
     return lambda: trainer.train_step({"x": x})
+
+
+def make_saekit_fit(x, a):
+    import saekit
+
+    xs = x.repeat(a.fit, 1)  # N batches: one epoch of N steps
+    return lambda: saekit.fit(xs, a.m, a.k, batch_size=a.batch, epochs=1, device=a.device)
 
 
 def make_sparsify(x, a):
@@ -117,6 +134,17 @@ def make_sparsify(x, a):
         opt.zero_grad()
 
     return step
+
+
+def make_sparsify_fit(x, a):
+    import_sparsify()  # outside the timing, as saekit's import is
+
+    def fit():  # build, then N steps
+        step = make_sparsify(x, a)
+        for _ in range(a.fit):
+            step()
+
+    return fit
 
 
 def make_sae_lens(x, a):
@@ -158,20 +186,28 @@ def make_dense(x, a):
     return step
 
 
-def make_matmul(x, a):
-    dt = torch.bfloat16 if a.device == "cuda" else torch.float32
+def make_matmul(x, a, dt=None):
+    dt = dt or (torch.bfloat16 if a.device == "cuda" else torch.float32)
     W, xm = torch.randn(a.m, a.d, device=a.device, dtype=dt), x.to(dt)
-    return lambda: torch.mm(xm, W.T)
+    n = a.fit or 1
+    return lambda: [torch.mm(xm, W.T) for _ in range(n)]
 
 
-MAKERS = dict(zip(CONTENDERS, (make_saekit, make_sparsify, make_sae_lens, make_dense, make_matmul), strict=False))
+MAKERS = {"saekit": make_saekit, "saekit-fp32": lambda x, a: make_saekit(x, a, fp32=True),
+          "sparsify": make_sparsify, "sae-lens": make_sae_lens, "dense": make_dense, "matmul": make_matmul,
+          "matmul-bf16": lambda x, a: make_matmul(x, a, torch.bfloat16)}
+FIT_MAKERS = {"saekit": make_saekit_fit, "sparsify": make_sparsify_fit, "matmul": make_matmul,
+              "matmul-bf16": MAKERS["matmul-bf16"]}
 
 
 def build(names, x, a):
-    steps = {}
+    steps, makers = {}, FIT_MAKERS if a.fit else MAKERS
     for name in names:
+        if name not in makers:
+            print(f"skipping {name}: no --fit variant", flush=True)
+            continue
         try:
-            steps[name] = MAKERS[name](x, a)
+            steps[name] = makers[name](x, a)
         except ImportError as e:
             print(f"skipping {name}: cannot import it ({e})", flush=True)
     return steps
@@ -241,6 +277,7 @@ def main():
     p.add_argument("--no-venv", action="store_true", help="use this interpreter's anchors, not benchmarks/.venv")
     p.add_argument("--profile", action="store_true", help="profile the first contender's step, then stop")
     p.add_argument("--no-memory", action="store_true", help="skip the per-contender memory subprocesses")
+    p.add_argument("--fit", type=int, default=0, help="time whole N-batch trainings (set-up included)")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     a = p.parse_args()
     names = [n for n in a.only.split(",") if n]
@@ -280,23 +317,26 @@ def main():
             sync(a.device)
             times[n].append(time.perf_counter() - t)
     med = {n: statistics.median(t) for n, t in times.items()}
-    mem = cuda_mem if a.device == "cuda" else {} if a.no_memory else {n: peak_mib(n, a) for n in steps}
+    mem = cuda_mem if a.device == "cuda" or a.fit else {} if a.no_memory else {n: peak_mib(n, a) for n in steps}
 
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"\ntorch {torch.__version__}, {where}; saekit {a.architecture}, ortho {a.ortho_penalty}/{a.ortho_every}; "
           f"d_in {a.d}, m {a.m}, k {a.k}, batch {a.batch}, fp32 parameters; "
-          f"median of {a.reps} after {a.warmup} warm-up")
-    print(f"| {'contender':9} | step ms | mean ms | tokens/s | matmul/step | peak MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"median of {a.reps} after {a.warmup} warm-up" + (f"; whole {a.fit}-batch fits, set-up included" if a.fit
+                                                            else ""))
+    unit = "fit" if a.fit else "step"
+    print(f"| {'contender':9} | {unit} ms | mean ms | tokens/s | matmul/{unit} | bf16 matmul/{unit} | peak MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for n, t in med.items():  # mean: what a step costs on average (OrtSAE's penalty is every n-th step)
-        bound = f"{med['matmul'] / t:.2f}" if "matmul" in med else "-"
+        bound = {b: f"{med[b] / t:.2f}" if b in med else "-" for b in ("matmul", "matmul-bf16")}
         mb = f"{mem[n]:.0f}" if mem.get(n) is not None else "-"
         mean = 1e3 * statistics.mean(times[n])
-        print(f"| {n:9} | {1e3 * t:.2f} | {mean:.2f} | {a.batch / t:,.0f} | {bound} | {mb} |")
-    if "saekit" in med:
+        print(f"| {n:9} | {1e3 * t:.2f} | {mean:.2f} | {a.batch * (a.fit or 1) / t:,.0f} | {bound['matmul']} | "
+              f"{bound['matmul-bf16']} | {mb} |")
+    for ours in ("saekit", "saekit-fp32"):
         for n in ("sparsify", "sae-lens", "dense"):
-            if n in med:
-                print(f"saekit speed-up over {n}: {med[n] / med['saekit']:.2f}x")
+            if ours in med and n in med:
+                print(f"{ours} speed-up over {n}: {med[n] / med[ours]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ GGUF file; it is dequantised once (~35 s) and cached as safetensors, after which
 takes about a second.
 """
 
+import copy
 import difflib
 import importlib.util
 import os
 import re
 import shutil
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -62,9 +64,85 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
             f"cannot load model {name!r} ({str(e).splitlines()[0]}). Without network access the hub "
             f"cannot be reached: use the offline default {DEFAULT_MODEL!r} or a local HF model folder"
         ) from None
-    model = TransformerBridge.boot_transformers(str(path), hf_model=hf.to(device), tokenizer=tok, device=device)
+    hf = hf.to(device)
+    twin = _plain_twin(hf)  # before the bridge wraps hf's modules in place
+    model = TransformerBridge.boot_transformers(str(path), hf_model=hf, tokenizer=tok, device=device)
     model.eval()
+    _TWINS[model] = twin
     return model
+
+
+# Bridge -> the plain HF model sharing its weights, which `harvest` runs where it can: the bridge
+# recomputes attention eagerly (to expose its pattern hooks) and costs 10-25 % of the forward
+# (benchmarks/bench_harvest.py).
+_TWINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _plain_twin(hf):
+    """An unwrapped copy of `hf` whose parameters and buffers are hf's own tensors (no copy)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        # its own config: the bridge later switches the shared one to eager attention
+        twin = AutoModelForCausalLM.from_config(copy.deepcopy(hf.config), dtype=next(hf.parameters()).dtype)
+    twin.load_state_dict(hf.state_dict(), assign=True)
+    for name, buf in hf.named_buffers():  # non-persistent buffers (rotary frequencies) too
+        owner, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(owner), attr, buf)
+    return twin.eval()
+
+
+def _twin_hooks(model, hookpoints: list[str]) -> list[tuple[str, str, str]] | None:
+    """(hookpoint, HF module path, "in" | "out") for each hookpoint when all of them are the
+    input or output of a module of the plain twin, else None (then the bridge harvests)."""
+    if model not in _TWINS:
+        return None
+    out = []
+    for h in hookpoints:
+        comp, _, side = model.hook_dict[h].name.rpartition(".hook_")  # canonical: blocks.6.hook_out
+        if side not in ("in", "out") or not comp:
+            return None
+        parts, path = comp.split("."), []
+        for i in range(len(parts)):  # top component names are absolute (model.layers.6), children relative
+            name = getattr(model.get_submodule(".".join(parts[: i + 1])), "name", None)
+            if isinstance(name, str):
+                path.append(name)
+        try:
+            _TWINS[model].get_submodule(".".join(path))
+        except AttributeError:
+            return None
+        out.append((h, ".".join(path), side))
+    return out
+
+
+class _Done(Exception):
+    """Raised by the last needed hook: nothing after it is computed."""
+
+
+def _twin_forward(twin, toks: torch.Tensor, where: list[tuple[str, str, str]]) -> dict[str, torch.Tensor]:
+    """Activations [n, ctx, ...] at module inputs/outputs of the plain twin, stopping early."""
+    got, handles = {}, []
+
+    def keep(h, t):
+        got[h] = t[0] if isinstance(t, tuple) else t
+        if len(got) == len(where):
+            raise _Done
+
+    for h, path, side in where:
+        mod = twin.get_submodule(path)
+        if side == "out":
+            handles.append(mod.register_forward_hook(lambda m, a, o, h=h: keep(h, o)))
+        else:
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, kw, h=h: keep(h, a[0] if a else kw["hidden_states"]), with_kwargs=True))
+    try:
+        twin(toks, use_cache=False)
+    except _Done:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return got
 
 
 def check_hookpoints(model, hookpoints: list[str]) -> None:
@@ -91,16 +169,23 @@ def harvest(model, tokens: torch.Tensor, mask: torch.Tensor, hookpoints: list[st
 
     Yields `{hookpoint: float32 [n_valid, d]}` per batch of contexts, keeping positions where
     `mask` is True (row-major, same order for every hookpoint); head dimensions are
-    flattened. The forward stops after the last block needed.
+    flattened. The forward stops after the last module needed. Hookpoints that are a module's
+    input or output (resid_pre/post, mlp_out, attn_out, ...) of a model from `load_model` are
+    read from the plain HF model behind the bridge (same weights; equal to the bridge's
+    activations to float rounding: tests/test_model.py); others go through the bridge.
     """
     last = last_layer(hookpoints)
     stop = None if last is None else last + 1
     device = next(model.parameters()).device
+    where = _twin_hooks(model, hookpoints)
     bar = tqdm(total=int(mask.sum()), disable=not progress, desc=desc, unit="tok", unit_scale=True)
     with torch.inference_mode():
         for s in range(0, len(tokens), batch_size):
             toks, m = tokens[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)
-            _, cache = model.run_with_cache(toks, names_filter=lambda n: n in hookpoints, stop_at_layer=stop)
+            if where:
+                cache = _twin_forward(_TWINS[model], toks, where)
+            else:
+                _, cache = model.run_with_cache(toks, names_filter=lambda n: n in hookpoints, stop_at_layer=stop)
             out = {h: cache[h][m].flatten(1).float().cpu() for h in hookpoints}
             bar.update(int(m.sum()))
             yield out

@@ -19,10 +19,13 @@ from torch import nn
 
 from saekit.errors import SaekitError
 from saekit.io import atomic_write
-from saekit.kernels import row_topk, selected_preacts, sparse_decode
+from saekit.kernels import backend, row_topk, selected_preacts, sparse_decode
+from saekit.runtime import cpu_encoder_bf16
 
 ARCHITECTURES = ("topk", "batchtopk")
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+# Extra bf16 candidates per row that the CPU bf16 encoder rescores in fp32 (see select_topk).
+RESCORE_MARGIN = 16
 
 
 @dataclass
@@ -80,26 +83,47 @@ class SAE(nn.Module):
         return self.cfg.k
 
     # -- encoding -------------------------------------------------------------------------
-    def _preacts(self, xc: torch.Tensor) -> torch.Tensor:
-        """Dense pre-activations [rows, m] for a chunk of centred inputs, in `matmul_dtype`
-        when set (bf16 on GPU: half the bytes for the matmul's output and the top-k)."""
-        dt = self.matmul_dtype or self.W_enc.dtype
-        return torch.addmm(self.b_enc.to(dt), xc.to(dt), self.W_enc.to(dt).T)
+    def _matmul_dtype(self) -> torch.dtype:
+        """The encoder matmul's dtype: `matmul_dtype` when set (bf16 on GPU), else bf16 for an
+        fp32 SAE on a CPU where bf16 matmuls measure faster (`runtime.cpu_encoder_bf16`)."""
+        if self.matmul_dtype is not None:
+            return self.matmul_dtype
+        if self.W_enc.dtype == torch.float32 and not self.W_enc.is_cuda and cpu_encoder_bf16():
+            return torch.bfloat16
+        return self.W_enc.dtype
 
-    def _chunks(self, n: int):
-        """Row slices: 512 rows on CPU keep a [rows, m] block in cache between the matmul and
-        top-k (faster than one big matmul then top-k); one slice on GPU."""
-        step = n if self.W_enc.is_cuda else 512
-        return (slice(s, s + step) for s in range(0, n, max(step, 1)))
+    def _preacts(self, xc: torch.Tensor, dt: torch.dtype):
+        """Yield (row slice, dense pre-activations [rows, m] in `dt`) over chunks of centred
+        inputs: 512 rows on CPU keep a block in cache between the matmul and the top-k (faster
+        than one big matmul then top-k); one chunk on GPU."""
+        W, b = self.W_enc.to(dt).T, self.b_enc.to(dt)
+        n = xc.shape[0]
+        step = max(n if self.W_enc.is_cuda else 512, 1)
+        for s in range(0, n, step):
+            rows = slice(s, s + step)
+            yield rows, torch.addmm(b, xc[rows].to(dt), W)
 
     @torch.no_grad()
     def select_topk(self, xc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row top-k pre-activations and their latent ids ([B, k] each)."""
-        B = xc.shape[0]
+        """Per-row top-k pre-activations and their latent ids ([B, k] each).
+
+        On CPU with a bf16 matmul, each row's top `k + RESCORE_MARGIN` bf16 candidates are
+        rescored in fp32 and the best k kept: the latents and values are fp32's except where
+        a near-tie falls outside the candidates (measured: benchmarks/RESULTS.md).
+        """
+        B, m = xc.shape[0], self.n_latents
+        dt = self._matmul_dtype()
+        rescore = dt != self.W_enc.dtype and not self.W_enc.is_cuda
         vals = torch.empty(B, k, dtype=self.W_enc.dtype, device=xc.device)
         idx = torch.empty(B, k, dtype=torch.long, device=xc.device)
-        for s in self._chunks(B):
-            vals[s], idx[s] = row_topk(self._preacts(xc[s]), k)
+        for s, pre in self._preacts(xc, dt):
+            if rescore:
+                _, cand = row_topk(pre, min(m, k + RESCORE_MARGIN))
+                pre = backend(xc).gather_dot(cand, self.W_enc, xc[s]) + self.b_enc[cand]  # fp32 [rows, k + margin]
+                vals[s], j = pre.topk(k, dim=1, sorted=False)
+                idx[s] = cand.gather(1, j)
+            else:
+                vals[s], idx[s] = row_topk(pre, k)
         return vals, idx
 
     @torch.no_grad()
@@ -131,8 +155,7 @@ class SAE(nn.Module):
     def select_threshold(self, xc: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """BatchTopK inference: every pre-activation above theta, rows padded with zeros."""
         parts = []
-        for s in self._chunks(xc.shape[0]):
-            pre = self._preacts(xc[s])
+        for _, pre in self._preacts(xc, self.W_enc.dtype):
             width = max(int((pre > theta).sum(1).max()), 1)
             v, i = pre.topk(width, dim=1)
             parts.append(((v * (v > theta)).to(self.W_enc.dtype), i))
@@ -226,6 +249,8 @@ class SAE(nn.Module):
             if got != shape:
                 raise SaekitError(f"{weights}: {name} has shape {got}, cfg.json says {shape}")
         sae = cls(cfg, device="meta")
-        sae.load_state_dict(tensors, assign=True)
+        # fresh (aligned) storage: safetensors leaves tensors at header-dependent offsets, and
+        # SIMD dot products over misaligned rows round differently from the saved SAE's
+        sae.load_state_dict({n: t.clone() for n, t in tensors.items()}, assign=True)
         return sae.to(device) if device is not None else sae
 

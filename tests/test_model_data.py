@@ -45,6 +45,25 @@ def test_harvest_matches_full_forward_and_drops_masked_positions(smollm2):
     assert z.shape == (int(mask.sum()), 576)  # 9 heads x 64, flattened
 
 
+def test_harvest_reads_module_hookpoints_from_the_plain_model_equal_to_the_bridge(smollm2):
+    from saekit.model import _twin_hooks
+
+    tokens, mask = pack_contexts(load_texts("pydoc"), smollm2.tokenizer, ctx_len=32, n_tokens=150, seed=1)
+    hooks = ["blocks.2.hook_resid_pre", HOOK, "blocks.3.hook_mlp_out", "blocks.3.hook_attn_out",
+             "blocks.4.hook_resid_mid", "blocks.1.attn.hook_z"]
+    assert [w[1:] for w in _twin_hooks(smollm2, hooks)] == [
+        ("model.layers.2", "in"), ("model.layers.2", "out"), ("model.layers.3.mlp", "out"),
+        ("model.layers.3.self_attn", "out"), ("model.layers.4.post_attention_layernorm", "in"),
+        ("model.layers.1.self_attn.o_proj", "in")]
+    assert _twin_hooks(smollm2, [HOOK, "blocks.1.attn.hook_rot_q"]) is None  # no module's input/output: bridge
+    got = {h: torch.cat([c[h] for c in harvest(smollm2, tokens, mask, hooks, batch_size=4)]) for h in hooks}
+    _, full = smollm2.run_with_cache(tokens, names_filter=lambda n: n in hooks)
+    eps = torch.finfo(torch.float32).eps
+    for h in hooks:  # the twin attends with SDPA, the bridge eagerly: fp32 rounding apart
+        want = full[h][mask].flatten(1)
+        torch.testing.assert_close(got[h], want, rtol=0, atol=float(want.abs().max()) * eps * 576)
+
+
 def test_pack_contexts_is_deterministic_and_masks_special_tokens(smollm2):
     tok = smollm2.tokenizer
     a, ma = pack_contexts(load_texts("shakespeare"), tok, ctx_len=64, n_tokens=5000, seed=3)

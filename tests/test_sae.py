@@ -121,3 +121,37 @@ def test_row_topk_is_exact(m, k):
     torch.testing.assert_close(vals.sort(1, descending=True).values, want, rtol=0, atol=0)
     assert torch.equal(pre.gather(1, idx), vals)
     assert all(len(set(row.tolist())) == k for row in idx)
+
+
+def test_encoder_dtype_dispatch(monkeypatch):
+    sae = random_sae(dtype=torch.float32)
+    for choice, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        monkeypatch.setenv("SAEKIT_ENCODER", choice)
+        assert sae._matmul_dtype() == want
+    assert random_sae(dtype=torch.float64)._matmul_dtype() == torch.float64  # bf16 only replaces fp32
+    sae.matmul_dtype = torch.float32  # an explicit choice wins
+    assert sae._matmul_dtype() == torch.float32
+    monkeypatch.setenv("SAEKIT_ENCODER", "fp16")
+    with pytest.raises(SaekitError, match="SAEKIT_ENCODER"):
+        random_sae(dtype=torch.float32)._matmul_dtype()
+
+
+def test_bf16_encoder_rescores_to_fp32_choices_except_near_ties(monkeypatch):
+    sae = random_sae(d=64, m=1024, k=8, dtype=torch.float32)
+    x = torch.randn(3000, 64)
+    xc = x - sae.b_dec.detach()
+    pre = torch.addmm(sae.b_enc, xc, sae.W_enc.T).detach()  # fp32 reference [B, m]
+    monkeypatch.setenv("SAEKIT_ENCODER", "bf16")
+    vals, idx = sae.select_topk(xc, sae.k)
+    # values are fp32 pre-activations of the chosen latents, not bf16 roundings
+    torch.testing.assert_close(vals, pre.gather(1, idx), rtol=1e-5, atol=1e-5)
+    ref = pre.topk(sae.k, dim=1).values
+    same = (idx.sort(1).values == pre.topk(sae.k, dim=1).indices.sort(1).values).all(1)
+    assert same.float().mean() > 0.999
+    # where the choice differs, only near-ties can: bf16 products err by <= |x||w| 2^-8
+    bound = 2 * xc.norm(dim=1) * sae.W_enc.norm(dim=1).max() * 2**-8
+    gap = ref[:, -1] - vals.min(1).values
+    assert (gap[~same] <= bound[~same]).all()
+    # and without the fp32 rescoring (margin 0, bf16 values) the values would be off
+    b16 = torch.addmm(sae.b_enc.bfloat16(), xc.bfloat16(), sae.W_enc.bfloat16().T).detach()
+    assert (b16.gather(1, idx).float() - vals).abs().max() > 1e-4
