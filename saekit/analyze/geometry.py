@@ -223,21 +223,19 @@ def geometry(sae: SAE, rank_window: tuple[int, int] = (10, 150), max_rows: int =
     shrunk = shrunk_eigenvalues(lam, m - 1)
     fit_s, _ = _power_law(shrunk, lo, hi)
 
-    # clustering entropy
-    from sklearn.decomposition import PCA
-
+    # clustering entropy; PCA from the eigendecomposition of the d x d covariance (no n x n SVD)
     rng = np.random.default_rng(seed)
     n = min(m, max_rows)
     rows = np.sort(rng.choice(m, n, replace=False)) if n < m else np.arange(m)
-    X = W.numpy()[rows]
+    X = W[torch.from_numpy(rows)]
     sd = X.std(0)
-    X = (X - X.mean(0)) / np.where(sd > 0, sd, 1)
+    X = (X - X.mean(0)) / torch.where(sd > 0, sd, 1)
+    ev, V = torch.linalg.eigh(X.T @ X / (n - 1))
     dims = min(pca_dims, n - 1, d)
-    pca = PCA(n_components=dims, svd_solver="full").fit(X)
-    ev = pca.explained_variance_
+    ev, V = ev.flip(0)[:dims], V.flip(1)[:, :dims]
     keep = ev > ev[0] * 1e-10
-    Y = pca.transform(X)[:, keep]
-    ev = ev[keep]
+    Y = (X @ V[:, keep]).numpy()
+    ev = ev[keep].numpy()
     dd = Y.shape[1]
     t_data = _knn_log_terms(Y, k)
     t_null = _knn_log_terms(rng.standard_normal((n, dd)) * np.sqrt(ev), k)
