@@ -330,12 +330,17 @@ def _lobes_finish(sae: SAE, occ: _ChunkOccurrence, n_lobes: int, max_latents: in
         on = torch.zeros(min(block, N - c0), L)  # [chunks, fired latents] 0/1
         on[ch[a:b] - c0, col[a:b]] = 1
         C.addmm_(on.T, on[:, S])
-    # phi = (N n11 - n1 n2) / sqrt(n1 (N - n1) n2 (N - n2)); NaN (a latent on in every chunk) -> 0
+    # phi = (N n11 - n1 n2) / sqrt(n1 (N - n1) n2 (N - n2)); NaN (a latent on in every chunk) -> 0;
+    # computed in place, row block by row block, into the affinity phi + 1 [L, |S|]
+    # (in float64: N n11 and n1 n2 are large and close)
     cnt = counts[fired].double()
     spread = (cnt * (N - cnt)).sqrt()
-    phi = ((N * C.double() - cnt[:, None] * cnt[S][None, :]) / (spread[:, None] * spread[S][None, :])).float()
-    aff = phi.nan_to_num_(0.0, 0.0, 0.0).add_(1.0)  # [L, |S|], >= 0
-    del C, phi
+    aff = C
+    for r in range(0, L, 2048):
+        blk = aff[r : r + 2048].double().mul_(N).sub_(cnt[r : r + 2048, None] * cnt[S][None, :])
+        blk.div_(spread[r : r + 2048, None] * spread[S][None, :])
+        aff[r : r + 2048] = blk.nan_to_num_(0.0, 0.0, 0.0).add_(1.0)
+    del C, blk
     lab_c = np.full(L, -1)
     lab_c_s = _spectral(aff[S].numpy(), n_lobes, seed)
     lab_c[:] = _extend(aff, lab_c_s, n_lobes)
