@@ -2,7 +2,7 @@
 planted structure, and 500k tokens of synthetic activations made from it, generated batch by
 batch (a stream).
 
-Planted: latents 0..14,999 in 3 topic pools (decoder rows near a pool centre; each 256-token
+Planted: the first 15,944 latents in 3 topic pools (decoder rows near a pool centre; each 256-token
 document draws its 8 features per token from one pool, so co-occurrence lobes = geometric lobes);
 20 circles of 12 latents in random planes (a third of tokens also sit on one, radius 2, between
 two neighbouring latents); 50 parallelograms a - b = c - d in the last 200 rows. The encoder is

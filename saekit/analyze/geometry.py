@@ -369,7 +369,7 @@ def _lobes_finish(sae: SAE, occ: _ChunkOccurrence, n_lobes: int, max_latents: in
 
 
 def lobes(sae: SAE, acts: Activations | None = None, n_lobes: int = 3, chunk: int = 256, threshold: float = 0.0,
-          max_tokens: int | None = None, seed: int = 0, max_latents: int = 4096, n_null: int = 100,
+          max_tokens: int | None = None, seed: int = 0, max_latents: int = 2048, n_null: int = 100,
           batch_size: int = 4096, codes: Codes | None = None) -> LobesResult:
     """Co-occurrence lobes versus geometric lobes (Li et al.).
 
@@ -380,9 +380,12 @@ def lobes(sae: SAE, acts: Activations | None = None, n_lobes: int = 3, chunk: in
     Geometric lobes: the same clustering of the decoder rows' angular similarity
     1 - arccos(cos)/pi. When more than `max_latents` latents fired, both clusterings run on a
     seeded random `max_latents` of them and every other fired latent joins the lobe to whose
-    clustered members its mean affinity is highest (the dense affinity of 16k latents would take
-    GBs and minutes). `ami` is their adjusted mutual information over all fired latents; the
-    null shuffles the geometric labels `n_null` times.
+    clustered members its mean affinity is highest (spectral clustering of a dense affinity costs
+    O(n^3) time and O(n^2) memory: 2048 latents take ~1 s, 16k would take GBs and many minutes).
+    Memory: the [fired, max_latents] float32 affinity (134 MB for 16k x 2048) and the unique
+    (chunk, latent) pairs. `ami` is their adjusted mutual information over all fired latents; the
+    null shuffles the geometric labels `n_null` times. A latent on in every chunk has phi NaN,
+    i.e. a neutral affinity 1 to all others (affinity 0 would cut it off as its own lobe).
     """
     stream = _code_stream(sae, acts, codes, max_tokens, batch_size)
     occ = _ChunkOccurrence(sae.n_latents, chunk, threshold)
@@ -678,7 +681,7 @@ def geometry_bundle(sae: SAE, activations: Activations | None = None, max_tokens
         acc = _ClusterCodes(clusters, sae.n_latents, 5000)
         n = _feed(_encoded(sae, activations, max_tokens, batch_size), [occ, acc])
         try:
-            lb = _lobes_finish(sae, occ, n_lobes, 4096, 100, seed)
+            lb = _lobes_finish(sae, occ, n_lobes, 2048, 100, seed)
         except SaekitError as e:
             notes.append(f"lobes skipped: {e}")
         else:
