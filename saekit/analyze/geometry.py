@@ -447,9 +447,7 @@ def crystals(sae: SAE, n: int = 50, knn: int = 5, max_diffs: int = 16_384, per_d
         rows.append(i[good])
         partners.append(j[good])
         coss.append(S.gather(1, j)[good])
-    i, j, c = torch.cat(rows), torch.cat(partners), torch.cat(coss)
-    sel = i < j
-    i, j, c = i[sel], j[sel], c[sel]
+    i, j, c = torch.cat(rows), torch.cat(partners), torch.cat(coss)  # (i, j) and (j, i): deduplicated below
     qa, qb = A[i], B[i]
     qc = torch.where(c >= 0, A[j], B[j])
     qd = torch.where(c >= 0, B[j], A[j])
@@ -463,8 +461,8 @@ def crystals(sae: SAE, n: int = 50, knn: int = 5, max_diffs: int = 16_384, per_d
     df["kind"] = np.where(df.length_ratio >= parallelogram_ratio, "parallelogram", "trapezoid")
     df["score"] = df.cos - 0.1 * (1 - df.length_ratio)
     df = df.sort_values("score", ascending=False, kind="stable")
-    quad = df[["a", "b", "c", "d"]].apply(lambda r: tuple(sorted(r)), axis=1) if len(df) else pd.Series([])
-    df = df[~quad.duplicated().to_numpy()] if len(df) else df
+    quad = pd.DataFrame(np.sort(df[["a", "b", "c", "d"]].to_numpy(), axis=1))
+    df = df[~quad.duplicated().to_numpy()]
     return df.head(n).reset_index(drop=True)[cols]
 
 
@@ -547,7 +545,7 @@ class _ClusterCodes:
                 self.n_open -= 1
 
 
-def mixture_index(P: np.ndarray, eps: float = 0.1, n_angles: int = 180) -> float:
+def mixture_index(P: np.ndarray, eps: float = 0.1, n_angles: int = 90) -> float:
     """Engels et al.'s epsilon-mixture index of 2-D points `P [n, 2]`:
         M_eps = max over unit v = (cos phi, sin phi) and offsets c of  P(|<x, v> / sigma_v - c| < eps),
     sigma_v = std of <x, v> (phi on a grid of `n_angles` over [0, pi)): the largest share of
@@ -632,7 +630,7 @@ def _multidim_finish(sae: SAE, acc: _ClusterCodes, n_tokens: int, n_pcs: int, ep
 
 def multidim_features(sae: SAE, acts: Activations | None = None, clusters: list[list[int]] | None = None,
                       cos_threshold: float = 0.5, neighbours: int = 2, max_size: int = 64, max_clusters: int = 1000,
-                      max_points: int = 5000, min_points: int = 200, n_pcs: int = 5, eps: float = 0.1,
+                      max_points: int = 2000, min_points: int = 200, n_pcs: int = 5, eps: float = 0.1,
                       bins: int = 10, max_tokens: int | None = None, batch_size: int = 4096, seed: int = 0,
                       codes: Codes | None = None) -> pd.DataFrame:
     """Irreducible multi-dimensional features (Engels et al.), best first.
@@ -678,7 +676,7 @@ def geometry_bundle(sae: SAE, activations: Activations | None = None, max_tokens
     else:
         occ = _ChunkOccurrence(sae.n_latents, chunk, 0.0)
         clusters = find_clusters(sae.W_dec.detach().cpu(), seed=seed)
-        acc = _ClusterCodes(clusters, sae.n_latents, 5000)
+        acc = _ClusterCodes(clusters, sae.n_latents, 2000)
         n = _feed(_encoded(sae, activations, max_tokens, batch_size), [occ, acc])
         try:
             lb = _lobes_finish(sae, occ, n_lobes, 2048, 100, seed)
