@@ -77,6 +77,15 @@ def _feed(stream, consumers) -> int:
     return n
 
 
+def _one_blas_thread():
+    """Small dense eigendecompositions run single-threaded: multi-threaded LAPACK synchronises
+    hundreds of times per call and, on a busy machine, waits seconds for descheduled threads
+    (measured: a 576 x 576 eigvalsh took 3 s with 2 threads on a loaded 2-core box, 0.05 s alone)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _unit_rows(W: torch.Tensor) -> torch.Tensor:
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -105,7 +114,7 @@ def _spectral(affinity: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
     n = len(affinity)
     if n <= n_clusters:
         return np.arange(n)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _one_blas_thread():
         warnings.simplefilter("ignore", UserWarning)  # "graph is not fully connected" on sparse data
         sc = SpectralClustering(n_clusters=n_clusters, affinity="precomputed", random_state=seed,
                                 assign_labels="kmeans", n_init=10)
@@ -212,8 +221,9 @@ def geometry(sae: SAE, rank_window: tuple[int, int] = (10, 150), max_rows: int =
     m, d = W.shape
     if m < 4:
         raise SaekitError(f"the SAE has {m} latents; geometry needs at least 4")
-    cov = torch.cov(W.T)
-    lam = torch.linalg.eigvalsh(cov).flip(0).clamp_min(0).numpy()
+    cov = torch.cov(W.T).numpy()
+    with _one_blas_thread():
+        lam = np.clip(np.linalg.eigvalsh(cov)[::-1], 0, None).copy()
     lo, hi = max(1, int(rank_window[0])), min(int(rank_window[1]), d)
     if hi - lo < 2:
         lo, hi = 1, d
@@ -230,12 +240,13 @@ def geometry(sae: SAE, rank_window: tuple[int, int] = (10, 150), max_rows: int =
     X = W[torch.from_numpy(rows)]
     sd = X.std(0)
     X = (X - X.mean(0)) / torch.where(sd > 0, sd, 1)
-    ev, V = torch.linalg.eigh(X.T @ X / (n - 1))
+    with _one_blas_thread():
+        ev, V = np.linalg.eigh((X.T @ X / (n - 1)).numpy())
     dims = min(pca_dims, n - 1, d)
-    ev, V = ev.flip(0)[:dims], V.flip(1)[:, :dims]
+    ev, V = ev[::-1][:dims], V[:, ::-1][:, :dims]
     keep = ev > ev[0] * 1e-10
-    Y = (X @ V[:, keep]).numpy()
-    ev = ev[keep].numpy()
+    Y = X.numpy() @ V[:, keep]
+    ev = ev[keep]
     dd = Y.shape[1]
     t_data = _knn_log_terms(Y, k)
     t_null = _knn_log_terms(rng.standard_normal((n, dd)) * np.sqrt(ev), k)
@@ -539,7 +550,7 @@ class _ClusterCodes:
             room = self.max_points - self.count[ci]
             if room <= 0:
                 continue
-            self.parts[ci].append(Zc[:room, : len(self.clusters[ci])])
+            self.parts[ci].append(Zc[:room, : len(self.clusters[ci])].clone())  # not a view that keeps Z
             self.count[ci] += min(room, len(Zc))
             if self.count[ci] >= self.max_points:
                 self.n_open -= 1
