@@ -286,28 +286,36 @@ class LobesResult(Result):
 
 
 class _ChunkOccurrence:
-    """Which latents fire (value > threshold) in which chunk of `chunk` consecutive tokens:
-    kept as sorted unique keys chunk * m + latent."""
+    """Which latents fire (value > threshold) in which chunk of `chunk` consecutive tokens, as
+    (chunk, latent) pairs in chunk order. Each batch marks a small dense [chunks in batch, m]
+    boolean grid (no sort-based unique); a chunk that straddles two batches may list a latent
+    twice, which the dense blocks of `_lobes_finish` absorb."""
 
     def __init__(self, m: int, chunk: int, threshold: float):
         self.m, self.chunk, self.threshold = m, chunk, threshold
         self.n = 0
-        self.keys: list[torch.Tensor] = []
+        self.ch: list[torch.Tensor] = []
+        self.lat: list[torch.Tensor] = []
 
     def update(self, vals: torch.Tensor, idx: torch.Tensor) -> None:
-        on = vals > self.threshold
-        tok = torch.arange(self.n, self.n + len(vals)).unsqueeze(1).expand_as(idx)
-        self.keys.append(torch.unique((tok[on] // self.chunk) * self.m + idx[on]))
-        self.n += len(vals)
+        B = len(vals)
+        first = self.n // self.chunk
+        local = (torch.arange(self.n, self.n + B) // self.chunk - first)[:, None]
+        on = torch.zeros((self.n + B - 1) // self.chunk - first + 1 if B else 0, self.m + 1, dtype=torch.bool)
+        on[local, torch.where(vals > self.threshold, idx, self.m)] = True  # column m: below threshold
+        c, lat = on[:, : self.m].nonzero(as_tuple=True)
+        self.ch.append((c + first).int())
+        self.lat.append(lat.int())
+        self.n += B
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         n_chunks = self.n // self.chunk
         if n_chunks < 2:
             raise SaekitError(f"lobes need at least 2 chunks of {self.chunk} tokens, got {self.n} tokens; "
                               "pass more activations or a smaller chunk")
-        keys = torch.unique(torch.cat(self.keys)) if self.keys else torch.zeros(0, dtype=torch.long)
-        keys = keys[keys < n_chunks * self.m]  # drop the trailing partial chunk
-        return keys // self.m, keys % self.m, n_chunks
+        ch, lat = torch.cat(self.ch), torch.cat(self.lat)
+        keep = ch < n_chunks  # drop the trailing partial chunk
+        return ch[keep], lat[keep], n_chunks
 
 
 def _extend(aff_rows: torch.Tensor, labels_s: np.ndarray, n_lobes: int) -> np.ndarray:
@@ -324,8 +332,7 @@ def _lobes_finish(sae: SAE, occ: _ChunkOccurrence, n_lobes: int, max_latents: in
 
     m = sae.n_latents
     ch, lat, N = occ.finish()
-    counts = torch.bincount(lat, minlength=m)
-    fired = counts.nonzero().squeeze(1)
+    fired = (torch.bincount(lat.long(), minlength=m) > 0).nonzero().squeeze(1)
     L = len(fired)
     if L < n_lobes + 1:
         raise SaekitError(f"only {L} latents fired over the activations; lobes need more than n_lobes={n_lobes}")
@@ -333,18 +340,21 @@ def _lobes_finish(sae: SAE, occ: _ChunkOccurrence, n_lobes: int, max_latents: in
     pos[fired] = torch.arange(L)
     g = torch.Generator().manual_seed(seed)
     S = torch.randperm(L, generator=g)[:max_latents].sort().values if L > max_latents else torch.arange(L)
-    # co-occurrence counts C[i, j] = chunks where fired latent i and sampled latent j both fire
+    # co-occurrence counts C[i, j] = chunks where fired latent i and sampled latent j both fire,
+    # and counts[i] = chunks where latent i fires, from dense 0/1 blocks of chunks
     C = torch.zeros(L, len(S))
-    col = pos[lat]
+    counts = torch.zeros(L, dtype=torch.float64)
+    col = pos[lat.long()]
     for c0 in range(0, N, block):
-        a, b = torch.searchsorted(ch, torch.tensor([c0, c0 + block])).tolist()
+        a, b = torch.searchsorted(ch, torch.tensor([c0, c0 + block], dtype=ch.dtype)).tolist()
         on = torch.zeros(min(block, N - c0), L)  # [chunks, fired latents] 0/1
-        on[ch[a:b] - c0, col[a:b]] = 1
+        on[ch[a:b].long() - c0, col[a:b]] = 1
+        counts += on.sum(0)
         C.addmm_(on.T, on[:, S])
     # phi = (N n11 - n1 n2) / sqrt(n1 (N - n1) n2 (N - n2)); NaN (a latent on in every chunk) -> 0;
     # computed in place, row block by row block, into the affinity phi + 1 [L, |S|]
     # (in float64: N n11 and n1 n2 are large and close)
-    cnt = counts[fired].double()
+    cnt = counts
     spread = (cnt * (N - cnt)).sqrt()
     aff = C
     for r in range(0, L, 2048):
@@ -698,10 +708,10 @@ def geometry_bundle(sae: SAE, activations: Activations | None = None, max_tokens
             fired = (lb.labels >= 0).nonzero().squeeze(1)
             g = torch.Generator().manual_seed(seed)
             pick = fired[torch.randperm(len(fired), generator=g)[:map_points].sort().values]
-            Wn = _unit_rows(sae.W_dec.detach().float().cpu()[pick]).double()
+            Wn = _unit_rows(sae.W_dec.detach().float().cpu()[pick]).double().numpy()
             Wc = Wn - Wn.mean(0)
-            xy = (Wc @ torch.linalg.svd(Wc, full_matrices=False).Vh[:2].T).float() if len(pick) > 2 \
-                else torch.zeros(len(pick), 2)
+            with _one_blas_thread():
+                xy = Wc @ np.linalg.eigh(Wc.T @ Wc)[1][:, ::-1][:, :2]  # first two principal components
             out["lobe_map"] = {"latent": pick.tolist(), "x": xy[:, 0].tolist(), "y": xy[:, 1].tolist(),
                                "lobe": lb.labels[pick].tolist()}
         df, pts = _multidim_finish(sae, acc, n, 5, 0.1, 10, 200, keep_points=cluster_points)
@@ -711,6 +721,6 @@ def geometry_bundle(sae: SAE, activations: Activations | None = None, max_tokens
                                  for i, p in enumerate(pts[:plot_clusters])]
         if not len(df):
             notes.append(f"no multi-dimensional feature: {len(clusters)} candidate clusters, none active on "
-                               ">= 200 tokens with >= 2 dimensions")
+                         ">= 200 tokens with >= 2 dimensions")
     out["notes"] = notes
     return out
