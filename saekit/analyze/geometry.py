@@ -541,29 +541,28 @@ class _ClusterCodes:
         self.parts: list[list[torch.Tensor]] = [[] for _ in clusters]
         self.count = [0] * len(clusters)
         self.n_open = len(clusters)
+        self.open_cid = self.cid.clone()  # -1 also for clusters that have their max_points
 
     def update(self, vals: torch.Tensor, idx: torch.Tensor) -> None:
         if self.n_open == 0:
             return
         B = len(vals)
-        c = self.cid[idx]
-        sel = (c >= 0) & (vals > 0)
-        if not sel.any():
+        c = self.open_cid[idx]
+        b, j = ((c >= 0) & (vals > 0)).nonzero(as_tuple=True)
+        if not len(b):
             return
-        b = torch.arange(B)[:, None].expand_as(idx)[sel]
-        c = c[sel]
+        c, lat = c[b, j], idx[b, j]
         uk, inv = torch.unique(c * B + b, return_inverse=True)  # (cluster, token), cluster-major
         Z = torch.zeros(len(uk), self.width)
-        Z[inv, self.pos[idx[sel]]] = vals[sel].float()
+        Z[inv, self.pos[lat]] = vals[b, j].float()
         uc, cnt = torch.unique_consecutive(uk // B, return_counts=True)
         for ci, Zc in zip(uc.tolist(), Z.split(cnt.tolist()), strict=True):
             room = self.max_points - self.count[ci]
-            if room <= 0:
-                continue
             self.parts[ci].append(Zc[:room, : len(self.clusters[ci])].clone())  # not a view that keeps Z
             self.count[ci] += min(room, len(Zc))
-            if self.count[ci] >= self.max_points:
+            if self.count[ci] >= self.max_points:  # full: its latents are no longer looked at
                 self.n_open -= 1
+                self.open_cid[self.clusters[ci]] = -1
 
 
 def mixture_index(P: np.ndarray, eps: float = 0.1, n_angles: int = 90) -> float:
