@@ -87,14 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="model for the downstream loss of a bare SAE folder")
     e.set_defaults(func=_eval)
 
-    a = sub.add_parser("analyze", help="dead/dense latents, collapse, absorption of a run's SAEs "
+    a = sub.add_parser("analyze", help="dead/dense latents, collapse, absorption, feature geometry of a run's SAEs "
                                        "(writes RUN/analysis/)")
-    a.add_argument("analysis", choices=["dead", "collapse", "absorption", "all"])
+    a.add_argument("analysis", choices=["dead", "collapse", "absorption", "geometry", "all"])
     a.add_argument("run", help="a run folder or a bare SAE folder")
     a.add_argument("--hookpoint", default=None, help="analyse only this hookpoint of the run")
     a.add_argument("--activations", default=None, help=ACTIVATIONS_HELP)
     a.add_argument("--model", default=None, help="model for absorption (default: the run's)")
-    a.add_argument("--tokens", type=int, default=None, help="tokens for dead/collapse (default: all)")
+    a.add_argument("--tokens", type=int, default=None, help="tokens for dead/collapse/geometry (default: all)")
     a.add_argument("--words", type=int, default=3000, help="vocabulary words for absorption")
     a.add_argument("--f1-threshold", type=float, default=0.6, help="absorption: keep letters whose probe F1 >= this")
     a.add_argument("--min-letters", type=int, default=20, help="absorption: letters that must pass the probe")

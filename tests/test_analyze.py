@@ -183,13 +183,16 @@ def test_analyze_all_writes_the_report(tiny_run, capsys):
     assert r["dead"]["dead_at_init"] + r["dead"]["died_in_training"] == r["dead"]["n_dead"]
     assert 0 < r["collapse"]["effective_rank"] <= 576 and r["collapse"]["code_latents"] > 0
     assert r["absorption"]["n_letters"] >= 3 and 0 <= r["absorption"]["mean_absorption_fraction"] <= 1
-    assert set(report["wall_time_s"][HOOK]) == {"dead", "collapse", "absorption"}
+    assert set(report["wall_time_s"][HOOK]) == {"dead", "collapse", "absorption", "geometry"}
+    g = r["geometry"]
+    assert g["galaxy"]["n_latents"] == 1152 and g["lobes"]["n_chunks"] >= 2 and g["multidim"] is not None
     md = (out / "report.md").read_text()
-    assert "Absorption" in md and "Wall time" in md
+    assert "Absorption" in md and "Feature geometry" in md and "Wall time" in md
     pngs = sorted(p.name for p in out.glob("*.png"))
     try:
         import matplotlib  # noqa: F401
-        assert len(pngs) == 3 and "![density]" in md
+        # spectrum and lobe map always; the multi-dim plot when a cluster was active on enough tokens
+        assert len(pngs) == 5 + bool(g["cluster_points"]) and "![density]" in md and "![lobes]" in md
     except ImportError:
         assert not pngs and "matplotlib is not installed" in md
 

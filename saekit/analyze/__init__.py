@@ -4,6 +4,17 @@ each returning a small dataclass with `.to_dict()`; `report` runs them all on a 
 from saekit.analyze.absorption import AbsorptionResult, absorption
 from saekit.analyze.collapse import CollapseResult, collapse, decoder_collapse
 from saekit.analyze.dead import DeadResult, dead
+from saekit.analyze.geometry import (
+    GeometryResult,
+    LobesResult,
+    crystals,
+    geometry,
+    geometry_bundle,
+    lobes,
+    multidim_features,
+    sparse_codes,
+)
 
-__all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "absorption", "collapse", "dead",
-           "decoder_collapse"]
+__all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult", "absorption",
+           "collapse", "crystals", "dead", "decoder_collapse", "geometry", "geometry_bundle", "lobes",
+           "multidim_features", "sparse_codes"]

@@ -2,10 +2,13 @@
 `RUN/analysis/`.
 
 `all` writes `report.md` (tables, wall time of each analysis), `report.json` (every number)
-and PNG plots (density histogram, decoder singular values, per-letter absorption; they need
-the optional `plots` extra, matplotlib). A single analysis writes `RUN/analysis/<name>.json`.
-Activations come from `--activations` (a cache folder or a .safetensors file) or the run's
-own held-out activation cache; absorption loads the run's model (or `--model`).
+and PNG plots (density histogram, decoder singular values, per-letter absorption, the decoder
+covariance spectrum with its power-law fit, the lobe map, the top multi-dimensional features;
+they need the optional `plots` extra, matplotlib). A single analysis writes
+`RUN/analysis/<name>.json`. Activations come from `--activations` (a cache folder or a
+.safetensors file) or the run's own held-out activation cache; absorption loads the run's model
+(or `--model`). Geometry needs no activations for its decoder-only part: without any (a bare SAE
+folder and no `--activations`) it skips lobes and multi-dimensional features.
 """
 
 import time
@@ -15,21 +18,37 @@ from saekit.analyze.absorption import absorption
 from saekit.analyze.collapse import collapse
 from saekit.analyze.common import Result
 from saekit.analyze.dead import dead
+from saekit.analyze.geometry import geometry_bundle
 from saekit.errors import SaekitError
 from saekit.io import atomic_write, md_table
 from saekit.run import Run
 from saekit.sae import SAE
 
-ANALYSES = ("dead", "collapse", "absorption")
+ANALYSES = ("dead", "collapse", "absorption", "geometry")
 
 
 def _analyse(name: str, run: Run, h: str, sae: SAE, acts, model, tokens: int | None, quiet: bool,
-             **absorption_options) -> Result:
+             **absorption_options) -> Result | dict:
     if name == "dead":
         return dead(sae, acts, max_tokens=tokens, history=run.firing_history(h))
     if name == "collapse":
         return collapse(sae, acts, max_tokens=tokens)
+    if name == "geometry":
+        return geometry_bundle(sae, acts, max_tokens=tokens)
     return absorption(sae, model, h, progress=not quiet, **absorption_options)
+
+
+def _activations(run: Run, h: str, path: str | None, analyses: tuple[str, ...]):
+    """The activations the analyses read: required by dead and collapse; optional for geometry
+    (None when neither `path` nor the run's own cache gives any)."""
+    if {"dead", "collapse"} & set(analyses) or ("geometry" in analyses and path is not None):
+        return run.activations(h, path=path)
+    if "geometry" in analyses:
+        try:
+            return run.activations(h)
+        except SaekitError:
+            return None
+    return None
 
 
 def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hookpoint: str | None = None,
@@ -40,8 +59,7 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
     as `{hookpoint: {analysis: dict}}` plus `wall_time_s`, and writes RUN/analysis/."""
     run = run if isinstance(run, Run) else Run.open(run)
     hooks = run.hookpoints if hookpoint is None else [run.hookpoint(hookpoint)]
-    needs_acts = {"dead", "collapse"} & set(analyses)
-    acts = {h: run.activations(h, path=activations) if needs_acts else None for h in hooks}
+    acts = {h: _activations(run, h, activations, tuple(analyses)) for h in hooks}
     lm = None
     if "absorption" in analyses:
         from saekit.model import load_model
@@ -60,7 +78,7 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
             t0 = time.perf_counter()
             res = _analyse(name, run, h, sae, acts[h], lm, tokens, quiet, n_words=words,
                            f1_threshold=f1_threshold, min_letters=min_letters)
-            results[h][name] = res.to_dict()
+            results[h][name] = res if isinstance(res, dict) else res.to_dict()
             results["wall_time_s"][h][name] = round(time.perf_counter() - t0, 2)
             say(f"{h} {name}: {results['wall_time_s'][h][name]:.1f} s")
     out = run.analysis_dir
@@ -111,10 +129,42 @@ def markdown(results: dict, plot_note: list[str] | None = None) -> str:
                       md_table([{**r, "main_latents": ", ".join(map(str, r["main_latents"])),
                                 "absorbing (top 5)": ", ".join(map(str, a["absorbing_latents"][r["letter"]][:5]))}
                                for r in a["table"]]), ""]
+        if g := res.get("geometry"):
+            lines += _geometry_markdown(g)
     lines += ["## Wall time (s)", "", md_table([{"hookpoint": h, **t} for h, t in results["wall_time_s"].items()]), ""]
     if plot_note:
         lines += ["## Plots", "", *plot_note, ""]
     return "\n".join(lines)
+
+
+def _geometry_markdown(g: dict) -> list[str]:
+    gal = g["galaxy"]
+    lo, hi = gal["power_law_ci"]
+    clo, chi = gal["clustering_ci"]
+    lines = ["### Feature geometry", "", md_table([{
+        "alpha": gal["power_law_alpha"], "95 % CI": f"{lo:.4g} .. {hi:.4g}",
+        "ranks": f"{gal['rank_window'][0]}-{gal['rank_window'][1]}", "R^2": gal["power_law_r2"],
+        "alpha (shrunk eigenvalues)": gal["power_law_alpha_shrunk"], "clustering (nats)": gal["clustering"],
+        "clustering 95 % CI": f"{clo:.4g} .. {chi:.4g}", "rows x dims": f"{gal['clustering_rows']} x "
+        f"{gal['clustering_dims']}"}]), ""]
+    if lb := g.get("lobes"):
+        z = "n/a" if lb["z_score"] is None else f"{lb['z_score']:.3g}"
+        lines += [f"Lobes: {lb['n_lobes']} co-occurrence lobes over {lb['n_chunks']} chunks of {lb['chunk']} tokens "
+                  f"({lb['n_fired']} latents fired, {lb['n_clustered']} clustered); AMI with the geometric lobes "
+                  f"**{lb['ami']:.3g}** (shuffled null {lb['null_mean']:.3g} +- {lb['null_std']:.3g}, z = {z}); "
+                  f"sizes {lb['lobe_sizes']} vs geometric {lb['geometric_lobe_sizes']}.", ""]
+    if g.get("multidim"):
+        lines += ["Multi-dimensional features (best first):", "", md_table([{
+            "latents": ", ".join(map(str, r["latents"][:8])) + (" ..." if len(r["latents"]) > 8 else ""),
+            "size": r["size"], "tokens": r["n_tokens"], "PCs": f"{r['pcs'][0] + 1}-{r['pcs'][1] + 1}",
+            "mixture index": r["mixture_index"], "separability (nats)": r["separability_index"],
+            "score": r["score"]} for r in g["multidim"][:5]]), ""]
+    if g.get("crystals"):
+        lines += ["Crystals, a - b ~ c - d (best first):", "", md_table([{
+            k: r[k] for k in ("a", "b", "c", "d", "cos", "length_ratio", "kind", "score")} for r in g["crystals"][:5]]),
+            ""]
+    lines += [f"Note: {n}." for n in g.get("notes", [])] + ([""] if g.get("notes") else [])
+    return lines
 
 
 def plots(results: dict, out: Path) -> list[str]:
@@ -154,6 +204,8 @@ def plots(results: dict, out: Path) -> list[str]:
             ax.set(ylabel="rate", title=f"{h}: absorption per letter")
             ax.legend()
             figs.append(("absorption", fig))
+        if g := res.get("geometry"):
+            figs += _geometry_plots(plt, h, g)
         for kind, fig in figs:
             file = f"{stem}_{kind}.png"
             fig.tight_layout()
@@ -161,3 +213,39 @@ def plots(results: dict, out: Path) -> list[str]:
             plt.close(fig)
             lines.append(f"![{kind}]({file})")
     return lines
+
+
+def _geometry_plots(plt, h: str, g: dict) -> list:
+    """Eigenvalue spectrum with its power-law fit, the lobe map, the best multi-dim features."""
+    import numpy as np
+
+    figs = []
+    gal = g["galaxy"]
+    lam = np.asarray(gal["eigenvalues"])
+    r = np.arange(1, len(lam) + 1)
+    lo, hi = gal["rank_window"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.loglog(r[lam > 0], lam[lam > 0], ".", ms=3, label="eigenvalues of cov(W_dec rows)")
+    fr = np.arange(lo, hi + 1)
+    ax.loglog(fr, 10 ** (gal["power_law_intercept"] - gal["power_law_alpha"] * np.log10(fr)), "r-",
+              label=f"fit, alpha = {gal['power_law_alpha']:.3f}")
+    ax.axvspan(lo, hi, color="0.9", zorder=0)
+    ax.set(xlabel="rank", ylabel="eigenvalue", title=f"{h}: decoder spectrum")
+    ax.legend(fontsize=8)
+    figs.append(("geometry_spectrum", fig))
+    if (lm := g.get("lobe_map")) and lm["x"]:
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        sc = ax.scatter(lm["x"], lm["y"], c=lm["lobe"], s=4, cmap="tab10")
+        ax.legend(*sc.legend_elements(), title="lobe", fontsize=8)
+        lb = g["lobes"]
+        ax.set(xlabel="PC 1 of unit decoder rows", ylabel="PC 2",
+               title=f"{h}: co-occurrence lobes (AMI with geometry {lb['ami']:.3f})")
+        figs.append(("lobes", fig))
+    if cp := g.get("cluster_points"):
+        fig, axes = plt.subplots(1, len(cp), figsize=(3.3 * len(cp), 3.3), squeeze=False)
+        for ax, c, row in zip(axes[0], cp, g["multidim"], strict=False):
+            ax.scatter(c["x"], c["y"], s=3, alpha=0.5)
+            ax.set(title=f"{len(c['latents'])} latents, score {row['score']:.2f}", xticks=[], yticks=[])
+        fig.suptitle(f"{h}: multi-dimensional features (best PC pair)")
+        figs.append(("multidim", fig))
+    return figs
