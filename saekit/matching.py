@@ -12,8 +12,11 @@
 Solvers: `exact` is `scipy.optimize.linear_sum_assignment` on the full cost matrix (O(m³),
 m² memory: practical to ~16k latents); `sparse` keeps each row's and each column's top
 `candidates` neighbours (one blocked pass, never the m×m matrix), removes duplicate edges and
-runs `scipy.sparse.csgraph.min_weight_full_bipartite_matching`; `argmax` gives each A latent
-its most similar B latent (not one-to-one, Lan et al.'s rule); `auto` is exact up to 4,096²
+runs `scipy.sparse.csgraph.min_weight_full_bipartite_matching`, with a costly private dummy
+edge per row so that a full matching always exists: the result is the cheapest matching of
+most latents the candidate graph allows, and the latents it leaves out are matched exactly
+among themselves (`fallback`). `argmax` gives each A latent
+its most similar B latent (not one-to-one, Lan et al.'s rule); `auto` is exact up to 8,192²
 pairs, sparse above. With widths m_a ≠ m_b the smaller side is matched completely and the
 surplus latents of the larger side get -1.
 """
@@ -38,7 +41,7 @@ from saekit.sae import SAE
 
 Method = Literal["decoder", "activations"]
 Solver = Literal["auto", "exact", "sparse", "argmax"]
-EXACT_MAX_PAIRS = 4096 * 4096  # `auto` solves exactly up to this many pairs
+EXACT_MAX_PAIRS = 8192 * 8192  # `auto` solves exactly up to this many pairs (exact: about 10 s at 8k)
 BLOCK = 2048  # rows of the similarity matrix computed at once
 
 
@@ -72,16 +75,16 @@ class FoldedSAE:
         return self.decode(*self.encode(x))
 
 
-def fold_scale(sae: SAE, codes: "Codes | None" = None, how: str = "auto") -> torch.Tensor:
+def fold_scale(sae: SAE, codes: "Codes | None" = None, how: str = "norm") -> torch.Tensor:
     """The per-latent scale to fold into `sae`.
 
-    `"mean"` (data): each latent's mean value when active, so a folded decoder row is the
-    latent's typical contribution to the output (a never-active latent keeps scale 1).
-    `"norm"` (data-free): 1/‖W_dec[i]‖, so folded decoder rows are unit vectors and the
-    codes carry all of the magnitude; for saekit's unit-norm decoders this is the identity,
-    and decoder matching compares directions. `"auto"`: mean with codes, norm without."""
-    if how == "auto":
-        how = "mean" if codes is not None else "norm"
+    `"norm"` (data-free, the default): 1/‖W_dec[i]‖, so folded decoder rows are unit vectors
+    and the codes carry all of the magnitude. For saekit's unit-norm TopK decoders this is the
+    identity and decoder matching compares directions; a BatchTopK threshold is one number for
+    all latents, so folding it would not change the assignment either. `"mean"` (needs codes):
+    each latent's mean value when active, so a folded row is the latent's typical contribution
+    to the output (a never-active latent keeps scale 1). It weights pairs by magnitude, and made
+    the exact assignment several times slower on real layers, so it is opt-in."""
     if how == "norm":
         return 1 / sae.W_dec.detach().norm(dim=1).clamp_min(1e-12)
     if how == "mean":
@@ -89,7 +92,7 @@ def fold_scale(sae: SAE, codes: "Codes | None" = None, how: str = "auto") -> tor
             raise SaekitError("fold='mean' needs codes (activations) of the SAE")
         s = codes.mean_active()
         return torch.where(s > 0, s, torch.ones_like(s))
-    raise SaekitError(f"fold must be 'auto', 'mean' or 'norm', got {how!r}")
+    raise SaekitError(f"fold must be 'norm' or 'mean', got {how!r}")
 
 
 def fold(sae: SAE, scale: torch.Tensor | None = None) -> FoldedSAE:
@@ -377,7 +380,7 @@ def _space(a: SAE, b: SAE, method: str, codes, activations, max_tokens, fold_how
         if a.d_in != b.d_in:
             raise SaekitError(f"decoder matching compares rows in one space, but d_in differs ({a.d_in} vs {b.d_in}); "
                               "use method='activations' with both models' activations on the same tokens")
-        if codes is None and activations is not None and fold_how in ("auto", "mean"):
+        if codes is None and activations is not None and fold_how == "mean":
             codes = (encode_all(a, activations[0], max_tokens), encode_all(b, activations[1], max_tokens))
         ca, cb = codes if codes is not None else (None, None)
         return _Decoder(FoldedSAE(a, fold_scale(a, ca, fold_how)), FoldedSAE(b, fold_scale(b, cb, fold_how)),
@@ -394,12 +397,12 @@ def _space(a: SAE, b: SAE, method: str, codes, activations, max_tokens, fold_how
 
 def match(a: SAE, b: SAE, method: Method = "decoder", solver: Solver = "auto", candidates: int = 16, *,
           activations: tuple[Activations, Activations] | None = None, codes: tuple[Codes, Codes] | None = None,
-          max_tokens: int | None = None, fold: str = "auto", use_encoder: bool = False,
+          max_tokens: int | None = None, fold: str = "norm", use_encoder: bool = False,
           min_score: float | None = None, fallback: Literal["exact", "none"] = "exact") -> Match:
     """Match the latents of `a` to those of `b` (see the module docstring).
 
     `activations` (two streams over the same tokens) or precomputed `codes` feed the
-    activation method, and the data-derived fold of the decoder method. `min_score` unmatches
+    activation method, and the decoder method's `fold="mean"` (see `fold_scale`). `min_score` unmatches
     pairs scoring at or below it (Lan et al. drop correlations ≤ 0.1). `fallback`: latents the
     sparse candidate graph cannot match all at once are matched exactly among themselves
     ("exact") or left -1 ("none"); `info["n_fallback"]` counts them."""

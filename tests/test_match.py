@@ -45,7 +45,7 @@ def test_folding_leaves_the_output_unchanged(architecture):
         sae.b_dec.normal_()
     sae.eval()
     x = torch.randn(300, 32) + sae.b_dec.detach()
-    for scale in (torch.rand(256) * 5 + 0.1, fold_scale(sae, encode_all(sae, x)), fold_scale(sae)):
+    for scale in (torch.rand(256) * 5 + 0.1, fold_scale(sae, encode_all(sae, x), "mean"), fold_scale(sae)):
         f = FoldedSAE(sae, scale)
         torch.testing.assert_close(f(x), sae(x).detach(), atol=1e-5, rtol=1e-5)
         vals, idx = f.encode(x)
@@ -53,7 +53,7 @@ def test_folding_leaves_the_output_unchanged(architecture):
         pre = (x - f.b_dec) @ f.W_enc.T + f.b_enc
         nz = vals > 0
         torch.testing.assert_close(vals[nz], pre.gather(1, idx)[nz], atol=1e-4, rtol=1e-4)
-    mean = fold_scale(sae, encode_all(sae, x))
+    mean = fold_scale(sae, encode_all(sae, x), "mean")
     assert not torch.allclose(mean, torch.ones(256))  # the data-derived scale is not a no-op
 
 
@@ -204,9 +204,9 @@ def test_bad_arguments():
 def test_cli_matches_two_layers_of_a_real_run(act_cache_dir, tmp_path, capsys):
     hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     run = tmp_path / "run"
-    assert cli.main(["train", "--hookpoints", f"[{', '.join(hooks)}]", "--n_tokens", "6000", "--val_tokens", "600", "--ctx_len", "64",
-                     "--epochs", "2", "--expansion", "2", "--k", "16", "--batch_size", "500", "--eval_contexts", "2",
-                     "--cache_dir", str(act_cache_dir), "--out", str(run), "--quiet"]) == 0
+    assert cli.main(["train", "--hookpoints", f"[{', '.join(hooks)}]", "--n_tokens", "6000", "--val_tokens", "600",
+                     "--ctx_len", "64", "--epochs", "2", "--expansion", "2", "--k", "16", "--batch_size", "500",
+                     "--eval_contexts", "2", "--cache_dir", str(act_cache_dir), "--out", str(run), "--quiet"]) == 0
     a, b = (str(run / h) for h in hooks)
     assert cli.main(["match", a, b, "--solver", "sparse", "--out", str(tmp_path / "m.parquet")]) == 0
     m = Match.load(tmp_path / "m.parquet")

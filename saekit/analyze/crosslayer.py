@@ -22,30 +22,22 @@ from saekit.activations import Activations, batches
 from saekit.analyze.universality import universality
 from saekit.errors import SaekitError
 from saekit.io import atomic_write, md_table
-from saekit.matching import Codes, Match, encode_all, fold_scale, match, nearest, pair_scores
+from saekit.matching import Codes, Match, encode_all, match, nearest, pair_scores
 from saekit.run import Run
 from saekit.sae import SAE
 
 
-def skip_decode(a: SAE, b: SAE, b_for_a: torch.Tensor, x_a: torch.Tensor, scale_a: torch.Tensor | None = None,
-                scale_b: torch.Tensor | None = None) -> torch.Tensor:
-    """Layer t+1 predicted from layer t: `Σ_i z_i (s_b[π(i)] / s_a[i]) W_dec^B[π(i)] + b_dec^B`
-    with `π = b_for_a`; unmatched latents (-1) drop out. The scales are the fold scales used
-    for the match (default 1: saekit decoders are unit-norm)."""
+def skip_decode(a: SAE, b: SAE, b_for_a: torch.Tensor, x_a: torch.Tensor) -> torch.Tensor:
+    """Layer t+1 predicted from layer t: `Σ_i z_i W_dec^B[π(i)] + b_dec^B` with `π = b_for_a`;
+    unmatched latents (-1) drop out."""
     vals, idx = a.encode(x_a)
     tgt = b_for_a.to(idx.device)[idx]
-    keep = tgt >= 0
-    ratio = torch.ones_like(vals)
-    if scale_a is not None:
-        ratio = ratio / scale_a.to(vals)[idx]
-    if scale_b is not None:
-        ratio = ratio * scale_b.to(vals)[tgt.clamp_min(0)]
-    return b.decode(vals * ratio * keep, tgt.clamp_min(0))
+    return b.decode(vals * (tgt >= 0), tgt.clamp_min(0))
 
 
 @torch.no_grad()
 def layer_skip(a: SAE, b: SAE, b_for_a: torch.Tensor, acts_a: Activations, acts_b: Activations,
-               max_tokens: int | None = None, **scales) -> float:
+               max_tokens: int | None = None) -> float:
     """Explained variance of layer t+1's activations by `skip_decode` (same tokens in both streams)."""
     sse = sq = s1 = 0.0
     n = 0
@@ -53,7 +45,7 @@ def layer_skip(a: SAE, b: SAE, b_for_a: torch.Tensor, acts_a: Activations, acts_
                       strict=False):
         if len(xa) != len(xb):
             raise SaekitError("layer skip needs both hookpoints' activations on the same tokens")
-        pred = skip_decode(a, b, b_for_a, xa, **scales)
+        pred = skip_decode(a, b, b_for_a, xa)
         sse += float(((xb - pred) ** 2).sum())
         sq += float((xb.double() ** 2).sum())
         s1 = s1 + xb.double().sum(0)
@@ -137,9 +129,11 @@ def similarity_decay(saes: list[SAE], matches: dict[tuple[int, int], Match]) -> 
 
 
 def chain_report(run: str | Path | Run, max_tokens: int | None = 32768, n_contexts: int | None = None,
-                 solver: str = "auto", direct: bool = True, n_shuffles: int = 100, quiet: bool = False) -> dict:
-    """Match every pair of consecutive hookpoints of `run` (and, with `direct`, every pair),
-    evaluate the matches, and write RUN/analysis/matching.{json,md,png} and
+                 solver: str = "auto", direct: bool = True, candidates: int = 64, n_shuffles: int = 100,
+                 quiet: bool = False) -> dict:
+    """Match every pair of consecutive hookpoints of `run` with `solver` (and, with `direct`,
+    every other pair with the sparse solver and `candidates` neighbours), evaluate the
+    consecutive matches, and write RUN/analysis/matching.{json,md,png} and
     RUN/analysis/matches/<a>__<b>.json. `n_contexts` held-out contexts feed the Δloss
     (default: the run's eval_contexts; 0 skips it)."""
     run = run if isinstance(run, Run) else Run.open(run)
@@ -150,13 +144,14 @@ def chain_report(run: str | Path | Run, max_tokens: int | None = 32768, n_contex
     saes = [run.sae(h) for h in hooks]
     acts = [run.activations(h) for h in hooks]
     codes = [encode_all(s, x, max_tokens) for s, x in zip(saes, acts, strict=True)]
-    scales = [fold_scale(s, c) for s, c in zip(saes, codes, strict=True)]
     pairs = [(t, u) for t in range(len(hooks)) for u in range(t + 1, len(hooks)) if direct or u == t + 1]
     matches = {}
     mdir = run.analysis_dir / "matches"
     mdir.mkdir(exist_ok=True)
     for t, u in pairs:
-        matches[(t, u)] = m = match(saes[t], saes[u], solver=solver, codes=(codes[t], codes[u]))
+        # distances >= 2 only feed the decay curve: the sparse solver is a few times faster there
+        how = {"solver": solver} if u == t + 1 else {"solver": "sparse", "candidates": candidates}
+        matches[(t, u)] = m = match(saes[t], saes[u], codes=(codes[t], codes[u]), **how)
         m.save(mdir / f"{hooks[t]}__{hooks[u]}.json")
         say(f"matched {hooks[t]} -> {hooks[u]}: mean cosine {m.score.nanmean():.3f} ({m.info['seconds']} s)")
     model = ctx = None
@@ -176,15 +171,13 @@ def chain_report(run: str | Path | Run, max_tokens: int | None = 32768, n_contex
         row = {"a": hooks[t], "b": hooks[t + 1], "cos_match": float(m.score.nanmean()),
                "cos_top1": float(pair_scores(a, b, top1).nanmean())}
         for name, pi in pis.items():
-            sc = {"scale_a": scales[t], "scale_b": scales[t + 1]} if name == "match" else {}
-            row[f"ev_{name}"] = layer_skip(a, b, pi, acts[t], acts[t + 1], max_tokens, **sc)
+            row[f"ev_{name}"] = layer_skip(a, b, pi, acts[t], acts[t + 1], max_tokens)
         row["ev_sae_b"] = layer_skip(b, b, torch.arange(b.n_latents), acts[t + 1], acts[t + 1], max_tokens)
         for name in ("match", "top1"):
             row |= {f"cofire_{name}_{k}": v for k, v in cofiring(codes[t], codes[t + 1], pis[name]).items()
                     if k != "pairs"}
         if model is not None:
             tokens, mask = ctx[0][:n_ctx], ctx[1][:n_ctx]
-            # the match's fold scales are mean active values: the loss uses the plain decoders
             row |= layer_skip_loss(model, a, b, {**pis, "sae_b": None}, hooks[t], hooks[t + 1], tokens, mask)
         u = universality(a, b, m.b_for_a, n_shuffles=n_shuffles)
         row |= {"svcca": u.svcca, "svcca_p": u.svcca_p, "svcca_null": u.svcca_null, "rsa": u.rsa, "rsa_p": u.rsa_p,
@@ -218,7 +211,9 @@ def markdown(out: dict, plot: str | None) -> str:
     table = lambda cols: md_table([{h: f(r.get(k, "")) for k, h in cols} for r in out["layers"]])  # noqa: E731
     lines = [f"# Cross-layer matching of `{out['run']}`", "",
              f"{len(out['hookpoints'])} hookpoints, codes on {out['tokens']} held-out tokens, Δloss on "
-             f"{out['contexts']} contexts. Decoder matching (SAE Match) with mean-active-value folding.", "",
+             f"{out['contexts']} contexts. Decoder matching (SAE Match, data-free folding); consecutive "
+             "layers with the exact solver (up to 8,192 latents), direct matches at distance >= 2 with the sparse "
+             "solver.", "",
              "## Similarity against layer distance (mean decoder cosine of matched pairs)", "",
              md_table([{k: f(v) for k, v in r.items()} for r in out["decay"]]), "",
              f"Shuffled pairs (floor): {out['shuffled_cosine']:.4g}.", "",
