@@ -19,8 +19,9 @@ import torch
 from saekit import Run, fit
 from saekit.analyze import universality
 from saekit.analyze.crosslayer import chain_report, cofiring, layer_skip
+from saekit.codes import encode_all
 from saekit.io import atomic_write, md_table
-from saekit.matching import encode_all, match, nearest, pair_scores
+from saekit.matching import match, nearest, pair_scores
 
 OUT = Path(__file__).parent / "results"
 

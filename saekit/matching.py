@@ -34,7 +34,8 @@ from scipy import sparse as sp
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-from saekit.activations import Activations, batches
+from saekit.activations import Activations
+from saekit.codes import Codes, encode_all
 from saekit.errors import SaekitError
 from saekit.io import atomic_write
 from saekit.sae import SAE
@@ -100,67 +101,6 @@ def fold(sae: SAE, scale: torch.Tensor | None = None) -> FoldedSAE:
     return FoldedSAE(sae, fold_scale(sae) if scale is None else scale)
 
 
-# -- codes on tokens -----------------------------------------------------------------------------
-@dataclass
-class Codes:
-    """The sparse codes of one SAE on N tokens: row t holds token t's active latents."""
-
-    values: torch.Tensor  # [N, k] float32, 0 = padding
-    indices: torch.Tensor  # [N, k] int64
-    n_latents: int
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.values)
-
-    def csr(self, scale: torch.Tensor | None = None) -> sp.csr_matrix:
-        """The [N, n_latents] sparse matrix of the codes (optionally divided by `scale`)."""
-        v = self.values if scale is None else self.values / scale[self.indices]
-        keep = (self.values > 0).flatten().numpy()
-        rows = np.repeat(np.arange(self.n_tokens), self.values.shape[1])[keep]
-        cols = self.indices.flatten().numpy()[keep]
-        return sp.csr_matrix((v.flatten().double().numpy()[keep], (rows, cols)), shape=(self.n_tokens, self.n_latents))
-
-    def fires(self) -> sp.csr_matrix:
-        """[N, n_latents] boolean firing pattern."""
-        return self.csr() > 0
-
-    def counts(self) -> torch.Tensor:
-        c = torch.zeros(self.n_latents, dtype=torch.float64)
-        return c.index_add_(0, self.indices.flatten(), (self.values > 0).flatten().double())
-
-    def mean_active(self) -> torch.Tensor:
-        s = torch.zeros(self.n_latents, dtype=torch.float64).index_add_(0, self.indices.flatten(),
-                                                                        self.values.flatten().double())
-        return (s / self.counts().clamp_min(1)).float()
-
-
-@torch.no_grad()
-def encode_all(sae: SAE, activations: Activations, max_tokens: int | None = None, batch_size: int = 4096) -> Codes:
-    """`sae`'s codes on every row of `activations` (a tensor or a stream of batches)."""
-    vals, idx = [], []
-    for x in batches(activations, sae.d_in, batch_size, max_tokens):
-        v, i = sae.encode(x.to(sae.W_enc.device))
-        vals.append(v.float().cpu())
-        idx.append(i.cpu())
-    if not vals:
-        raise SaekitError("no activations to encode: the activation stream is empty")
-    width = max(v.shape[1] for v in vals)  # BatchTopK rows have different widths
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-    return Codes(torch.cat([pad(v) for v in vals]), torch.cat([pad(i) for i in idx]), sae.n_latents)
-
-
-def _moments(codes: Codes) -> tuple[np.ndarray, np.ndarray]:
-    """Per-latent mean and standard deviation over tokens (0 where a latent never fires)."""
-    n = codes.n_tokens
-    s1 = torch.zeros(codes.n_latents, dtype=torch.float64).index_add_(0, codes.indices.flatten(),
-                                                                       codes.values.flatten().double())
-    s2 = torch.zeros(codes.n_latents, dtype=torch.float64).index_add_(0, codes.indices.flatten(),
-                                                                       codes.values.flatten().double() ** 2)
-    mu = s1 / n
-    return mu.numpy(), (s2 / n - mu**2).clamp_min(0).sqrt().numpy()
-
-
 # -- similarity spaces ---------------------------------------------------------------------------
 class _Decoder:
     """Gain = −(squared distance) between folded rows; score = cosine of the decoder rows."""
@@ -195,7 +135,7 @@ class _Correlation:
                               f"{cb.n_tokens} tokens")
         self.n = ca.n_tokens
         self.sa, self.sb = ca.csr().T.tocsr(), cb.csr().tocsc()
-        (self.mua, sda), (self.mub, sdb) = _moments(ca), _moments(cb)
+        (self.mua, sda), (self.mub, sdb) = ca.moments(), cb.moments()
         self.ia, self.ib = (np.where(s > 0, 1 / np.where(s > 0, s, 1), 0.0) for s in (sda, sdb))
         self.m_a, self.m_b = ca.n_latents, cb.n_latents
 

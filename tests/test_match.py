@@ -10,8 +10,9 @@ import saekit
 from saekit import cli
 from saekit.analyze import universality
 from saekit.analyze.crosslayer import cofiring, layer_skip, similarity_decay
+from saekit.codes import encode_all
 from saekit.errors import SaekitError
-from saekit.matching import FoldedSAE, Match, encode_all, fold_scale, match
+from saekit.matching import FoldedSAE, Match, fold_scale, match
 from saekit.sae import SAE, SAEConfig
 
 

@@ -20,9 +20,10 @@ import torch
 
 from saekit.activations import Activations, batches
 from saekit.analyze.universality import universality
+from saekit.codes import Codes, encode_all
 from saekit.errors import SaekitError
 from saekit.io import atomic_write, md_table
-from saekit.matching import Codes, Match, encode_all, match, nearest, pair_scores
+from saekit.matching import Match, match, nearest, pair_scores
 from saekit.run import Run
 from saekit.sae import SAE
 
