@@ -89,7 +89,8 @@ def main() -> None:
                      "multi-dim clusters": g.get("n_multidim_clusters")})
         spectra[h] = (gal["eigenvalues"], gal["rank_window"], gal["power_law_alpha"], gal["power_law_intercept"])
         top = [{**r, "contexts": top_contexts(codes, token_ids, tok, r["latents"])} for r in (g["multidim"] or [])[:5]]
-        details[h] = {"galaxy": {k: v for k, v in gal.items() if k != "eigenvalues"}, "lobes": lb,
+        details[h] = {"galaxy": {k: v for k, v in gal.items() if k != "eigenvalues"},
+                      "lobes": {k: v for k, v in lb.items() if k not in ("labels", "geometric_labels")},
                       "multidim": top, "calendar": calendar_latents(codes, token_ids, tok), "notes": g["notes"]}
         print(f"{h}: α {gal['power_law_alpha']:.3f}, clustering {gal['clustering']:.3g}", flush=True)
     OUT.mkdir(exist_ok=True)
