@@ -208,7 +208,7 @@ def markdown(out: dict, plot: str | None) -> str:
                   ("dloss_top1", "Δloss top-1"), ("dloss_sae_b", "Δloss SAE t+1"),
                   ("cofire_match_mean_jaccard", "co-fire match"), ("cofire_top1_mean_jaccard", "co-fire top-1")]
     uni_cols = [("a", "layer t"), ("b", "layer t+1"), ("svcca", "SVCCA"), ("svcca_null", "SVCCA shuffled"),
-                ("svcca_p", "p"), ("rsa", "RSA"), ("rsa_null", "RSA shuffled"), ("rsa_p", "p")]
+                ("svcca_p", "p (SVCCA)"), ("rsa", "RSA"), ("rsa_null", "RSA shuffled"), ("rsa_p", "p (RSA)")]
     table = lambda cols: md_table([{h: f(r.get(k, "")) for k, h in cols} for r in out["layers"]])  # noqa: E731
     lines = [f"# Cross-layer matching of `{out['run']}`", "",
              f"{len(out['hookpoints'])} hookpoints, codes on {out['tokens']} held-out tokens, Δloss on "
