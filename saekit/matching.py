@@ -11,7 +11,8 @@
 
 Solvers: `exact` is `scipy.optimize.linear_sum_assignment` on the full cost matrix (O(m³),
 m² memory: practical to ~16k latents); `sparse` keeps each row's and each column's top
-`candidates` neighbours (one blocked pass, never the m×m matrix), removes duplicate edges and
+`candidates` neighbours (two blocked passes, never the m×m matrix; bf16 where this CPU multiplies
+faster in it, exact fp32 costs on the kept edges), removes duplicate edges and
 runs `scipy.sparse.csgraph.min_weight_full_bipartite_matching`, with a costly private dummy
 edge per row so that a full matching always exists: the result is the cheapest matching of
 most latents the candidate graph allows, and the latents it leaves out are matched exactly
@@ -38,6 +39,7 @@ from saekit.activations import Activations
 from saekit.codes import Codes, encode_all
 from saekit.errors import SaekitError
 from saekit.io import atomic_write
+from saekit.runtime import cpu_encoder_bf16
 from saekit.sae import SAE
 
 Method = Literal["decoder", "activations"]
@@ -102,6 +104,9 @@ def fold(sae: SAE, scale: torch.Tensor | None = None) -> FoldedSAE:
 
 
 # -- similarity spaces ---------------------------------------------------------------------------
+# Each space gives `gain(rows, cols, transpose, fast)`: a block of the [m_a, m_b] similarity to
+# maximise (rows of B against A when `transpose`; `fast` allows a bf16 matmul, for choosing
+# candidates only), `pair_gain(i, j)` exactly for listed pairs, and `score(i, j)` to report.
 class _Decoder:
     """Gain = −(squared distance) between folded rows; score = cosine of the decoder rows."""
 
@@ -110,19 +115,29 @@ class _Decoder:
             parts = [f.W_dec] + ([f.W_enc, f.b_enc[:, None]] if use_encoder else [])
             return torch.cat(parts, 1).float().cpu()
 
-        self.xa, self.xb = rows(fa), rows(fb)
-        self.na, self.nb = (self.xa**2).sum(1), (self.xb**2).sum(1)
+        self.x = rows(fa), rows(fb)
+        self.n = tuple((x**2).sum(1) for x in self.x)
+        # bf16 where this CPU multiplies faster in it (see saekit.runtime): candidates only
+        fast = torch.bfloat16 if cpu_encoder_bf16() else torch.float32
+        self.x_fast = tuple(x.to(fast) for x in self.x)
         self.da, self.db = (torch.nn.functional.normalize(f.W_dec.float().cpu(), dim=1) for f in (fa, fb))
-        self.m_a, self.m_b = len(self.xa), len(self.xb)
+        self.m_a, self.m_b = (len(x) for x in self.x)
 
-    def gain(self, rows, cols=slice(None)) -> torch.Tensor:
-        return 2 * self.xa[rows] @ self.xb[cols].T - self.na[rows, None] - self.nb[None, cols]
+    def gain(self, rows, cols=slice(None), transpose: bool = False, fast: bool = False) -> torch.Tensor:
+        u, v = (1, 0) if transpose else (0, 1)
+        x = self.x_fast if fast else self.x
+        dot = (x[u][rows] @ x[v][cols].T).float()
+        return 2 * dot - self.n[u][rows, None] - self.n[v][None, cols]
+
+    def pair_gain(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        out = np.empty(len(i))
+        for s in range(0, len(i), 65536):
+            a, b = torch.from_numpy(i[s : s + 65536]), torch.from_numpy(j[s : s + 65536])
+            out[s : s + 65536] = (2 * (self.x[0][a] * self.x[1][b]).sum(1) - self.n[0][a] - self.n[1][b]).numpy()
+        return out
 
     def score(self, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
         return (self.da[ia] * self.db[ib]).sum(1)
-
-    def cosine(self, rows: slice) -> torch.Tensor:
-        return self.da[rows] @ self.db.T
 
 
 class _Correlation:
@@ -134,21 +149,27 @@ class _Correlation:
             raise SaekitError(f"activation matching needs codes on the same tokens; got {ca.n_tokens} and "
                               f"{cb.n_tokens} tokens")
         self.n = ca.n_tokens
-        self.sa, self.sb = ca.csr().T.tocsr(), cb.csr().tocsc()
-        (self.mua, sda), (self.mub, sdb) = ca.moments(), cb.moments()
-        self.ia, self.ib = (np.where(s > 0, 1 / np.where(s > 0, s, 1), 0.0) for s in (sda, sdb))
+        csr = ca.csr(), cb.csr()
+        self.by_latent = tuple(c.T.tocsr() for c in csr)  # [m, N]
+        self.by_token = tuple(c.tocsc() for c in csr)  # [N, m]
+        mom = ca.moments(), cb.moments()
+        self.mu = tuple(m for m, _ in mom)
+        self.inv_sd = tuple(np.where(s > 0, 1 / np.where(s > 0, s, 1), 0.0) for _, s in mom)
         self.m_a, self.m_b = ca.n_latents, cb.n_latents
 
-    def gain(self, rows, cols=slice(None)) -> torch.Tensor:
+    def gain(self, rows, cols=slice(None), transpose: bool = False, fast: bool = False) -> torch.Tensor:
         rows, cols = (x.numpy() if isinstance(x, torch.Tensor) else x for x in (rows, cols))
-        prod = (self.sa[rows] @ self.sb[:, cols]).toarray() / self.n
-        cov = prod - np.outer(self.mua[rows], self.mub[cols])
-        return torch.from_numpy((cov * np.outer(self.ia[rows], self.ib[cols])).astype(np.float32))
+        u, v = (1, 0) if transpose else (0, 1)
+        cov = (self.by_latent[u][rows] @ self.by_token[v][:, cols]).toarray() / self.n
+        cov -= np.outer(self.mu[u][rows], self.mu[v][cols])
+        return torch.from_numpy((cov * np.outer(self.inv_sd[u][rows], self.inv_sd[v][cols])).astype(np.float32))
+
+    def pair_gain(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        prod = np.asarray(self.by_latent[0][i].multiply(self.by_latent[1][j]).sum(1)).ravel() / self.n
+        return (prod - self.mu[0][i] * self.mu[1][j]) * self.inv_sd[0][i] * self.inv_sd[1][j]
 
     def score(self, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
-        a, b = ia.numpy(), ib.numpy()
-        prod = np.asarray(self.sa[a].multiply(self.sb[:, b].T.tocsr()).sum(1)).ravel() / self.n
-        return torch.from_numpy((prod - self.mua[a] * self.mub[b]) * self.ia[a] * self.ib[b]).float()
+        return torch.from_numpy(self.pair_gain(ia.numpy(), ib.numpy())).float()
 
 
 def _blocks(m: int):
@@ -171,26 +192,19 @@ def _argmax(space) -> tuple[torch.Tensor, dict]:
 
 
 def topk_edges(space, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidate edges (i, j) with their gains: each row's top-c columns and each column's
-    top-c rows, in one blocked pass (a running top-c per column), duplicates removed."""
-    c_row, c_col = min(c, space.m_b), min(c, space.m_a)
-    rows_i, rows_v = [], []
-    best_v = torch.full((c_col, space.m_b), -torch.inf)
-    best_i = torch.zeros((c_col, space.m_b), dtype=torch.long)
-    for r in _blocks(space.m_a):
-        g = space.gain(r)
-        v, j = g.topk(c_row, dim=1)
-        rows_i.append(j)
-        rows_v.append(v)
-        v, i = torch.cat([best_v, g]).topk(c_col, dim=0)
-        best_i = torch.where(i < c_col, best_i.gather(0, i.clamp(max=c_col - 1)), i - c_col + r.start)
-        best_v = v
-    i = torch.cat([torch.arange(space.m_a).repeat_interleave(c_row), best_i.flatten()])
-    j = torch.cat([torch.cat(rows_i).flatten(), torch.arange(space.m_b).repeat(c_col)])
-    v = torch.cat([torch.cat(rows_v).flatten(), best_v.flatten()])
+    """Candidate edges (i, j) with their exact gains: each A latent's top-c B latents and each B
+    latent's top-c A latents (two blocked passes, never the m_a × m_b matrix), duplicates removed."""
+    parts = []
+    for transpose, m, other in ((False, space.m_a, space.m_b), (True, space.m_b, space.m_a)):
+        for r in _blocks(m):
+            near = space.gain(r, transpose=transpose, fast=True).topk(min(c, other), dim=1).indices
+            mine = torch.arange(r.start, r.stop).repeat_interleave(near.shape[1])
+            parts.append((near.flatten(), mine) if transpose else (mine, near.flatten()))
+    i, j = (torch.cat([p[k] for p in parts]) for k in (0, 1))
     # one copy of each edge: summing duplicates (as a sparse matrix would) changes their costs
-    key, first = np.unique((i * space.m_b + j).numpy(), return_index=True)
-    return key // space.m_b, key % space.m_b, v.double().numpy()[first]
+    key = np.unique((i * space.m_b + j).numpy())
+    i, j = key // space.m_b, key % space.m_b
+    return i, j, space.pair_gain(i, j)
 
 
 def _sparse(space, candidates: int, fallback: str) -> tuple[torch.Tensor, dict]:
