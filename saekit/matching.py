@@ -105,8 +105,8 @@ def fold(sae: SAE, scale: torch.Tensor | None = None) -> FoldedSAE:
 
 # -- similarity spaces ---------------------------------------------------------------------------
 # Each space gives `gain(rows, cols, transpose, fast)`: a block of the [m_a, m_b] similarity to
-# maximise (rows of B against A when `transpose`; `fast` allows a bf16 matmul, for choosing
-# candidates only), `pair_gain(i, j)` exactly for listed pairs, and `score(i, j)` to report.
+# maximise (rows of B against A when `transpose`; `fast` may use bf16 and drop per-row constants,
+# for a per-row top-k only), `pair_gain(i, j)` exactly for listed pairs, and `score(i, j)` to report.
 class _Decoder:
     """Gain = −(squared distance) between folded rows; score = cosine of the decoder rows."""
 
@@ -125,9 +125,10 @@ class _Decoder:
 
     def gain(self, rows, cols=slice(None), transpose: bool = False, fast: bool = False) -> torch.Tensor:
         u, v = (1, 0) if transpose else (0, 1)
-        x = self.x_fast if fast else self.x
-        dot = (x[u][rows] @ x[v][cols].T).float()
-        return 2 * dot - self.n[u][rows, None] - self.n[v][None, cols]
+        if fast:  # for a per-row top-k: one fused matmul in the fast dtype, the row constant left out
+            x = self.x_fast
+            return torch.addmm(-self.n[v][None, cols].to(x[u].dtype), x[u][rows], x[v][cols].T, alpha=2)
+        return 2 * self.x[u][rows] @ self.x[v][cols].T - self.n[u][rows, None] - self.n[v][None, cols]
 
     def pair_gain(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         out = np.empty(len(i))
