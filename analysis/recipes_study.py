@@ -1,4 +1,4 @@
-"""Issue-4 study: TopK vs BatchTopK vs OrtSAE vs subspace init on the same cached SmolLM2
+"""Recipe study: TopK vs BatchTopK vs OrtSAE vs subspace init on the same cached SmolLM2
 activations (layer-6 residual stream and attention output).
 
     python analysis/recipes_study.py [--n_tokens 350000 --epochs 3 --out analysis/results/recipes.md]

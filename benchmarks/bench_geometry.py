@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from saekit import analyze
+from saekit.codes import encode_all
 from saekit.kernels import sparse_decode
 from saekit.sae import SAE, SAEConfig
 
@@ -103,8 +104,8 @@ def main() -> None:
         print(f"{name}: {dt:.1f} s  {rows[-1][2]}", flush=True)
         return out
 
-    codes = timed(f"encode {a.tokens:,} tokens (once)", lambda: analyze.sparse_codes(
-        sae, stream(sae, pool, circles, a.tokens, a.per_token, a.batch, a.seed)), lambda c: f"{len(c)} batches")
+    codes = timed(f"encode {a.tokens:,} tokens (once)", lambda: encode_all(
+        sae, stream(sae, pool, circles, a.tokens, a.per_token, a.batch, a.seed)), lambda c: f"{c.n_tokens:,} tokens")
     timed("geometry", lambda: analyze.geometry(sae, seed=a.seed),
           lambda g: f"alpha {g.power_law_alpha:.3f} [{g.power_law_ci[0]:.3f}, {g.power_law_ci[1]:.3f}], "
                     f"shrunk {g.power_law_alpha_shrunk:.3f}, clustering {g.clustering:.2f} "

@@ -14,12 +14,16 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-_SUBMODULES = ("analyze",)  # imported on first use: `saekit.analyze.dead(...)` after `import saekit`
+_SUBMODULES = ("analyze", "matching")  # imported on first use: `saekit.analyze.dead(...)` after `import saekit`
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"saekit.{name}")
+    if name == "match":  # scipy and pandas load only when matching is used
+        from saekit.matching import match
+
+        return match
     raise AttributeError(f"module 'saekit' has no attribute {name!r}")
 
 
@@ -31,4 +35,4 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False):
 
 
 __all__ = ["SAE", "Run", "SAEConfig", "SaekitError", "SparseCode", "TrainConfig", "__version__", "analyze", "fit",
-           "load_config", "train"]
+           "load_config", "match", "matching", "train"]

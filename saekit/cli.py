@@ -1,7 +1,8 @@
-"""The `saekit` command line: one verb per stage (train, cache, eval, analyze)."""
+"""The `saekit` command line: one verb per stage (train, cache, eval, analyze, match)."""
 
 import argparse
 import sys
+from pathlib import Path
 
 import saekit
 from saekit.errors import SaekitError
@@ -55,6 +56,50 @@ def _analyze(args, extra):
                 min_letters=args.min_letters, model=args.model, quiet=args.quiet)
 
 
+def _match(args, extra):
+    from saekit.analyze.crosslayer import chain_report
+    from saekit.io import md_table
+    from saekit.matching import encode_all, match
+
+    if args.chain:
+        if args.b is not None:
+            raise SaekitError("--chain takes one run folder (its consecutive hookpoints are matched), not two")
+        chain_report(args.a, max_tokens=args.tokens, n_contexts=args.contexts, solver=args.solver, quiet=args.quiet)
+        return
+    if args.b is None:
+        raise SaekitError("give two SAEs to match (SAE folders, or RUN/<hookpoint>), or one run with --chain")
+    (a, acts_a), (b, acts_b) = _match_side(args.a, args.activations_a), _match_side(args.b, args.activations_b)
+    codes = None
+    if args.method == "activations":
+        if acts_a is None or acts_b is None:
+            raise SaekitError("--method activations needs both SAEs' activations on the same tokens: SAEs of one run "
+                              "(its held-out cache), or --activations-a and --activations-b")
+        codes = (encode_all(a, acts_a, args.tokens), encode_all(b, acts_b, args.tokens))
+    m = match(a, b, args.method, args.solver, args.candidates, codes=codes, min_score=args.min_score)
+    out = Path(args.out) if args.out else Path(args.a) / "matches" / f"{Path(args.b).name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    m.save(out)
+    print(md_table([{"A": args.a, "B": args.b, "method": m.method, "solver": m.solver, **m.summary(),
+                     "seconds": m.info["seconds"]}]))
+    print(f"\n{m.table.sort_values('score', ascending=False).head(args.show).to_string(index=False)}")
+    print(f"\nsaekit: match written to {out}")
+
+
+def _match_side(spec: str, activations: str | None):
+    """An SAE to match and, where known, its held-out activations: an SAE folder (inside a run
+    folder, the run's cache), or a run folder with one hookpoint."""
+    from saekit.run import Run, is_sae_folder
+
+    path = Path(spec)
+    if is_sae_folder(path) and (path.parent / "config.json").is_file():
+        run, h = Run.open(path.parent), path.name
+    else:
+        run = Run.open(path)
+        h = run.hookpoint()
+    acts = run.activations(h, path=activations) if activations or not run.bare else None
+    return run.sae(h), acts
+
+
 ACTIVATIONS_HELP = ("activation cache folder or .safetensors file with one [N, d_in] tensor "
                     "(default: the run's held-out cache; needed for a bare SAE folder)")
 
@@ -100,7 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--min-letters", type=int, default=20, help="absorption: letters that must pass the probe")
     a.set_defaults(func=_analyze)
 
-    for s in (t, c, e, a):
+    mt = sub.add_parser("match", usage="saekit match A B [options] | saekit match RUN --chain [options]",
+                        help="match the latents of two SAEs (or every layer of a run) and report how alike they are")
+    mt.add_argument("a", help="SAE folder (or RUN/<hookpoint>); with --chain, a run folder")
+    mt.add_argument("b", nargs="?", default=None, help="the SAE folder to match A to")
+    mt.add_argument("--chain", action="store_true", help="match consecutive hookpoints of run A; writes "
+                                                         "RUN/analysis/matching.{md,json,png}")
+    mt.add_argument("--method", choices=["decoder", "activations"], default="decoder",
+                    help="decoder rows (SAE Match) or activation correlation on the same tokens")
+    mt.add_argument("--solver", choices=["auto", "exact", "sparse", "argmax"], default="auto")
+    mt.add_argument("--candidates", type=int, default=16, help="sparse solver: neighbours per latent")
+    mt.add_argument("--min-score", type=float, default=None, help="unmatch pairs scoring at or below this")
+    mt.add_argument("--tokens", type=int, default=32768, help="held-out tokens to encode (activations, chain)")
+    mt.add_argument("--contexts", type=int, default=None, help="--chain: contexts for the layer-skip Δloss "
+                                                               "(default: the run's eval_contexts; 0 skips it)")
+    mt.add_argument("--activations-a", default=None, help=ACTIVATIONS_HELP)
+    mt.add_argument("--activations-b", default=None, help=ACTIVATIONS_HELP)
+    mt.add_argument("--out", default=None, help="match file, .json or .parquet (default: A/matches/<B>.json)")
+    mt.add_argument("--show", type=int, default=10, help="best pairs to print")
+    mt.set_defaults(func=_match, strict=True)
+
+    for s in (t, c, e, a, mt):
         s.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(strict=True)
     a.set_defaults(strict=True)

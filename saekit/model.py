@@ -193,11 +193,14 @@ def harvest(model, tokens: torch.Tensor, mask: torch.Tensor, hookpoints: list[st
 
 
 def logprobs(model, tokens: torch.Tensor, hookpoint: str | None = None,
-             replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+             replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             hooks: tuple[tuple[str, Callable[[torch.Tensor], torch.Tensor]], ...] = ()) -> torch.Tensor:
     """Next-token log-probabilities `[n, ctx, vocab]`, optionally with the activation at
-    `hookpoint` replaced by `replace(acts)` (e.g. an SAE reconstruction)."""
+    `hookpoint` replaced by `replace(acts)` (e.g. an SAE reconstruction), and with any
+    further `(hookpoint, fn)` pairs in `hooks` applied in forward order."""
     device = next(model.parameters()).device
-    hooks = [(hookpoint, lambda act, hook: replace(act))] if replace is not None else []
+    pairs = ([(hookpoint, replace)] if replace is not None else []) + list(hooks)
+    hooks = [(h, lambda act, hook, fn=fn: fn(act)) for h, fn in pairs]
     with torch.inference_mode():
         logits = model.run_with_hooks(tokens.to(device), fwd_hooks=hooks)
     return logits.float().log_softmax(-1)

@@ -12,6 +12,7 @@ from sklearn.metrics import adjusted_mutual_info_score
 
 from saekit import analyze, cli
 from saekit.analyze.geometry import mixture_index, separability_index, shrunk_eigenvalues
+from saekit.codes import encode_all
 from saekit.errors import SaekitError
 from saekit.sae import SAE, SAEConfig
 
@@ -114,7 +115,7 @@ def test_lobes_recover_planted_topics():
     assert lb.n_chunks == 60 and lb.n_tokens == 60 * 256 and lb.n_fired == 120
     assert sorted(lb.lobe_sizes) == [40, 40, 40]
     # the same from precomputed codes, and with the clustering on a subsample of latents
-    codes = analyze.sparse_codes(sae, x)
+    codes = encode_all(sae, x)
     assert torch.equal(analyze.lobes(sae, codes=codes, n_lobes=3).labels, lb.labels)
     sub = analyze.lobes(sae, codes=codes, n_lobes=3, max_latents=60)
     assert sub.n_clustered == 60 and sub.ami >= 0.8

@@ -12,9 +12,9 @@ from saekit.analyze.geometry import (
     geometry_bundle,
     lobes,
     multidim_features,
-    sparse_codes,
 )
+from saekit.analyze.universality import UniversalityResult, universality
 
-__all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult", "absorption",
-           "collapse", "crystals", "dead", "decoder_collapse", "geometry", "geometry_bundle", "lobes",
-           "multidim_features", "sparse_codes"]
+__all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult", "UniversalityResult",
+           "absorption", "collapse", "crystals", "dead", "decoder_collapse", "geometry", "geometry_bundle", "lobes",
+           "multidim_features", "universality"]

@@ -13,7 +13,7 @@ Concepts") and Engels et al. 2024 ("Not All Language Model Features Are Linear")
 
 Codes come from `sae.encode` (sparse `(values, indices)` pairs); no dense `[tokens, latents]`
 matrix is built. The analyses that need activations also take precomputed codes (`codes=`, an
-iterable of `(values, indices)` batches, e.g. from `sparse_codes`), so one encoding can serve
+iterable of `(values, indices)` batches, e.g. `saekit.codes.encode_all`), so one encoding can serve
 several of them.
 """
 
@@ -30,36 +30,22 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.special import digamma
 
-from saekit.analyze.common import Activations, Result, batches
+from saekit.analyze.common import Activations, Result
+from saekit.codes import encode_batches
 from saekit.errors import SaekitError
-from saekit.sae import SAE, SparseCode
+from saekit.sae import SAE
 
-Codes = Iterable[tuple[torch.Tensor, torch.Tensor]]  # batches of (values [B, k], indices [B, k])
+Codes = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (values [B, k], indices [B, k]) batches: `saekit.codes.Codes`
 
 
 # -- shared helpers -----------------------------------------------------------------------
-def sparse_codes(sae: SAE, activations: Activations, max_tokens: int | None = None,
-                 batch_size: int = 4096) -> list[SparseCode]:
-    """The SAE's sparse codes of `activations`, one `(values, indices)` pair per batch (held in
-    memory: 12 bytes per token and code slot), to reuse across `lobes` and `multidim_features`."""
-    return list(_encoded(sae, activations, max_tokens, batch_size))
-
-
-@torch.no_grad()
-def _encoded(sae: SAE, activations: Activations, max_tokens: int | None, batch_size: int):
-    dev = sae.W_dec.device
-    for x in batches(activations, sae.d_in, batch_size, max_tokens):
-        vals, idx = sae.encode(x.to(dev))
-        yield SparseCode(vals.float().cpu(), idx.cpu())
-
-
 def _code_stream(sae: SAE, activations: Activations | None, codes: Codes | None, max_tokens: int | None,
                  batch_size: int):
     if (activations is None) == (codes is None):
         raise SaekitError("pass either activations or codes (precomputed sparse codes), not both or neither")
     if codes is not None:
         return ((v.float().cpu(), i.long().cpu()) for v, i in codes)
-    return _encoded(sae, activations, max_tokens, batch_size)
+    return encode_batches(sae, activations, max_tokens, batch_size)
 
 
 def _feed(stream, consumers) -> int:
@@ -697,7 +683,7 @@ def geometry_bundle(sae: SAE, activations: Activations | None = None, max_tokens
         occ = _ChunkOccurrence(sae.n_latents, chunk, 0.0)
         clusters = find_clusters(sae.W_dec.detach().cpu(), seed=seed)
         acc = _ClusterCodes(clusters, sae.n_latents, 2000)
-        n = _feed(_encoded(sae, activations, max_tokens, batch_size), [occ, acc])
+        n = _feed(encode_batches(sae, activations, max_tokens, batch_size), [occ, acc])
         try:
             lb = _lobes_finish(sae, occ, n_lobes, 2048, 100, seed)
         except SaekitError as e:

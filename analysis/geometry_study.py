@@ -1,0 +1,145 @@
+"""Feature-geometry layer sweep on the multi-layer run (`configs/layers.yaml`, six consecutive
+residual layers of SmolLM2-135M).
+
+Per layer: the decoder covariance power law α (raw and on shrunk eigenvalues) with its 95 % CI,
+the clustering entropy with its bootstrap CI, co-occurrence lobes against geometric lobes, and
+the best multi-dimensional clusters with the tokens on which they fire most. Also looks for the
+circles Engels et al. found (days of the week, months): which latents fire on those tokens and
+whether they form one cluster. Writes analysis/results/geometry.{md,json} and
+geometry_spectrum.png.
+
+    saekit train configs/layers.yaml
+    python3 analysis/geometry_study.py --run runs/layers
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from saekit import Run
+from saekit.analyze import geometry_bundle
+from saekit.codes import encode_all
+from saekit.io import atomic_write, md_table
+from saekit.model import load_model
+from saekit.pipeline import contexts
+
+OUT = Path(__file__).parent / "results"
+PUBLISHED = "Gemma-2-2B (Li et al. 2024): α ≈ 0.24 at the first layers, ≈ 0.49 in the middle, ≈ 0.23 at the last"
+CALENDAR = {"days": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+            "months": ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+                       "October", "November", "December"]}
+
+
+def top_contexts(codes, token_ids, tok, latents: list[int], n: int = 5, width: int = 4) -> list[str]:
+    """The `n` tokens where the latents' summed activation is largest, each with `width` tokens before."""
+    lat = torch.tensor(latents)
+    hit = torch.isin(codes.indices, lat)
+    total = (codes.values * hit).sum(1)
+    best = total.topk(min(n, int((total > 0).sum()))).indices.tolist()
+    out = []
+    for t in best:
+        left = tok.decode(token_ids[max(0, t - width) : t].tolist())
+        out.append(f"{left}[{tok.decode([int(token_ids[t])])}]".replace("\n", "⏎").replace("|", "/"))
+    return out
+
+
+def calendar_latents(codes, token_ids, tok) -> dict:
+    """For each calendar word present in the text, the latent that fires most on it."""
+    out = {}
+    for group, words in CALENDAR.items():
+        found = {}
+        for w in words:
+            ids = [tok.encode(p + w, add_special_tokens=False) for p in (" ", "")]
+            ids = [i[0] for i in ids if len(i) == 1]
+            pos = torch.isin(token_ids, torch.tensor(ids)).nonzero().flatten() if ids else torch.tensor([])
+            if len(pos) == 0:
+                continue
+            v, i = codes.values[pos].flatten(), codes.indices[pos].flatten()
+            best = torch.zeros(codes.n_latents).index_add_(0, i, v).argmax()
+            found[w] = {"occurrences": len(pos), "top_latent": int(best)}
+        out[group] = found
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/layers")
+    p.add_argument("--tokens", type=int, default=None, help="held-out tokens (default: all)")
+    args = p.parse_args()
+    run = Run.open(args.run)
+    model = load_model(run.model_name)
+    vt, vm = contexts(run.config, model.tokenizer)["val"]
+    token_ids = vt[vm]  # the cache's row order: masked positions, context by context
+    tok = model.tokenizer
+    rows, details, spectra = [], {}, {}
+    for h in run.hookpoints:
+        sae = run.sae(h)
+        acts = run.activations(h)
+        g = geometry_bundle(sae, acts, max_tokens=args.tokens)
+        codes = encode_all(sae, acts, args.tokens)
+        gal, lb = g["galaxy"], g["lobes"] or {}
+        rows.append({"hookpoint": h, "α": gal["power_law_alpha"],
+                     "α 95 % CI": f"{gal['power_law_ci'][0]:.3f} .. {gal['power_law_ci'][1]:.3f}",
+                     "α shrunk": gal["power_law_alpha_shrunk"], "R²": gal["power_law_r2"],
+                     "clustering": gal["clustering"],
+                     "clustering 95 % CI": f"{gal['clustering_ci'][0]:.3g} .. {gal['clustering_ci'][1]:.3g}",
+                     "lobe AMI": lb.get("ami"), "lobe z": lb.get("z_score"),
+                     "multi-dim clusters": g.get("n_multidim_clusters")})
+        spectra[h] = (gal["eigenvalues"], gal["rank_window"], gal["power_law_alpha"], gal["power_law_intercept"])
+        top = [{**r, "contexts": top_contexts(codes, token_ids, tok, r["latents"])} for r in (g["multidim"] or [])[:5]]
+        details[h] = {"galaxy": {k: v for k, v in gal.items() if k != "eigenvalues"},
+                      "lobes": {k: v for k, v in lb.items() if k not in ("labels", "geometric_labels")},
+                      "multidim": top, "calendar": calendar_latents(codes, token_ids, tok), "notes": g["notes"]}
+        print(f"{h}: α {gal['power_law_alpha']:.3f}, clustering {gal['clustering']:.3g}", flush=True)
+    OUT.mkdir(exist_ok=True)
+    lines = ["# Feature geometry across layers", "", f"Run `{args.run}`: {len(rows)} residual-stream SAEs "
+             f"({run.config.expansion}x, k {run.config.k}), held-out tokens of its validation cache.", "",
+             md_table(rows), "", f"Published shape: {PUBLISHED}; a Gaussian cloud gives ≈ 0.", "",
+             "![decoder covariance spectra](geometry_spectrum.png)", ""]
+    for h, d in details.items():
+        lines += [f"## {h}", ""]
+        if d["multidim"]:
+            lines += ["Best multi-dimensional clusters (score = separability × (1 − mixture)):", "",
+                      md_table([{"latents": ", ".join(map(str, r["latents"][:8])), "size": r["size"],
+                                 "mixture": r["mixture_index"], "separability": r["separability_index"],
+                                 "score": r["score"], "top contexts": " · ".join(r["contexts"][:3])}
+                                for r in d["multidim"]]), ""]
+        cal = d["calendar"]
+        seen = {g: len(v) for g, v in cal.items()}
+        lines += [f"Calendar words in the held-out text: {seen['days']} of 7 day names, {seen['months']} of 12 months"
+                  + "".join(f"; {g}: " + ", ".join(f"{w} ×{v['occurrences']} → latent {v['top_latent']}"
+                                                      for w, v in found.items()) for g, found in cal.items() if found)
+                  + ".", ""]
+        lines += [f"Note: {n}." for n in d["notes"]]
+    atomic_write(OUT / "geometry.md", lambda q: q.write_text("\n".join(lines) + "\n"))
+    atomic_write(OUT / "geometry.json", lambda q: q.write_text(json.dumps({"rows": rows, "details": details},
+                                                                         indent=1, default=str)))
+    _plot(spectra, OUT / "geometry_spectrum.png")
+    print("\n".join(lines))
+
+
+def _plot(spectra: dict, file: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for h, (lam, (lo, hi), alpha, c) in spectra.items():
+        r = np.arange(1, len(lam) + 1)
+        line, = ax.loglog(r, lam, lw=1, label=f"{h.split('.')[1]}: α {alpha:.2f}")
+        w = np.arange(lo, hi + 1)
+        ax.loglog(w, 10 ** (c - alpha * np.log10(w)), "--", color=line.get_color(), lw=1.5)
+    ax.set(xlabel="rank", ylabel="eigenvalue of the decoder-row covariance",
+           title="Decoder spectra by layer (dashed: power-law fit)")
+    ax.legend(title="layer", fontsize=8)
+    fig.tight_layout()
+    atomic_write(file, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Cross-layer matching: folding, planted permutations, solver agreement, widths, universality,
+layer skip, and `saekit match` on a real two-layer run."""
+
+import json
+
+import pytest
+import torch
+
+import saekit
+from saekit import cli
+from saekit.analyze import universality
+from saekit.analyze.crosslayer import cofiring, layer_skip, similarity_decay
+from saekit.codes import encode_all
+from saekit.errors import SaekitError
+from saekit.matching import FoldedSAE, Match, fold_scale, match
+from saekit.sae import SAE, SAEConfig
+
+
+def sae_pair(m: int = 512, d: int = 64, noise: float = 0.05, seed: int = 0, m_b: int | None = None):
+    """SAE A with random unit rows, and B = a permuted (subset of) A with noise on the decoder.
+    Returns A, B and the planted answer want[a] = the B latent holding A's latent a (or -1)."""
+    g = torch.Generator().manual_seed(seed)
+    a = SAE(SAEConfig(d, m, 8))
+    with torch.no_grad():
+        a.W_dec.copy_(torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1))
+        a.W_enc.copy_(a.W_dec)
+        a.b_enc.copy_(0.1 * torch.randn(m, generator=g))
+    m_b = m_b or m
+    src = torch.randperm(m, generator=g)[:m_b]  # B's latent j is A's latent src[j]
+    b = SAE(SAEConfig(d, m_b, 8))
+    with torch.no_grad():
+        b.W_dec.copy_(torch.nn.functional.normalize(a.W_dec[src] + noise * torch.randn(m_b, d, generator=g), dim=1))
+        b.W_enc.copy_(a.W_enc[src])
+        b.b_enc.copy_(a.b_enc[src])
+    want = torch.full((m,), -1, dtype=torch.long)
+    want[src] = torch.arange(m_b)
+    return a, b, want
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_folding_leaves_the_output_unchanged(architecture):
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(32, 256, 8, architecture=architecture, threshold=0.3 if architecture == "batchtopk" else None))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.2)
+        sae.b_dec.normal_()
+    sae.eval()
+    x = torch.randn(300, 32) + sae.b_dec.detach()
+    for scale in (torch.rand(256) * 5 + 0.1, fold_scale(sae, encode_all(sae, x), "mean"), fold_scale(sae)):
+        f = FoldedSAE(sae, scale)
+        torch.testing.assert_close(f(x), sae(x).detach(), atol=1e-5, rtol=1e-5)
+        vals, idx = f.encode(x)
+        # the folded parameters are the folded SAE: codes come from W_enc' and b_enc'
+        pre = (x - f.b_dec) @ f.W_enc.T + f.b_enc
+        nz = vals > 0
+        torch.testing.assert_close(vals[nz], pre.gather(1, idx)[nz], atol=1e-4, rtol=1e-4)
+    mean = fold_scale(sae, encode_all(sae, x), "mean")
+    assert not torch.allclose(mean, torch.ones(256))  # the data-derived scale is not a no-op
+
+
+@pytest.mark.parametrize("solver", ["exact", "sparse"])
+def test_planted_permutation_is_recovered(solver):
+    a, b, want = sae_pair(m=1024, noise=0.05)
+    m = match(a, b, solver=solver)
+    assert m.solver == solver
+    assert (m.b_for_a == want).float().mean() >= 0.99
+    assert m.score.min() > 0.8 and len(set(m.b_for_a.tolist())) == 1024  # one-to-one
+    assert list(m.table.columns) == ["latent_a", "latent_b", "score"] and len(m.table) == 1024
+    torch.testing.assert_close(m.a_for_b[m.b_for_a], torch.arange(1024))
+
+
+def test_sparse_agrees_with_exact_where_matches_are_not_obvious():
+    # noise comparable to the signal: many rows' nearest neighbour is not their planted pair
+    a, b, want = sae_pair(m=2048, d=48, noise=0.6, seed=1)
+    exact, sparse = match(a, b, solver="exact"), match(a, b, solver="sparse", candidates=16)
+    assert (exact.b_for_a == want).float().mean() < 0.99  # the instance is not trivial
+    assert (sparse.b_for_a == exact.b_for_a).float().mean() >= 0.99
+    assert sparse.info["edges"] < 2 * 16 * 2048 and sparse.info["n_fallback"] == 0
+
+
+def test_sparse_falls_back_when_candidates_have_no_full_matching():
+    a, b, want = sae_pair(m=256, noise=0.05)
+    with torch.no_grad():  # 40 A rows share one nearest B latent: one candidate each cannot match them all
+        a.W_dec[:40] = b.W_dec[0] + 0.01 * torch.randn(40, 64)
+    fb = match(a, b, solver="sparse", candidates=1)
+    assert fb.info["n_fallback"] > 0 and (fb.b_for_a >= 0).all() and len(set(fb.b_for_a.tolist())) == 256
+    none = match(a, b, solver="sparse", candidates=1, fallback="none")
+    assert (none.b_for_a == -1).sum() == fb.info["n_fallback"] and none.score[none.b_for_a < 0].isnan().all()
+    assert (fb.b_for_a[40:] == want[40:]).float().mean() > 0.95  # the rest still finds its planted pair
+
+
+@pytest.mark.parametrize("narrower", ["b", "a"])
+def test_different_widths(narrower):
+    a, b, want = sae_pair(m=512, noise=0.05, m_b=384)  # B holds 384 of A's 512 latents
+    if narrower == "a":
+        kept = torch.nonzero(want >= 0).flatten()
+        a, b, want = b, a, torch.empty(384, dtype=torch.long).index_put_((want[kept],), kept)
+    for solver in ("exact", "sparse"):
+        m = match(a, b, solver=solver)
+        assert m.m_a == a.n_latents and m.m_b == b.n_latents
+        assert int((m.b_for_a >= 0).sum()) == 384 and len(set(m.b_for_a[m.b_for_a >= 0].tolist())) == 384
+        planted = want >= 0
+        assert (m.b_for_a[planted] == want[planted]).float().mean() >= 0.99
+
+
+def test_activation_matching_across_models_of_different_width():
+    """B reads a rotated, wider input space: decoder rows cannot be compared, codes can."""
+    torch.manual_seed(0)
+    a, _, _ = sae_pair(m=256, d=32, noise=0)
+    perm, q = torch.randperm(256), torch.linalg.qr(torch.randn(48, 48)).Q[:, :32]  # x_b = q x_a
+    b = SAE(SAEConfig(48, 256, 8))
+    with torch.no_grad():
+        b.W_dec.copy_(a.W_dec[perm] @ q.T)
+        b.W_enc.copy_(a.W_enc[perm] @ q.T)
+        b.b_enc.copy_(a.b_enc[perm])
+    xa = torch.randn(20000, 32)
+    with pytest.raises(SaekitError, match="d_in differs"):
+        match(a, b)
+    for solver in ("exact", "sparse"):
+        m = match(a, b, "activations", solver, activations=(xa, xa @ q.T))
+        live = encode_all(a, xa).counts() > 0
+        want = torch.empty(256, dtype=torch.long)
+        want[perm] = torch.arange(256)
+        assert live.float().mean() > 0.9
+        assert (m.b_for_a[live] == want[live]).float().mean() >= 0.99 and m.score[live].min() > 0.99
+    lan = match(a, b, "activations", "argmax", activations=(xa, xa @ q.T), min_score=0.1)
+    assert (lan.b_for_a[live] == want[live]).float().mean() >= 0.99
+    with pytest.raises(SaekitError, match="same tokens"):
+        match(a, b, "activations", activations=(xa, xa[:100] @ q.T))
+
+
+def test_chains_compose_and_save_and_load(tmp_path):
+    a, b, want_ab = sae_pair(m=256, noise=0.02, seed=0)
+    _, c, want_bc = sae_pair(m=256, noise=0.02, seed=3)
+    with torch.no_grad():  # C is a permuted copy of B (sae_pair built it from its own A; rebuild from B)
+        g = torch.Generator().manual_seed(5)
+        perm = torch.randperm(256, generator=g)
+        c.W_dec.copy_(b.W_dec[perm])
+        c.W_enc.copy_(b.W_enc[perm])
+    ab, bc = match(a, b), match(b, c)
+    ac = ab.then(bc)
+    want = torch.empty(256, dtype=torch.long)
+    want[perm] = torch.arange(256)
+    assert (ac.b_for_a == want[want_ab]).float().mean() >= 0.99
+    for suffix in (".json", ".parquet"):
+        ab.save(tmp_path / f"m{suffix}")
+        back = Match.load(tmp_path / f"m{suffix}")
+        assert torch.equal(back.b_for_a, ab.b_for_a) and torch.allclose(back.score, ab.score)
+        assert back.method == "decoder" and back.m_b == 256
+    with pytest.raises(SaekitError, match=".json or .parquet"):
+        ab.save(tmp_path / "m.csv")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SaekitError, match="not a readable"):
+        Match.load(tmp_path / "bad.json")
+    with pytest.raises(SaekitError, match="cannot chain"):
+        ab.then(match(*sae_pair(m=128)[:2]))
+    rows = similarity_decay([a, b, c], {(0, 1): ab, (1, 2): bc, (0, 2): match(a, c)})
+    assert [r["distance"] for r in rows] == [1, 2] and rows[1]["chained"] > 0.95 and rows[1]["direct"] > 0.95
+
+
+def test_universality_true_pairs_significant_shuffled_not():
+    a, b, want = sae_pair(m=512, d=64, noise=0.15, seed=2)
+    true = universality(a, b, want, n_shuffles=30)
+    assert true.svcca_p == true.rsa_p == 1 / 31  # above every shuffle
+    assert true.svcca > true.svcca_null + 0.2 and true.rsa > 0.3
+    # a shuffled pairing is a draw from the null: its p-value is uniform, so check many
+    g = torch.Generator().manual_seed(0)
+    nulls = [universality(a, b, want[torch.randperm(512, generator=g)], n_shuffles=30, seed=i) for i in range(10)]
+    for stat in ("svcca_p", "rsa_p"):
+        ps = sorted(getattr(u, stat) for u in nulls)
+        assert sum(p < 0.05 for p in ps) <= 2 and ps[5] > 0.2
+    with pytest.raises(SaekitError, match="entries"):
+        universality(a, b, want[:10])
+
+
+def test_layer_skip_and_cofiring_on_a_permuted_copy():
+    """B = A permuted, on the same activations: the matched skip reproduces A's reconstruction,
+    identity does not, and matched pairs fire on the same tokens."""
+    a, b, want = sae_pair(m=256, d=32, noise=0)
+    with torch.no_grad():
+        src = want.argsort()
+        b.W_dec.copy_(a.W_dec[src])
+    x = torch.randn(4000, 32)
+    own = layer_skip(a, a, torch.arange(256), x, x)
+    assert layer_skip(a, b, want, x, x) == pytest.approx(own, abs=1e-5)
+    assert layer_skip(a, b, torch.arange(256), x, x) < own - 0.3
+    co = cofiring(encode_all(a, x), encode_all(b, x), want)
+    assert co["mean_jaccard"] == pytest.approx(1.0) and co["share_jaccard_ge_0.5"] == 1.0
+    assert cofiring(encode_all(a, x), encode_all(b, x), torch.arange(256))["mean_jaccard"] < 0.2
+
+
+def test_bad_arguments():
+    a, b, _ = sae_pair(m=64)
+    with pytest.raises(SaekitError, match="solver"):
+        match(a, b, solver="hungarian")
+    with pytest.raises(SaekitError, match="method"):
+        match(a, b, method="weights")
+    with pytest.raises(SaekitError, match="needs activations"):
+        match(a, b, method="activations")
+    with pytest.raises(SaekitError, match="fold"):
+        match(a, b, fold="max")
+    assert saekit.match is match
+
+
+def test_cli_matches_two_layers_of_a_real_run(act_cache_dir, tmp_path, capsys):
+    hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    run = tmp_path / "run"
+    assert cli.main(["train", "--hookpoints", f"[{', '.join(hooks)}]", "--n_tokens", "6000", "--val_tokens", "600",
+                     "--ctx_len", "64", "--epochs", "2", "--expansion", "2", "--k", "16", "--batch_size", "500",
+                     "--eval_contexts", "2", "--cache_dir", str(act_cache_dir), "--out", str(run), "--quiet"]) == 0
+    a, b = (str(run / h) for h in hooks)
+    assert cli.main(["match", a, b, "--solver", "sparse", "--out", str(tmp_path / "m.parquet")]) == 0
+    m = Match.load(tmp_path / "m.parquet")
+    assert m.m_a == 1152 and (m.b_for_a >= 0).all() and m.solver == "sparse"
+    assert "latent_a" in capsys.readouterr().out
+    assert cli.main(["match", a, b, "--method", "activations", "--min-score", "0.1"]) == 0
+    assert (run / hooks[0] / "matches" / f"{hooks[1]}.json").is_file()
+    assert cli.main(["match", str(run), "--chain", "--contexts", "1", "--quiet"]) == 0
+    out = json.loads((run / "analysis" / "matching.json").read_text())
+    row = out["layers"][0]
+    for k in ("ev_match", "ev_identity", "ev_top1", "dloss_match", "dloss_identity", "dloss_top1", "svcca_p"):
+        assert k in row
+    assert row["ev_sae_b"] > row["ev_identity"] and row["dloss_sae_b"] < row["dloss_identity"]
+    assert (run / "analysis" / "matching.md").is_file()
+    assert cli.main(["match", a]) == 2
+    assert cli.main(["match", a, str(tmp_path / "nowhere")]) == 2
+    assert "error" in capsys.readouterr().err
