@@ -183,7 +183,7 @@ def load_sae_lens(path: Path) -> Loaded:
             raise SaekitError(f"{weights}: {name} has shape {tuple(got.shape)}, cfg.json says {want}")
     threshold = None
     if arch == "jumprelu":
-        threshold = _take(t, "threshold", weights) if "threshold" in t else _take(t, "log_threshold", weights).exp()
+        threshold = _take(t, "log_threshold", weights).exp() if "log_threshold" in t else _take(t, "threshold", weights)
     elif arch == "batchtopk":
         threshold = float(_take(t, "topk_threshold", weights))
     rescale = arch in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm", False)
@@ -371,6 +371,11 @@ def sae_format(path: Path) -> str | None:
     """The name of the SAE format at `path`, or None if it holds none that saekit knows."""
     path = Path(path)
     return next((name for name, _, test, _ in FORMATS if path.exists() and test(path)), None)
+
+
+def describe(source_format: str | None) -> str:
+    """How the CLI names an SAE's origin, e.g. "a SAELens jumprelu SAE"."""
+    return f"a {source_format} SAE" if source_format else "a saekit SAE"
 
 
 def detect(path: Path) -> tuple[str, Callable[[Path], Loaded]]:
