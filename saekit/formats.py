@@ -88,9 +88,10 @@ def _fold_input_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tens
     return b_enc + W_enc @ b_dec
 
 
-def _build(where: Path, fmt: str, *, W_enc, b_enc, W_dec, b_dec, architecture: str, k: int | None = None,
-           threshold=None, hookpoint=None, model=None, cfg_file: Path | None = None) -> Loaded:
-    """saekit's config and tensors from weights in saekit's layout (W_enc [m, d])."""
+def _build(files: tuple[Path, Path], fmt: str, *, W_enc, b_enc, W_dec, b_dec, architecture: str,
+           k: int | None = None, threshold=None, hookpoint=None, model=None) -> Loaded:
+    """saekit's config and tensors from weights in saekit's layout (W_enc [m, d]); `files` are
+    the source's (config, weights) files, named in messages."""
     m, d = W_enc.shape
     cfg = dict(d_in=d, n_latents=m, k=k if k is not None else m, architecture=architecture,
                threshold=threshold if not torch.is_tensor(threshold) else None, hookpoint=hookpoint,
@@ -99,7 +100,7 @@ def _build(where: Path, fmt: str, *, W_enc, b_enc, W_dec, b_dec, architecture: s
     if architecture == "jumprelu":
         tensors["threshold"] = threshold
     tensors = {n: t.to(torch.float32).contiguous() for n, t in tensors.items()}
-    return Loaded(cfg, tensors, cfg_file or where, where)
+    return Loaded(cfg, tensors, *files)
 
 
 # -- saekit -------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def load_saekit(path: Path) -> Loaded:
 # -- SAELens ------------------------------------------------------------------------------
 SAE_LENS_ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
 # per-token normalisations that SAELens applies at run time: no fixed weights can reproduce them
-_RUNTIME_NORMS = ("constant_norm_rescale", "layer_norm", "covariance_whitening")
+_RUNTIME_NORMS = ("constant_norm_rescale", "layer_norm")
 
 
 def _is_sae_lens(path: Path) -> bool:
@@ -169,6 +170,9 @@ def load_sae_lens(path: Path) -> Loaded:
     if norm in _RUNTIME_NORMS:
         raise SaekitError(f"{cfg_file}: normalize_activations {norm!r} normalises each token at run time, which "
                           "saekit's SAE (a fixed affine encoder) cannot reproduce; refusing to load it")
+    if norm == "covariance_whitening":
+        raise SaekitError(f"{cfg_file}: normalize_activations 'covariance_whitening' needs the whitening statistics "
+                          "folded into the weights; fold them with SAELens (fold_activation_whitening) first")
     if norm not in ("none", "expected_average_only_in"):
         raise SaekitError(f"{cfg_file}: unknown normalize_activations {norm!r}")
     d, m = int(_need(cfg, "d_in", cfg_file)), int(_need(cfg, "d_sae", cfg_file))
@@ -200,7 +204,7 @@ def load_sae_lens(path: Path) -> Loaded:
         W_enc, b_enc, W_dec = W_enc * n[:, None], b_enc * n, W_dec / n[:, None]
     k = int(_need(cfg, "k", cfg_file)) if arch in ("topk", "batchtopk") else None
     saekit_arch = {"standard": "relu"}.get(arch, arch)
-    return _build(path, f"SAELens {arch}", W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
+    return _build((cfg_file, weights), f"SAELens {arch}", W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
                   architecture=saekit_arch, k=k, threshold=threshold,
                   hookpoint=meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point"),
                   model=meta.get("model_name") or cfg.get("model_name"))
@@ -271,7 +275,7 @@ def load_sparsify(path: Path) -> Loaded:
     if tuple(W_enc.shape) != (m, d):
         raise SaekitError(f"{weights}: encoder.weight has shape {tuple(W_enc.shape)}, cfg.json says {(m, d)}")
     # multi_topk and normalize_decoder only change training; the stored decoder is used as it is
-    return _build(path, "sparsify topk", W_enc=W_enc, b_enc=_take(t, "encoder.bias", weights),
+    return _build((cfg_file, weights), "sparsify topk", W_enc=W_enc, b_enc=_take(t, "encoder.bias", weights),
                   W_dec=_take(t, "W_dec", weights), b_dec=_take(t, "b_dec", weights), architecture="topk", k=k,
                   hookpoint=sparsify_hookpoint(path.resolve().name))
 
@@ -302,21 +306,21 @@ def load_dictionary_learning(path: Path) -> Loaded:
     if cls == "JumpReluAutoEncoder":  # W_enc [d, m]; the input is not centred on b_dec
         _extra_keys(t, {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}, weights, cls)
         W_enc, b_dec = _take(t, "W_enc", weights).T, _take(t, "b_dec", weights)
-        return _build(path, fmt, W_enc=W_enc, b_enc=_fold_input_bias(W_enc, _take(t, "b_enc", weights), b_dec),
-                      W_dec=_take(t, "W_dec", weights), b_dec=b_dec, architecture="jumprelu",
-                      threshold=_take(t, "threshold", weights), **common)
+        b_enc = _fold_input_bias(W_enc, _take(t, "b_enc", weights), b_dec)
+        return _build((cfg_file, weights), fmt, W_enc=W_enc, b_enc=b_enc, W_dec=_take(t, "W_dec", weights),
+                      b_dec=b_dec, architecture="jumprelu", threshold=_take(t, "threshold", weights), **common)
     bias = "bias" if cls == "AutoEncoder" else "b_dec"
     known = {"encoder.weight", "encoder.bias", "decoder.weight", bias}
     _extra_keys(t, known | ({"k", "threshold"} if "TopK" in cls else set()), weights, cls)
     parts = dict(W_enc=_take(t, "encoder.weight", weights), b_enc=_take(t, "encoder.bias", weights),
                  W_dec=_take(t, "decoder.weight", weights).T, b_dec=_take(t, bias, weights))
     if cls == "AutoEncoder":
-        return _build(path, fmt, **parts, architecture="relu", **common)
+        return _build((cfg_file, weights), fmt, **parts, architecture="relu", **common)
     k = int(t["k"]) if "k" in t else int(_need(trainer, "k", cfg_file))
     if cls == "AutoEncoderTopK":  # its encode keeps the top k (the threshold is opt-in there)
-        return _build(path, fmt, **parts, architecture="topk", k=k, **common)
+        return _build((cfg_file, weights), fmt, **parts, architecture="topk", k=k, **common)
     # BatchTopKSAE encodes with its threshold (on ReLU outputs) by default
-    return _build(path, fmt, **parts, architecture="batchtopk", k=k,
+    return _build((cfg_file, weights), fmt, **parts, architecture="batchtopk", k=k,
                   threshold=float(_take(t, "threshold", weights)), **common)
 
 
@@ -351,9 +355,9 @@ def load_gemma_scope(path: Path) -> Loaded:
     parts = file.resolve().parts
     layer = next((p.removeprefix("layer_") for p in parts if re.fullmatch(r"layer_\d+", p)), None)
     hook = f"blocks.{layer}.hook_resid_post" if layer and any(p.endswith("-res") for p in parts) else None
-    return _build(path, "Gemma Scope jumprelu", W_enc=W_enc, b_enc=_fold_input_bias(W_enc, _take(t, "b_enc", file),
-                  b_dec), W_dec=_take(t, "W_dec", file), b_dec=b_dec, architecture="jumprelu",
-                  threshold=_take(t, "threshold", file), hookpoint=hook)
+    b_enc = _fold_input_bias(W_enc, _take(t, "b_enc", file), b_dec)
+    return _build((file, file), "Gemma Scope jumprelu", W_enc=W_enc, b_enc=b_enc, W_dec=_take(t, "W_dec", file),
+                  b_dec=b_dec, architecture="jumprelu", threshold=_take(t, "threshold", file), hookpoint=hook)
 
 
 # -- detection ----------------------------------------------------------------------------

@@ -168,6 +168,7 @@ def test_missing_npz_and_state_dict_entries_are_named(tmp_path):
 @pytest.mark.parametrize(("name", "file", "changes", "match"), [
     ("saelens_jumprelu", "cfg.json", {"normalize_activations": "layer_norm"}, "normalises each token at run time"),
     ("saelens_jumprelu", "cfg.json", {"normalize_activations": "constant_norm_rescale"}, "at run time"),
+    ("saelens_jumprelu", "cfg.json", {"normalize_activations": "covariance_whitening"}, "fold_activation_whitening"),
     ("saelens_jumprelu", "cfg.json", {"normalize_activations": "expected_average_only_in"}, "no scaling factor"),
     ("saelens_jumprelu", "cfg.json", {"reshape_activations": "hook_z"}, "reshape_activations"),
     ("saelens_jumprelu", "cfg.json", {"architecture": "gated"}, "architecture 'gated' is not supported"),
@@ -179,6 +180,19 @@ def test_settings_saekit_cannot_reproduce_are_refused(tmp_path, name, file, chan
     path = copy(name, tmp_path)
     edit_json(path / file, **changes)
     with pytest.raises(SaekitError, match=match):
+        SAE.load(path)
+
+
+def test_wrong_shapes_name_the_weights_file(tmp_path):
+    path = copy("saelens_jumprelu", tmp_path)
+    edit_json(path / "cfg.json", d_sae=32)
+    with pytest.raises(SaekitError, match="sae_weights.safetensors: W_enc has shape"):
+        SAE.load(path)
+    path = copy("dictionary_learning/JumpReluAutoEncoder", tmp_path)
+    sd = torch.load(path / "ae.pt", weights_only=True)
+    sd["threshold"] = sd["threshold"][:10]
+    torch.save(sd, path / "ae.pt")
+    with pytest.raises(SaekitError, match="ae.pt: threshold has shape"):
         SAE.load(path)
 
 
