@@ -158,11 +158,16 @@ def load_sae_lens(path: Path) -> Loaded:
     cfg = _json(cfg_file)
     meta = cfg.get("metadata") or {}
     arch = cfg.get("architecture", "standard")
+    act = cfg.get("activation_fn", cfg.get("activation_fn_str")) or "relu"  # the latter: SAELens < 6 configs
+    if arch == "standard" and act == "topk" and (cfg.get("activation_fn_kwargs") or {}).get("k"):
+        arch, cfg = "topk", {**cfg, "k": cfg["activation_fn_kwargs"]["k"]}  # as SAELens reads SAELens < 6 TopK
+    elif act != "relu":
+        raise SaekitError(f"{cfg_file}: activation_fn {act!r} is not supported (relu, or topk with a k)")
     if arch not in SAE_LENS_ARCHITECTURES:
         raise SaekitError(f"{cfg_file}: SAELens architecture {arch!r} is not supported (saekit loads "
                           f"{', '.join(SAE_LENS_ARCHITECTURES)})")
-    if cfg.get("activation_fn", "relu") not in ("relu", None):
-        raise SaekitError(f"{cfg_file}: activation_fn {cfg['activation_fn']!r} is not supported (relu only)")
+    if cfg.get("hook_head_index", cfg.get("hook_point_head_index")) is not None:
+        raise SaekitError(f"{cfg_file}: an SAE on one attention head (hook_head_index) is not supported")
     if cfg.get("reshape_activations", "none") != "none":
         raise SaekitError(f"{cfg_file}: reshape_activations {cfg['reshape_activations']!r} (per-head attention "
                           "SAEs) is not supported")

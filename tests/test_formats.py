@@ -172,6 +172,8 @@ def test_missing_npz_and_state_dict_entries_are_named(tmp_path):
     ("saelens_jumprelu", "cfg.json", {"normalize_activations": "expected_average_only_in"}, "no scaling factor"),
     ("saelens_jumprelu", "cfg.json", {"reshape_activations": "hook_z"}, "reshape_activations"),
     ("saelens_jumprelu", "cfg.json", {"architecture": "gated"}, "architecture 'gated' is not supported"),
+    ("saelens_standard", "cfg.json", {"activation_fn": "tanh-relu"}, "activation_fn 'tanh-relu'"),
+    ("saelens_standard", "cfg.json", {"hook_head_index": 2}, "one attention head"),
     ("sparsify/layers.3", "cfg.json", {"skip_connection": True}, "skip connection"),
     ("sparsify/layers.3", "cfg.json", {"transcode": True}, "transcoder"),
     ("sparsify/layers.3", "cfg.json", {"activation": "groupmax"}, "groupmax"),
@@ -213,6 +215,15 @@ def test_unknown_tensors_and_classes_are_refused(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SaekitError, match="'GatedAutoEncoder' is not supported"):
         SAE.load(path)
+
+
+def test_saelens_pre_6_topk_config(tmp_path):
+    """SAELens < 6 wrote TopK SAEs as architecture "standard" with activation_fn topk and its k."""
+    path = copy("saelens_topk", tmp_path)
+    edit_json(path / "cfg.json", architecture="standard", activation_fn_str="topk", activation_fn_kwargs={"k": 5},
+              k=None, metadata=None, hook_point="blocks.2.hook_resid_pre", rescale_acts_by_decoder_norm=None)
+    sae = SAE.load(path)
+    assert (sae.cfg.architecture, sae.k, sae.cfg.hookpoint) == ("topk", 5, "blocks.2.hook_resid_pre")
 
 
 def test_saelens_constant_input_scale_is_folded(tmp_path):
