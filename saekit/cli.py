@@ -1,4 +1,4 @@
-"""The `saekit` command line: one verb per stage (train, cache, eval, analyze, match)."""
+"""The `saekit` command line: one verb per stage (train, cache, eval, analyze, match, export)."""
 
 import argparse
 import sys
@@ -100,6 +100,23 @@ def _match_side(spec: str, activations: str | None):
     return run.sae(h), acts
 
 
+def _export(args, extra):
+    from saekit.formats import describe
+    from saekit.run import Run
+
+    run = Run.open(args.run)
+    hookpoints = [run.hookpoint(args.hookpoint)] if args.hookpoint or run.bare else run.hookpoints
+    for h in hookpoints:
+        src = run.sae_dir(h)
+        sae = run.sae(h)
+        if args.out is None:
+            out = Path(f"{src}-sae-lens") if run.bare else run.path / "export-sae-lens" / h
+        else:
+            out = Path(args.out) if len(hookpoints) == 1 else Path(args.out) / h
+        sae.save(out, format=args.format)
+        print(f"saekit: loaded {describe(sae.cfg.source_format)} from {src}; wrote a SAELens SAE to {out}")
+
+
 ACTIVATIONS_HELP = ("activation cache folder or .safetensors file with one [N, d_in] tensor "
                     "(default: the run's held-out cache; needed for a bare SAE folder)")
 
@@ -165,10 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--show", type=int, default=10, help="best pairs to print")
     mt.set_defaults(func=_match, strict=True)
 
-    for s in (t, c, e, a, mt):
+
+    x = sub.add_parser("export", help="write a run's SAEs (or any SAE folder saekit loads) in another tool's format")
+    x.add_argument("run", help="a run folder or an SAE folder (saekit, SAELens, sparsify, dictionary_learning, "
+                               "Gemma Scope)")
+    x.add_argument("--format", choices=["sae-lens"], required=True, help="the format to write")
+    x.add_argument("--out", default=None, help="output folder (default: SAE_FOLDER-sae-lens, or "
+                                               "RUN/export-sae-lens/<hookpoint>/; one subfolder per hookpoint)")
+    x.add_argument("--hookpoint", default=None, help="export only this hookpoint of the run")
+    x.set_defaults(func=_export)
+
+    for s in (t, c, e, a, mt, x):
         s.add_argument("--quiet", action="store_true", help="no progress bars")
-    e.set_defaults(strict=True)
-    a.set_defaults(strict=True)
+    for s in (e, a, x):
+        s.set_defaults(strict=True)
     return p
 
 

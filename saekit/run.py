@@ -7,9 +7,10 @@
     RUN/eval.json            evaluation results
     RUN/analysis/            what `saekit analyze` (and later analyses) write
 
-A bare SAE folder (`cfg.json` + `sae.safetensors`, no config.json) opens as a run of one
-hookpoint with no config, no state and no activation cache: analyses then take activations
-and a model from the caller. Nothing else in saekit reads config.json or state.safetensors.
+A bare SAE folder (`cfg.json` + `sae.safetensors`, no config.json; or an SAE folder in another
+tool's format, see saekit.formats) opens as a run of one hookpoint with no config, no state and
+no activation cache: analyses then take activations and a model from the caller. Nothing else
+in saekit reads config.json or state.safetensors.
 """
 
 import json
@@ -57,18 +58,23 @@ class Run:
 
     @classmethod
     def open(cls, path: str | Path) -> "Run":
-        """A run folder (config.json) or a bare SAE folder (cfg.json + sae.safetensors)."""
+        """A run folder (config.json) or a bare SAE folder (cfg.json + sae.safetensors, or another
+        tool's SAE folder that saekit.formats recognises)."""
+        from saekit.formats import sae_format
+
         path = Path(path)
-        if (path / CONFIG).is_file():
+        fmt = sae_format(path)
+        if (path / CONFIG).is_file() and fmt != "dictionary_learning":  # its SAE folders hold a config.json
             try:
                 cfg = make_config(TrainConfig, json.loads((path / CONFIG).read_text()))
             except json.JSONDecodeError as e:
                 raise SaekitError(f"{path / CONFIG} is corrupt: {e}") from None
             return cls(path, cfg, list(cfg.hookpoints))
-        if is_sae_folder(path):
+        if fmt is not None:
             return cls(path, None, [SAE.load(path).cfg.hookpoint or path.name])
         raise SaekitError(f"{path} is neither a saekit run folder (config.json) nor an SAE folder "
-                          f"({' + '.join(SAE_FILES)})")
+                          f"({' + '.join(SAE_FILES)}, or another tool's: SAELens, sparsify, dictionary_learning, "
+                          "Gemma Scope)")
 
     @classmethod
     def create(cls, cfg: TrainConfig) -> "Run":

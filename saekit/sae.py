@@ -2,6 +2,9 @@
 
 Notation (one row per latent): `W_enc [m, d]`, `b_enc [m]`, `W_dec [m, d]`, `b_dec [d]`.
     pre = W_enc (x - b_dec) + b_enc;   z = ReLU(TopK(pre));   x_hat = sum_j z_j W_dec[j] + b_dec
+SAEs that other tools trained (see saekit.formats) may also select with ReLU (every positive
+pre-activation) or JumpReLU (every pre-activation above its latent's `threshold [m]`); saekit
+trains only TopK and BatchTopK. How each architecture selects lives in one table, `SELECT`.
 Codes are sparse (`values [B, k]`, `indices [B, k]`, zero values are padding), so no step
 ever builds a dense [batch, m] latent tensor beyond the encoder matmul itself.
 """
@@ -13,16 +16,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from saekit.errors import SaekitError
+from saekit.formats import detect, export
 from saekit.io import atomic_write
 from saekit.kernels import backend, row_topk, selected_preacts, sparse_decode
 from saekit.runtime import cpu_encoder_bf16
 
-ARCHITECTURES = ("topk", "batchtopk")
+ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
+TRAINABLE = ("topk", "batchtopk")  # relu / jumprelu SAEs are loaded for inference only
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # Extra bf16 candidates per row that the CPU bf16 encoder rescores in fp32 (see select_topk).
 RESCORE_MARGIN = 16
@@ -38,6 +42,8 @@ class SAEConfig:
     threshold: float | None = None
     hookpoint: str | None = None
     model: str | None = None
+    # where the weights came from when not saekit (e.g. "SAELens jumprelu"); see saekit.formats
+    source_format: str | None = None
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -62,6 +68,8 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W.clone())
         self.b_enc = nn.Parameter(torch.zeros(m, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
+        if cfg.architecture == "jumprelu":  # per-latent thresholds on pre-activations (input units)
+            self.register_buffer("threshold", torch.zeros(m, device=device, dtype=dtype))
         # bf16 encoder matmul (set by the trainer on GPU); everything else stays fp32.
         self.matmul_dtype: torch.dtype | None = None
 
@@ -152,13 +160,15 @@ class SAE(nn.Module):
         return vals * keep, idx, float(cut)
 
     @torch.no_grad()
-    def select_threshold(self, xc: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """BatchTopK inference: every pre-activation above theta, rows padded with zeros."""
+    def select_threshold(self, xc: torch.Tensor, theta: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pre-activation above `theta` (a number, or one per latent [m]), rows padded with
+        zeros: BatchTopK inference, ReLU (theta 0) and JumpReLU (per-latent theta)."""
         parts = []
         for _, pre in self._preacts(xc, self.W_enc.dtype):
-            width = max(int((pre > theta).sum(1).max()), 1)
-            v, i = pre.topk(width, dim=1)
-            parts.append(((v * (v > theta)).to(self.W_enc.dtype), i))
+            above = pre > theta
+            width = max(int(above.sum(1).max()), 1)
+            v, i = pre.masked_fill(~above, float("-inf")).topk(width, dim=1)
+            parts.append((v.masked_fill(v == float("-inf"), 0).to(self.W_enc.dtype), i))
         width = max(v.shape[1] for v, _ in parts)
         pad = lambda t: nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
         return torch.cat([pad(v) for v, _ in parts]), torch.cat([pad(i) for _, i in parts])
@@ -167,18 +177,14 @@ class SAE(nn.Module):
         """Sparse code of `x [B, d]`; differentiable in the parameters when grad is enabled.
 
         TopK keeps k per row. BatchTopK keeps k*B per batch in training mode and, in eval
-        mode, every pre-activation above the learned threshold (if one is set). Each row's
+        mode, every pre-activation above the learned threshold (if one is set). ReLU and
+        JumpReLU keep every pre-activation above 0 / the latent's threshold. Each row's
         values come in no particular order (the top k are selected, not ranked:
         `values.sort(dim=1, descending=True)` ranks them); a zero value is padding.
         """
         x = x.to(self.W_enc.dtype)
         xc = x - self.b_dec.detach()
-        if self.cfg.architecture == "topk":
-            vals, idx = self.select_topk(xc, self.k)
-        elif self.training or self.cfg.threshold is None:
-            vals, idx, _ = self.select_batch_topk(xc)
-        else:
-            vals, idx = self.select_threshold(xc, self.cfg.threshold)
+        vals, idx = SELECT[self.cfg.architecture](self, xc)
         if torch.is_grad_enabled():
             vals = selected_preacts(x, self.b_dec, self.W_enc, self.b_enc, idx, vals)
         return SparseCode(vals.relu(), idx)
@@ -203,6 +209,8 @@ class SAE(nn.Module):
         self.b_enc.mul_(scale)
         if self.cfg.threshold is not None:
             self.cfg.threshold *= scale
+        if self.cfg.architecture == "jumprelu":
+            self.threshold.mul_(scale)
         return self
 
     @torch.no_grad()
@@ -210,11 +218,19 @@ class SAE(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     # -- files ----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Write `path/cfg.json` and `path/sae.safetensors` (each atomically)."""
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The parameters by name, on the CPU (plus `threshold` for JumpReLU)."""
+        names = _PARAMS + (("threshold",) if self.cfg.architecture == "jumprelu" else ())
+        return {n: getattr(self, n).detach().contiguous().cpu() for n in names}
+
+    def save(self, path: str | os.PathLike, extra: dict | None = None, format: str = "saekit") -> Path:
+        """Write `path/cfg.json` and `path/sae.safetensors` (each atomically); `format="sae-lens"`
+        writes SAELens's layout instead (cfg.json + sae_weights.safetensors, see saekit.formats)."""
+        if format != "saekit":
+            return export(asdict(self.cfg), self.tensors(), path, format)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: getattr(self, n).detach().contiguous().cpu() for n in _PARAMS}
+        tensors = self.tensors()
         atomic_write(path / "sae.safetensors", lambda p: save_file(tensors, p))
         cfg = {**asdict(self.cfg), **({"extra": extra} if extra else {})}
         atomic_write(path / "cfg.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
@@ -222,35 +238,50 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None) -> "SAE":
-        """Load a folder written by `save`; bad or truncated files raise SaekitError."""
-        path = Path(path)
-        cfg_file, weights = path / "cfg.json", path / "sae.safetensors"
-        for f in (cfg_file, weights):
-            if not f.is_file():
-                raise SaekitError(f"{path} is not an SAE folder: {f.name} is missing")
+        """Load an SAE folder: saekit's own, or one that another tool wrote (SAELens, sparsify,
+        dictionary_learning, Gemma Scope `params.npz`; see saekit.formats). The loaded SAE's
+        `cfg.source_format` names the format it came in (None for saekit's). Bad, truncated or
+        unrecognised files raise SaekitError."""
+        _, loader = detect(Path(path))
+        raw, tensors, cfg_file, weights = loader(Path(path))
+        unknown = set(raw) - {f.name for f in fields(SAEConfig)}
+        if unknown:
+            raise SaekitError(f"{cfg_file}: unknown keys {sorted(unknown)}")
         try:
-            raw = json.loads(cfg_file.read_text())
-            raw.pop("extra", None)
-            names = {f.name for f in fields(SAEConfig)}
-            unknown = set(raw) - names
-            if unknown:
-                raise SaekitError(f"{cfg_file}: unknown keys {sorted(unknown)}")
             cfg = SAEConfig(**raw)
-        except (json.JSONDecodeError, TypeError) as e:
+        except TypeError as e:
             raise SaekitError(f"{cfg_file} is not a valid SAE config: {e}") from None
-        try:
-            tensors = load_file(weights, device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise SaekitError(f"{weights} is corrupt or truncated ({e}); retrain or restore it") from None
+        sae = cls.from_tensors(cfg, tensors, str(weights))
+        return sae.to(device) if device is not None else sae
+
+    @classmethod
+    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: str) -> "SAE":
+        """An SAE of `cfg` holding `tensors` (saekit's names and layout), shapes checked."""
         m, d = cfg.n_latents, cfg.d_in
         want = {"W_enc": (m, d), "b_enc": (m,), "W_dec": (m, d), "b_dec": (d,)}
+        if cfg.architecture == "jumprelu":
+            want["threshold"] = (m,)
         for name, shape in want.items():
             got = tuple(tensors[name].shape) if name in tensors else None
             if got != shape:
-                raise SaekitError(f"{weights}: {name} has shape {got}, cfg.json says {shape}")
+                raise SaekitError(f"{where}: {name} has shape {got}, the config says {shape}")
         sae = cls(cfg, device="meta")
         # fresh (aligned) storage: safetensors leaves tensors at header-dependent offsets, and
         # SIMD dot products over misaligned rows round differently from the saved SAE's
-        sae.load_state_dict({n: t.clone() for n, t in tensors.items()}, assign=True)
-        return sae.to(device) if device is not None else sae
+        sae.load_state_dict({n: tensors[n].detach().clone() for n in want}, assign=True)
+        return sae
 
+
+def _select_batchtopk(sae: SAE, xc: torch.Tensor):
+    if sae.training or sae.cfg.threshold is None:
+        return sae.select_batch_topk(xc)[:2]
+    return sae.select_threshold(xc, sae.cfg.threshold)
+
+
+# How each architecture picks a row's latents from centred inputs: (values [B, k'], ids [B, k']).
+SELECT = {
+    "topk": lambda sae, xc: sae.select_topk(xc, sae.k),
+    "batchtopk": _select_batchtopk,
+    "relu": lambda sae, xc: sae.select_threshold(xc, 0.0),
+    "jumprelu": lambda sae, xc: sae.select_threshold(xc, sae.threshold.detach()),
+}

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from saekit.config import TrainConfig, make_config
 from saekit.errors import SaekitError
 from saekit.kernels import row_topk
 from saekit.sae import SAE, SAEConfig
@@ -106,7 +107,11 @@ def test_load_rejects_shape_mismatch_and_bad_cfg(tmp_path):
 
 def test_bad_sae_config():
     with pytest.raises(SaekitError, match="architecture"):
-        SAEConfig(d_in=4, n_latents=8, k=2, architecture="jumprelu")
+        SAEConfig(d_in=4, n_latents=8, k=2, architecture="gated")
+    # relu / jumprelu SAEs load (saekit.formats) but are never trained
+    for arch in ("relu", "jumprelu"):
+        with pytest.raises(SaekitError, match="architecture"):
+            make_config(TrainConfig, {"architecture": arch})
     with pytest.raises(SaekitError, match="k must be"):
         SAEConfig(d_in=4, n_latents=8, k=9)
 
