@@ -78,16 +78,25 @@ class FoldedSAE:
         return self.decode(*self.encode(x))
 
 
-def fold_scale(sae: SAE, codes: "Codes | None" = None, how: str = "norm") -> torch.Tensor:
+def fold_scale(sae: SAE, codes: "Codes | None" = None, how: str = "auto") -> torch.Tensor:
     """The per-latent scale to fold into `sae`.
 
-    `"norm"` (data-free, the default): 1/‖W_dec[i]‖, so folded decoder rows are unit vectors
-    and the codes carry all of the magnitude. For saekit's unit-norm TopK decoders this is the
-    identity and decoder matching compares directions; a BatchTopK threshold is one number for
-    all latents, so folding it would not change the assignment either. `"mean"` (needs codes):
+    `"threshold"` (JumpReLU, SAE Match's choice): each latent's threshold θ_i, so that every
+    folded latent fires at 1. `"norm"` (data-free): 1/‖W_dec[i]‖, so folded decoder rows are
+    unit vectors and the codes carry all of the magnitude. For saekit's unit-norm TopK decoders
+    this is the identity and decoder matching compares directions; a BatchTopK threshold is one
+    number for all latents, so folding it would not change the assignment. `"auto"` (default):
+    threshold for JumpReLU SAEs with positive thresholds, norm otherwise. `"mean"` (needs codes):
     each latent's mean value when active, so a folded row is the latent's typical contribution
     to the output (a never-active latent keeps scale 1). It weights pairs by magnitude, and made
     the exact assignment several times slower on real layers, so it is opt-in."""
+    theta = getattr(sae, "threshold", None) if sae.cfg.architecture == "jumprelu" else None
+    if how == "auto":
+        how = "threshold" if theta is not None and bool((theta > 0).all()) else "norm"
+    if how == "threshold":
+        if theta is None or not bool((theta > 0).all()):
+            raise SaekitError("fold='threshold' needs a JumpReLU SAE with positive per-latent thresholds")
+        return theta.detach().float().clone()
     if how == "norm":
         return 1 / sae.W_dec.detach().norm(dim=1).clamp_min(1e-12)
     if how == "mean":
@@ -95,7 +104,7 @@ def fold_scale(sae: SAE, codes: "Codes | None" = None, how: str = "norm") -> tor
             raise SaekitError("fold='mean' needs codes (activations) of the SAE")
         s = codes.mean_active()
         return torch.where(s > 0, s, torch.ones_like(s))
-    raise SaekitError(f"fold must be 'norm' or 'mean', got {how!r}")
+    raise SaekitError(f"fold must be 'auto', 'threshold', 'norm' or 'mean', got {how!r}")
 
 
 def fold(sae: SAE, scale: torch.Tensor | None = None) -> FoldedSAE:
@@ -352,7 +361,7 @@ def _space(a: SAE, b: SAE, method: str, codes, activations, max_tokens, fold_how
 
 def match(a: SAE, b: SAE, method: Method = "decoder", solver: Solver = "auto", candidates: int = 16, *,
           activations: tuple[Activations, Activations] | None = None, codes: tuple[Codes, Codes] | None = None,
-          max_tokens: int | None = None, fold: str = "norm", use_encoder: bool = False,
+          max_tokens: int | None = None, fold: str = "auto", use_encoder: bool = False,
           min_score: float | None = None, fallback: Literal["exact", "none"] = "exact") -> Match:
     """Match the latents of `a` to those of `b` (see the module docstring).
 

@@ -55,6 +55,15 @@ def test_folding_leaves_the_output_unchanged(architecture):
         nz = vals > 0
         torch.testing.assert_close(vals[nz], pre.gather(1, idx)[nz], atol=1e-4, rtol=1e-4)
     mean = fold_scale(sae, encode_all(sae, x), "mean")
+    jump = SAE(SAEConfig(32, 256, 8, architecture="jumprelu"))
+    with torch.no_grad():
+        jump.threshold.uniform_(0.05, 0.5)
+        jump.b_enc.normal_(0, 0.2)
+    torch.testing.assert_close(fold_scale(jump), jump.threshold)  # SAE Match folds the threshold
+    f = FoldedSAE(jump, fold_scale(jump))
+    torch.testing.assert_close(f(x), jump(x).detach(), atol=1e-5, rtol=1e-5)
+    vals, idx = f.encode(x)
+    assert (vals[vals > 0] >= 1 - 1e-5).all()  # folded: every active latent is at least 1
     assert not torch.allclose(mean, torch.ones(256))  # the data-derived scale is not a no-op
 
 
