@@ -206,11 +206,15 @@ def test_analyze_on_activations_a_user_brings(tiny_run, tmp_path):
     assert json.loads((tiny_run / "analysis" / "dead.json").read_text())[HOOK]["dead"]["n_tokens"] == 300
 
 
-def test_analyze_and_eval_a_bare_sae_folder(tiny_run, tmp_path):
+@pytest.mark.parametrize("fmt", ["saekit", "sae-lens"])
+def test_analyze_and_eval_a_bare_sae_folder(tiny_run, tmp_path, fmt):
+    """A bare SAE folder, saekit's own or exported to SAELens's layout (read back as an imported
+    SAELens SAE of the offline model's hookpoint), runs every analysis and the evaluation."""
     from safetensors.torch import save_file
 
     bare = tmp_path / "sae"
-    SAE.load(tiny_run / HOOK).save(bare)  # cfg.json + sae.safetensors, no run around it
+    SAE.load(tiny_run / HOOK).save(bare, format=fmt)  # no run around it
+    assert SAE.load(bare).cfg.source_format == (None if fmt == "saekit" else "SAELens topk")
     save_file({"x": torch.randn(400, 576) * 3}, tmp_path / "acts.safetensors")
     acts = str(tmp_path / "acts.safetensors")
     assert cli.main(["analyze", "all", str(bare), "--activations", acts, "--words", "400", "--min-letters", "3",
