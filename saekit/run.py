@@ -13,6 +13,7 @@ and a model from the caller. Nothing else in saekit reads config.json or state.s
 """
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +44,14 @@ class FiringHistory:
     last_fired: torch.Tensor  # [m] step of the last firing, -1 = never
     tokens_since_fired: torch.Tensor | None = None  # [m]
     dead_tokens: int | None = None  # the run's training-time dead rule (Gao et al. 2024)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; inf for a line a kill cut short (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def is_sae_folder(path: Path) -> bool:
@@ -85,10 +94,11 @@ class Run:
     @classmethod
     def for_resume(cls, out: str | Path, given: dict) -> "Run":
         """The run at `out`, with its stored config; `given` keys (from a YAML file or flags)
-        must agree with it, except the ones that do not change what is trained."""
+        must agree with it, except the ones that do not change what is trained. A run killed
+        before its first checkpoint (a config, no state) resumes from step 0."""
         path = Path(out)
-        if not (path / CONFIG).is_file() or not (path / STATE).is_file():
-            raise SaekitError(f"nothing to resume in {path} (no {CONFIG} / {STATE})")
+        if not (path / CONFIG).is_file():
+            raise SaekitError(f"nothing to resume in {path} (no {CONFIG})")
         run = cls.open(path)
         stored = asdict(run.config)
         given = asdict(make_config(TrainConfig, {**stored, **given}))  # types and ranges checked as usual
@@ -99,6 +109,10 @@ class Run:
                               "(the run's stored config is used) or choose a new --out")
         run.config = make_config(TrainConfig, {**stored, **{k: given[k] for k in RESUMABLE_CHANGES}})
         return run
+
+    @property
+    def has_state(self) -> bool:
+        return (self.path / STATE).is_file()
 
     @property
     def bare(self) -> bool:
@@ -191,7 +205,7 @@ class Run:
         """Drop metric lines past `step` (written after the checkpoint a resume starts from)."""
         file = self.path / METRICS
         lines = file.read_text().splitlines() if file.exists() else []
-        kept = "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step)
+        kept = "".join(ln + "\n" for ln in lines if _logged_step(ln) <= step)
         atomic_write(file, lambda p: p.write_text(kept))
 
     def write_json(self, name: str, data: dict) -> Path:

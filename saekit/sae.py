@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from saekit.config import make_config
 from saekit.errors import SaekitError
 from saekit.io import atomic_write
 from saekit.kernels import backend, row_topk, selected_preacts, sparse_decode
@@ -40,6 +41,8 @@ class SAEConfig:
     model: str | None = None
 
     def __post_init__(self):
+        if self.d_in < 1:
+            raise SaekitError(f"d_in must be >= 1, got {self.d_in}")
         if self.architecture not in ARCHITECTURES:
             raise SaekitError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if not 0 < self.k <= self.n_latents:
@@ -230,13 +233,19 @@ class SAE(nn.Module):
                 raise SaekitError(f"{path} is not an SAE folder: {f.name} is missing")
         try:
             raw = json.loads(cfg_file.read_text())
-            raw.pop("extra", None)
-            names = {f.name for f in fields(SAEConfig)}
-            unknown = set(raw) - names
-            if unknown:
-                raise SaekitError(f"{cfg_file}: unknown keys {sorted(unknown)}")
-            cfg = SAEConfig(**raw)
-        except (json.JSONDecodeError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SaekitError(f"{cfg_file} is not a valid SAE config: {e}") from None
+        if not isinstance(raw, dict):
+            raise SaekitError(f"{cfg_file} is not a valid SAE config: expected a JSON object")
+        raw = {k: v for k, v in raw.items() if k != "extra"}
+        unknown = set(raw) - {f.name for f in fields(SAEConfig)}
+        if unknown:
+            raise SaekitError(f"{cfg_file}: unknown keys {sorted(unknown)}")
+        try:
+            cfg = make_config(SAEConfig, raw)
+        except SaekitError as e:
+            raise SaekitError(f"{cfg_file}: {e}") from None
+        except TypeError as e:  # a missing key
             raise SaekitError(f"{cfg_file} is not a valid SAE config: {e}") from None
         try:
             tensors = load_file(weights, device="cpu")
@@ -248,6 +257,9 @@ class SAE(nn.Module):
             got = tuple(tensors[name].shape) if name in tensors else None
             if got != shape:
                 raise SaekitError(f"{weights}: {name} has shape {got}, cfg.json says {shape}")
+            if not tensors[name].is_floating_point() or tensors[name].dtype != tensors["W_enc"].dtype:
+                raise SaekitError(f"{weights}: {name} is {str(tensors[name].dtype).removeprefix('torch.')}, "
+                                  "expected the four tensors in one floating-point dtype")
         sae = cls(cfg, device="meta")
         # fresh (aligned) storage: safetensors leaves tensors at header-dependent offsets, and
         # SIMD dot products over misaligned rows round differently from the saved SAE's
