@@ -154,3 +154,15 @@ def test_corrupt_files_are_named(tmp_path):
     (run.path / "h" / "cfg.json").write_text(json.dumps(vars(SAEConfig(D, 32, 4))))
     with pytest.raises(SaekitError, match="sae.safetensors: W_enc is int32"):
         SAE.load(run.path / "h")
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
+    cfg = make_config(TrainConfig, {"hookpoints": ["h"], "out": str(tmp_path / "r")})
+    Run.create(cfg)  # the config is written, then the process dies before any state
+    run = Run.for_resume(tmp_path / "r", {"hookpoints": ["h"]})
+    assert run.config == cfg and not run.has_state
+    with pytest.raises(SaekitError, match="nothing to resume"):
+        Run.for_resume(tmp_path / "other", {})
+    (run.path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"st')  # a line cut by the kill
+    run.truncate_metrics(1)
+    assert (run.path / "metrics.jsonl").read_text() == '{"step": 1}\n'
