@@ -70,9 +70,15 @@ class Run:
         path = Path(path)
         if (path / CONFIG).is_file():
             try:
-                cfg = make_config(TrainConfig, json.loads((path / CONFIG).read_text()))
-            except json.JSONDecodeError as e:
+                values = json.loads((path / CONFIG).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SaekitError(f"{path / CONFIG} is corrupt: {e}") from None
+            if not isinstance(values, dict):
+                raise SaekitError(f"{path / CONFIG} is corrupt: expected a JSON object")
+            try:
+                cfg = make_config(TrainConfig, values)
+            except SaekitError as e:
+                raise SaekitError(f"{path / CONFIG}: {e}") from None
             return cls(path, cfg, list(cfg.hookpoints))
         if is_sae_folder(path):
             return cls(path, None, [SAE.load(path).cfg.hookpoint or path.name])
@@ -179,6 +185,8 @@ class Run:
             raise SaekitError(f"nothing to resume: {file} does not exist") from None
         except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise SaekitError(f"{file} is corrupt or truncated ({e}); start a new run") from None
+        if not isinstance(meta, dict):
+            raise SaekitError(f"{file} is corrupt (its metadata is not a JSON object); start a new run")
         return tensors, meta
 
     def firing_history(self, hookpoint: str | None = None) -> FiringHistory | None:

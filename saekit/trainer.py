@@ -219,22 +219,38 @@ class Trainer:
     def load(self, run: Run) -> None:
         """Restore the state written by `save` (the SAEs must have been built with the same config)."""
         tensors, meta = run.load_state(self.device)
-        missing = [f"{h}/param/{n}" for h, sae in self.saes.items() for n, p in sae.named_parameters()
-                   if tensors.get(f"{h}/param/{n}") is None or tensors[f"{h}/param/{n}"].shape != p.shape]
-        if missing or not {"step", "scales"} <= set(meta):
+        file = run.path / "state.safetensors"
+        want = {f"{h}/param/{n}": p for h, sae in self.saes.items() for n, p in sae.named_parameters()}
+        want |= {f"{h}/stats/{n}": t for h, st in self.stats.items() for n, t in st.items()}
+        missing = [k for k, t in want.items()
+                   if tensors.get(k) is None or tensors[k].shape != t.shape or tensors[k].dtype != t.dtype]
+        if missing:
             raise SaekitError(f"{run.path} holds a training state of another config (e.g. {missing[:1]} is missing "
                               "or shaped differently); start a new run")
+        scales = meta.get("scales")
+        if not (isinstance(meta.get("step"), int) and isinstance(scales, dict)
+                and all(isinstance(scales.get(h), float) for h in self.saes)):
+            raise SaekitError(f"{file} is corrupt (bad step or input scales in its metadata); start a new run")
+        adam = {}
+        for h, sae in self.saes.items():
+            for n, p in sae.named_parameters():
+                state = {key.rsplit("/", 1)[1]: t for key, t in tensors.items() if key.startswith(f"{h}/adam/{n}/")}
+                if state and (set(state) != {"step", "exp_avg", "exp_avg_sq"} or state["step"].numel() != 1
+                              or state["exp_avg"].shape != p.shape or state["exp_avg_sq"].shape != p.shape):
+                    raise SaekitError(f"{file} holds a bad optimizer state for {h}/{n}; start a new run")
+                if state:
+                    state["step"] = state["step"].reshape(())
+                    adam[p] = (h, state)
         self.step, self.scales = meta["step"], meta["scales"]
-        self.tokens = meta.get("tokens", self.step * self.cfg.batch_size)  # states written before it was kept
-        self.skipped = meta.get("skipped", 0)
+        tokens, skipped = meta.get("tokens"), meta.get("skipped")
+        self.tokens = tokens if isinstance(tokens, int) else self.step * self.cfg.batch_size  # older states
+        self.skipped = skipped if isinstance(skipped, int) else 0
+        for p, (h, state) in adam.items():
+            self.opts[h].state[p] = state
         for h, sae in self.saes.items():
             with torch.no_grad():
                 for n, p in sae.named_parameters():
                     p.copy_(tensors[f"{h}/param/{n}"])
-                    state = {key.rsplit("/", 1)[1]: t for key, t in tensors.items() if key.startswith(f"{h}/adam/{n}/")}
-                    if state:
-                        state["step"] = state["step"].reshape(())
-                        self.opts[h].state[p] = state
             for n in self.stats[h]:
                 self.stats[h][n] = tensors[f"{h}/stats/{n}"]
             ema = self.stats[h]["threshold_ema"]

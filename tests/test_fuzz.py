@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from saekit.activations import ActivationCache, build_cache, open_activations
-from saekit.config import TrainConfig, load_config
+from saekit.config import TrainConfig, load_config, make_config
 from saekit.errors import SaekitError
+from saekit.run import Run
 from saekit.sae import SAE, SAEConfig
+from saekit.trainer import Trainer
 
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -148,3 +150,33 @@ def test_load_config_on_random_yaml(tmp_path, content, overrides, text):
     assert cfg is None or isinstance(cfg, TrainConfig)
     file.write_text(text)
     loads_or_refuses(lambda: load_config(str(file)))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    cfg = make_config(TrainConfig, {"hookpoints": ["h"], "n_latents": 8, "k": 2, "batch_size": 10, "out": str(path)})
+    run = Run.create(cfg)
+    tr = Trainer(cfg, {"h": 4}, {"h": torch.randn(30, 4)}, 5, torch.device("cpu"))
+    tr.train_step({"h": torch.randn(10, 4)})
+    tr.save(run)
+    return path
+
+
+@FUZZ
+@given(st.data())
+def test_run_open_and_resume_on_damaged_files(run_dir, data):
+    config, state = run_dir / "config.json", run_dir / "state.safetensors"
+    good_config, good_state = config.read_text(), state.read_bytes()
+    base = json.loads(good_config)
+    try:
+        config.write_text(data.draw(mutated(base, list(base)).map(json.dumps) | values.map(json.dumps)))
+        loads_or_refuses(lambda: Run.open(run_dir))
+        state.write_bytes(data.draw(flipped(good_state)))
+        cfg = make_config(TrainConfig, base)
+        tr = Trainer(cfg, {"h": 4}, {"h": torch.randn(30, 4)}, 5, torch.device("cpu"))
+        if loads_or_refuses(lambda: tr.load(Run(run_dir, cfg, ["h"])) or True):
+            loads_or_refuses(lambda: tr.train_step({"h": torch.randn(cfg.batch_size, 4)}))
+    finally:
+        config.write_text(good_config)
+        state.write_bytes(good_state)
