@@ -159,8 +159,8 @@ class Run:
         path = cache_path(self.config, split)
         try:
             return ActivationCache.open(path)
-        except SaekitError:
-            raise SaekitError(f"the run's {split} activation cache {path} is missing or incomplete; rebuild it with "
+        except SaekitError as e:
+            raise SaekitError(f"the run's {split} activation cache cannot be used ({e}); rebuild it with "
                               f"`saekit cache {self.path / CONFIG}` or pass --activations PATH") from None
 
     def activations(self, hookpoint: str | None = None, split: str = "val",
