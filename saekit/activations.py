@@ -56,10 +56,15 @@ class ActivationCache:
         path = Path(path)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise SaekitError(f"{path} is not an activation cache (no {MANIFEST})") from None
-        except json.JSONDecodeError as e:
-            raise SaekitError(f"{path / MANIFEST} is corrupt: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SaekitError(f"{path / MANIFEST} is corrupt: {e}; delete {path} to rebuild") from None
+        except OSError as e:
+            raise SaekitError(f"{path / MANIFEST} cannot be read: {e}") from None
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise SaekitError(f"{path / MANIFEST} is corrupt: {problem}; delete {path} to rebuild")
         if complete and not manifest.get("complete"):
             raise SaekitError(f"activation cache {path} is incomplete; rerun `saekit cache` to finish it")
         return cls(path, manifest)
@@ -89,7 +94,16 @@ class ActivationCache:
             tensors = load_bytes(blob)
         except SafetensorError as e:
             raise SaekitError(f"activation shard {file} is corrupt: {e}") from None
-        return {h: tensors[h].float() for h in (hookpoints or self.hookpoints)}
+        out = {}
+        for h in hookpoints or self.hookpoints:
+            t = tensors.get(h)
+            want = (info["n_tokens"], self.dim(h)) if h in self.manifest["hookpoints"] else None
+            if t is None or want is None or tuple(t.shape) != want or not t.is_floating_point():
+                got = None if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise SaekitError(f"activation shard {file} does not match {self.path / MANIFEST}: {h!r} is {got}, "
+                                  f"expected floats of shape {want}; delete {self.path} to rebuild")
+            out[h] = t.float()
+        return out
 
     def batches(self, hookpoint: str, batch_size: int = 4096) -> Iterator[torch.Tensor]:
         """One hookpoint's activations in stored order, as `[batch_size, d]` float32 pieces."""
@@ -105,6 +119,31 @@ class ActivationCache:
             parts.append(self.load_shard(i, [hookpoint])[hookpoint])
             n += len(parts[-1])
         return torch.cat(parts)[:max_tokens]
+
+
+def _manifest_problem(m) -> str | None:
+    """What is wrong with a manifest's structure (None: nothing), so readers can trust it."""
+    def count(v, least):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    hps, shards = m.get("hookpoints"), m.get("shards")
+    if not isinstance(hps, dict) or not all(isinstance(v, dict) and count(v.get("d"), 1) for v in hps.values()):
+        return "'hookpoints' must map names to {\"d\": width}"
+    if not isinstance(shards, list):
+        return "'shards' must be a list"
+    for s in shards:
+        if not (isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("sha256"), str)
+                and count(s.get("n_tokens"), 1)):
+            return f"bad shard entry {s!r}"
+        if "\0" in s["file"] or Path(s["file"]).name != s["file"] or s["file"] in ("", ".", ".."):
+            return f"shard file {s['file']!r} is not a file name inside the cache"
+    if not count(m.get("chunks_done", 0), 0) or not isinstance(m.get("complete", False), bool):
+        return "'chunks_done' must be a count and 'complete' true or false"
+    if m.get("complete") and not (shards and hps):
+        return "a complete cache must list its hookpoints and shards"
+    return None
 
 
 def build_cache(
@@ -164,7 +203,7 @@ def build_cache(
 def resume_point(path: str | Path) -> int:
     """How many input chunks a partly built cache at `path` already holds (0 if none)."""
     try:
-        return ActivationCache.open(path, complete=False).manifest["chunks_done"]
+        return ActivationCache.open(path, complete=False).manifest.get("chunks_done", 0)
     except SaekitError:
         return 0
 
@@ -236,12 +275,15 @@ def open_activations(path: str | Path, hookpoint: str, batch_size: int = 4096) -
     try:
         with safe_open(path, "pt") as f:
             keys = list(f.keys())
-            shape = f.get_slice(keys[0]).get_shape() if len(keys) == 1 else None
+            sl = f.get_slice(keys[0]) if len(keys) == 1 else None
+            shape, dtype = (sl.get_shape(), sl.get_dtype()) if sl is not None else (None, None)
     except (SafetensorError, OSError) as e:
         raise SaekitError(f"{path} is not a readable safetensors file: {e}") from None
     if shape is None or len(shape) != 2:
         raise SaekitError(f"{path} must hold exactly one [N, d_in] tensor (found {len(keys)} tensors"
                           f"{'' if shape is None else f' of shape {shape}'})")
+    if dtype not in ("F64", "F32", "F16", "BF16"):
+        raise SaekitError(f"{path} holds {dtype} values; activations must be floating point")
 
     def read():
         with safe_open(path, "pt") as f:

@@ -8,6 +8,7 @@ any model is loaded, token harvested or folder written.
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -50,6 +51,7 @@ class TrainConfig:
     k_aux: int | None = None  # None: d_in // 2
     auxk_alpha: float = 1 / 32
     dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
+    on_nonfinite: Literal["skip", "stop"] = "stop"  # NaN/Inf in a batch or loss: skip it (no update) | stop
     # -- run -----------------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
@@ -112,8 +114,13 @@ def _type_ok(value, tp) -> bool:
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # finite: an inf or NaN setting only fails later, mid-run
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:  # an int beyond float range
+            return False
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, tp)
@@ -134,6 +141,8 @@ def make_config(cls, values: dict):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise SaekitError(f"config keys must be names, got {key!r}")
         if key not in hints:
             close = difflib.get_close_matches(key, names, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -166,7 +175,7 @@ def load_values(path: str | None = None, overrides: list[str] | None = None) -> 
             raise SaekitError(f"config file {path} not found")
         try:
             values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise SaekitError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(values, dict):
             raise SaekitError(f"{path} must hold a mapping of config keys")
@@ -199,5 +208,8 @@ def parse_overrides(args: list[str]) -> dict:
             value = next(it, None)
             if value is None:
                 raise SaekitError(f"--{key} needs a value")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
+        try:
+            out[key.replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise SaekitError(f"--{key} {value!r} is not a valid value: {e}") from None
     return out

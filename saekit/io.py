@@ -1,8 +1,11 @@
 """File and text helpers every stage shares: the cache root, atomic writes, markdown tables."""
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+from saekit.errors import SaekitError
 
 
 def saekit_cache() -> Path:
@@ -12,7 +15,8 @@ def saekit_cache() -> Path:
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)`, flush it to disk, then rename onto `path`: readers (and a run
-    killed mid-write) never see a partial file."""
+    killed mid-write) never see a partial file. A failed write (a full disk, no permission)
+    leaves `path` as it was, removes the temporary file and raises SaekitError naming `path`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -20,9 +24,22 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        kept = f"{path} is unchanged" if path.exists() else f"{path} was not written"
+        if _no_space(e):
+            raise SaekitError(f"no space left on device while writing {path}; free space and rerun "
+                              f"(--resume continues a training run from its last checkpoint); {kept}") from None
+        if isinstance(e, OSError):
+            raise SaekitError(f"cannot write {path}: {e.strerror or e}; {kept}") from None
         raise
+
+
+def _no_space(e: BaseException) -> bool:
+    """A full disk, as an OSError or as the message of a library's own error (safetensors, torch)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    return isinstance(e, Exception) and ("No space left on device" in str(e) or "os error 28" in str(e))
 
 
 def md_table(rows: list[dict]) -> str:

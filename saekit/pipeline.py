@@ -12,7 +12,6 @@ import torch
 from saekit import data
 from saekit import model as lm
 from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_path, resume_point
-from saekit.analyze.collapse import decoder_collapse
 from saekit.config import TrainConfig
 from saekit.errors import SaekitError
 from saekit.evaluate import downstream_metrics, reconstruction_metrics
@@ -60,32 +59,47 @@ def prepare(cfg: TrainConfig, quiet: bool = False):
     return model, ctx, caches
 
 
+def finished_caches(cfg: TrainConfig) -> dict[str, ActivationCache] | None:
+    """Both activation caches of `cfg` when they are complete (no model needed), else None."""
+    try:
+        return {s: ActivationCache.open(cache_path(cfg, s)) for s in ("train", "val")}
+    except SaekitError:
+        return None
+
+
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     """Train one SAE per hookpoint as configured, evaluate them, return the run folder.
 
     With `resume`, `cfg` must match the stored config of the run at `cfg.out` (except the
-    settings that do not change what is trained)."""
+    settings that do not change what is trained). The model is loaded only to harvest missing
+    activations and, at the end, to evaluate: training starts at once from finished caches."""
     run = Run.for_resume(cfg.out, asdict(cfg)) if resume else None
     cfg = run.config if run else cfg
-    model, ctx, caches = prepare(cfg, quiet)
+    model = ctx = None
+    caches = finished_caches(cfg)
+    if caches is None:
+        model, ctx, caches = prepare(cfg, quiet)
     train_cache = caches["train"]
     batches = ShuffledBatches(train_cache, cfg.hookpoints, cfg.batch_size, cfg.seed, cfg.buffer_tokens)
     total = cfg.epochs * batches.steps_per_epoch
     sample = {h: train_cache.tensor(h, INIT_SAMPLE) for h in cfg.hookpoints}
     dims = {h: train_cache.dim(h) for h in cfg.hookpoints}
     trainer = Trainer(cfg, dims, sample, total, resolve_device(cfg.device))
-    if run:
+    if run and run.has_state:
         trainer.load(run)
         run.truncate_metrics(trainer.step)
-    else:
+    else:  # a new run, or one that stopped before its first checkpoint
         run = Run.create(cfg)
     log = _wandb_logger(cfg, run.path)
 
     def on_log(step, metrics):
         prev = (step - 1) // cfg.log_every * cfg.log_every  # the previous logged step
         if cfg.collapse_every and step // cfg.collapse_every > prev // cfg.collapse_every:
+            from saekit.analyze.collapse import decoder_collapse  # pandas/scipy: only when asked for
+
             for h, sae in trainer.saes.items():  # a multiple of collapse_every was reached since then
-                metrics[h]["collapse"] = decoder_collapse(sae).summary()
+                if h in metrics:  # not after a skipped batch
+                    metrics[h]["collapse"] = decoder_collapse(sae).summary()
         run.log_metrics(step, metrics)
         if log:
             log(step, metrics)

@@ -14,6 +14,7 @@ in saekit reads config.json or state.safetensors.
 """
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +47,14 @@ class FiringHistory:
     dead_tokens: int | None = None  # the run's training-time dead rule (Gao et al. 2024)
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; inf for a line a kill cut short (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def is_sae_folder(path: Path) -> bool:
     return all((path / f).is_file() for f in SAE_FILES)
 
@@ -66,9 +75,15 @@ class Run:
         fmt = sae_format(path)
         if (path / CONFIG).is_file() and fmt != "dictionary_learning":  # its SAE folders hold a config.json
             try:
-                cfg = make_config(TrainConfig, json.loads((path / CONFIG).read_text()))
-            except json.JSONDecodeError as e:
+                values = json.loads((path / CONFIG).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SaekitError(f"{path / CONFIG} is corrupt: {e}") from None
+            if not isinstance(values, dict):
+                raise SaekitError(f"{path / CONFIG} is corrupt: expected a JSON object")
+            try:
+                cfg = make_config(TrainConfig, values)
+            except SaekitError as e:
+                raise SaekitError(f"{path / CONFIG}: {e}") from None
             return cls(path, cfg, list(cfg.hookpoints))
         if fmt is not None:
             return cls(path, None, [SAE.load(path).cfg.hookpoint or path.name])
@@ -91,10 +106,11 @@ class Run:
     @classmethod
     def for_resume(cls, out: str | Path, given: dict) -> "Run":
         """The run at `out`, with its stored config; `given` keys (from a YAML file or flags)
-        must agree with it, except the ones that do not change what is trained."""
+        must agree with it, except the ones that do not change what is trained. A run killed
+        before its first checkpoint (a config, no state) resumes from step 0."""
         path = Path(out)
-        if not (path / CONFIG).is_file() or not (path / STATE).is_file():
-            raise SaekitError(f"nothing to resume in {path} (no {CONFIG} / {STATE})")
+        if not (path / CONFIG).is_file():
+            raise SaekitError(f"nothing to resume in {path} (no {CONFIG})")
         run = cls.open(path)
         stored = asdict(run.config)
         given = asdict(make_config(TrainConfig, {**stored, **given}))  # types and ranges checked as usual
@@ -105,6 +121,10 @@ class Run:
                               "(the run's stored config is used) or choose a new --out")
         run.config = make_config(TrainConfig, {**stored, **{k: given[k] for k in RESUMABLE_CHANGES}})
         return run
+
+    @property
+    def has_state(self) -> bool:
+        return (self.path / STATE).is_file()
 
     @property
     def bare(self) -> bool:
@@ -145,8 +165,8 @@ class Run:
         path = cache_path(self.config, split)
         try:
             return ActivationCache.open(path)
-        except SaekitError:
-            raise SaekitError(f"the run's {split} activation cache {path} is missing or incomplete; rebuild it with "
+        except SaekitError as e:
+            raise SaekitError(f"the run's {split} activation cache cannot be used ({e}); rebuild it with "
                               f"`saekit cache {self.path / CONFIG}` or pass --activations PATH") from None
 
     def activations(self, hookpoint: str | None = None, split: str = "val",
@@ -171,6 +191,8 @@ class Run:
             raise SaekitError(f"nothing to resume: {file} does not exist") from None
         except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise SaekitError(f"{file} is corrupt or truncated ({e}); start a new run") from None
+        if not isinstance(meta, dict):
+            raise SaekitError(f"{file} is corrupt (its metadata is not a JSON object); start a new run")
         return tensors, meta
 
     def firing_history(self, hookpoint: str | None = None) -> FiringHistory | None:
@@ -197,7 +219,7 @@ class Run:
         """Drop metric lines past `step` (written after the checkpoint a resume starts from)."""
         file = self.path / METRICS
         lines = file.read_text().splitlines() if file.exists() else []
-        kept = "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step)
+        kept = "".join(ln + "\n" for ln in lines if _logged_step(ln) <= step)
         atomic_write(file, lambda p: p.write_text(kept))
 
     def write_json(self, name: str, data: dict) -> Path:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from saekit.config import make_config
 from saekit.errors import SaekitError
 from saekit.formats import detect, export
 from saekit.io import atomic_write
@@ -46,6 +47,8 @@ class SAEConfig:
     source_format: str | None = None
 
     def __post_init__(self):
+        if self.d_in < 1:
+            raise SaekitError(f"d_in must be >= 1, got {self.d_in}")
         if self.architecture not in ARCHITECTURES:
             raise SaekitError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if not 0 < self.k <= self.n_latents:
@@ -248,8 +251,10 @@ class SAE(nn.Module):
         if unknown:
             raise SaekitError(f"{cfg_file}: unknown keys {sorted(unknown)}")
         try:
-            cfg = SAEConfig(**raw)
-        except TypeError as e:
+            cfg = make_config(SAEConfig, raw)
+        except SaekitError as e:
+            raise SaekitError(f"{cfg_file}: {e}") from None
+        except TypeError as e:  # a missing key
             raise SaekitError(f"{cfg_file} is not a valid SAE config: {e}") from None
         sae = cls.from_tensors(cfg, tensors, str(weights))
         return sae.to(device) if device is not None else sae
@@ -265,6 +270,9 @@ class SAE(nn.Module):
             got = tuple(tensors[name].shape) if name in tensors else None
             if got != shape:
                 raise SaekitError(f"{where}: {name} has shape {got}, the config says {shape}")
+            if not tensors[name].is_floating_point() or tensors[name].dtype != tensors["W_enc"].dtype:
+                raise SaekitError(f"{where}: {name} is {str(tensors[name].dtype).removeprefix('torch.')}, "
+                                  "expected the tensors in one floating-point dtype")
         sae = cls(cfg, device="meta")
         # fresh (aligned) storage: safetensors leaves tensors at header-dependent offsets, and
         # SIMD dot products over misaligned rows round differently from the saved SAE's

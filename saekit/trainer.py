@@ -7,6 +7,7 @@ scale during training; the saved SAE has it folded back in and acts on raw activ
 """
 
 import math
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
@@ -26,6 +27,9 @@ from saekit.runtime import resolve_device
 from saekit.sae import SAE, SAEConfig
 
 INIT_SAMPLE = 16_384  # tokens for b_dec's geometric median and the input scale
+# Out-of-memory errors of the devices (torch < 2.5 has only the CUDA one); a CPU allocation
+# failure is a RuntimeError ("can't allocate memory"), checked by message in `run_steps`.
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def lr_factor(step: int, total: int | None, warmup: int, decay_start: float) -> float:
@@ -45,6 +49,8 @@ class Trainer:
                  total_steps: int | None, device: torch.device):
         self.cfg, self.total_steps, self.device = cfg, total_steps, device
         self.step = 0
+        self.tokens = 0  # tokens trained on (skipped batches excluded)
+        self.skipped = 0  # batches skipped for NaN/Inf (on_nonfinite: skip)
         self.saes: dict[str, SAE] = {}
         self.opts: dict[str, torch.optim.Adam] = {}
         self.scales: dict[str, float] = {}
@@ -61,6 +67,9 @@ class Trainer:
             if device.type == "cuda":
                 sae.matmul_dtype = torch.bfloat16
             x = sample[h].float()
+            x = x[x.isfinite().all(1)]  # NaN/Inf rows say nothing about the scale or the geometry
+            if len(x) == 0:
+                raise SaekitError(f"every activation of hookpoint {h!r} in the initialisation sample is NaN or Inf")
             self.scales[h] = float(x.pow(2).sum(1).mean().div(d).sqrt().clamp_min(1e-8))
             self.init_reports[h] = init_sae(sae, x / self.scales[h], cfg.init, g, cfg.subspace_rank,
                                             cfg.subspace_variance)
@@ -99,9 +108,14 @@ class Trainer:
         """One optimisation step on `batch = {hookpoint: [B, d]}`; returns metrics per hookpoint.
 
         fvu, l0 and aux_loss stay 0-dim device tensors (`float()` them to read): on a GPU the
-        only host sync of a step is the list of dead latents, so the CPU queues ahead."""
-        cfg, metrics = self.cfg, {}
+        host syncs of a step are the lists of dead latents and one finiteness check.
+
+        Every hookpoint's loss is computed before any update: if an input or a loss holds NaN
+        or Inf, no parameter, optimizer state or firing statistic changes; the batch is then
+        skipped (returns {}) or training stops with a SaekitError, per `on_nonfinite`."""
+        cfg = self.cfg
         lr_f = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_start)
+        pending, checks = {}, []
         for h, sae in self.saes.items():
             x = batch[h].to(self.device, torch.float32, non_blocking=True) / self.scales[h]  # [B, d]
             B = x.shape[0]
@@ -113,12 +127,8 @@ class Trainer:
             with torch.no_grad():  # masked updates, not boolean indexing: no host sync
                 active = (vals > 1e-3).reshape(-1).float()
                 fired = torch.zeros(sae.n_latents, device=self.device).index_add_(0, idx.reshape(-1), active) > 0
-                st["tokens_since_fired"].add_(B).masked_fill_(fired, 0)
-                st["last_fired"].masked_fill_(fired, self.step)
-                st["first_fired"].masked_fill_(fired & (st["first_fired"] < 0), self.step)
-                dead = (st["tokens_since_fired"] >= cfg.dead_tokens).nonzero().squeeze(1)
-                if sae.cfg.architecture == "batchtopk" and self.step >= self.threshold_start:
-                    self._update_threshold(sae, st["threshold_ema"], vals)
+                since = (st["tokens_since_fired"] + B).masked_fill_(fired, 0)  # committed after the check
+                dead = (since >= cfg.dead_tokens).nonzero().squeeze(1)
             loss = fvu
             if cfg.ortho_penalty > 0 and self.step % cfg.ortho_every == 0:
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
@@ -127,7 +137,25 @@ class Trainer:
             if len(dead) and cfg.auxk_alpha > 0:
                 aux = self._aux_loss(sae, x, (x - x_hat).detach(), dead)
                 loss = loss + cfg.auxk_alpha * aux
+            checks += [x.isfinite().all(), loss.isfinite()]
+            pending[h] = (B, vals, fired, since, dead, fvu, aux, loss)
 
+        ok = torch.stack(checks).tolist()  # one host sync for every hookpoint
+        for i, h in enumerate(pending):
+            if not (ok[2 * i] and ok[2 * i + 1]):
+                self._nonfinite(h, "activations" if not ok[2 * i] else "loss")
+                self.step += 1  # the batch index still advances: a resume sees the same batches
+                return {}
+
+        metrics = {}
+        for h, (B, vals, fired, since, dead, fvu, aux, loss) in pending.items():
+            sae, st = self.saes[h], self.stats[h]
+            with torch.no_grad():
+                st["tokens_since_fired"].copy_(since)
+                st["last_fired"].masked_fill_(fired, self.step)
+                st["first_fired"].masked_fill_(fired & (st["first_fired"] < 0), self.step)
+                if sae.cfg.architecture == "batchtopk" and self.step >= self.threshold_start:
+                    self._update_threshold(sae, st["threshold_ema"], vals)
             opt = self.opts[h]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -145,8 +173,17 @@ class Trainer:
                 "aux_loss": aux.detach(),
                 "lr": opt.param_groups[0]["lr"],
             }
+        self.tokens += next(iter(pending.values()))[0]
         self.step += 1
         return metrics
+
+    def _nonfinite(self, hookpoint: str, what: str) -> None:
+        where = f"NaN or Inf in the {what} of hookpoint {hookpoint!r} at step {self.step}"
+        if self.cfg.on_nonfinite == "stop":
+            raise SaekitError(f"{where}; stopped before the update (the last checkpoint is intact; "
+                              "on_nonfinite: skip skips such batches)")
+        self.skipped += 1
+        print(f"saekit: {where}: batch skipped, no update", file=sys.stderr)
 
     # -- results and checkpoints ------------------------------------------------------------
     def final_sae(self, hookpoint: str) -> SAE:
@@ -158,35 +195,62 @@ class Trainer:
 
     def save(self, run: Run, extra: dict | None = None) -> None:
         """Folded SAEs to the run's SAE folders, then the whole training state in one atomic file."""
-        tensors, meta = {}, {"step": self.step, "scales": self.scales}
+        tensors = {}
+        meta = {"step": self.step, "scales": self.scales, "tokens": self.tokens, "skipped": self.skipped}
         for h, sae in self.saes.items():
-            info = {"input_scale": self.scales[h], "step": self.step, "init": self.init_reports[h], **(extra or {})}
-            self.final_sae(h).save(run.sae_dir(h), extra=info)
             for n, p in sae.named_parameters():
                 tensors[f"{h}/param/{n}"] = p.detach()
                 for key, t in self.opts[h].state.get(p, {}).items():
                     tensors[f"{h}/adam/{n}/{key}"] = t.reshape(-1) if t.ndim == 0 else t
             for n, t in self.stats[h].items():
                 tensors[f"{h}/stats/{n}"] = t
+        floats = [k for k, t in tensors.items() if t.is_floating_point()]
+        finite = torch.stack([tensors[k].isfinite().all() for k in floats]).tolist()
+        bad = [k for k, ok in zip(floats, finite, strict=True) if not ok]
+        if bad:  # a NaN checkpoint would poison every resume: keep the last good one
+            h = bad[0].split("/", 1)[0]
+            raise SaekitError(f"not writing a checkpoint at step {self.step}: hookpoint {h!r} holds NaN or Inf "
+                              f"({bad[0]}); the last checkpoint in {run.path} is kept")
+        for h in self.saes:
+            info = {"input_scale": self.scales[h], "step": self.step, "init": self.init_reports[h], **(extra or {})}
+            self.final_sae(h).save(run.sae_dir(h), extra=info)
         run.save_state(tensors, meta)
 
     def load(self, run: Run) -> None:
         """Restore the state written by `save` (the SAEs must have been built with the same config)."""
         tensors, meta = run.load_state(self.device)
-        missing = [f"{h}/param/{n}" for h, sae in self.saes.items() for n, p in sae.named_parameters()
-                   if tensors.get(f"{h}/param/{n}") is None or tensors[f"{h}/param/{n}"].shape != p.shape]
-        if missing or not {"step", "scales"} <= set(meta):
+        file = run.path / "state.safetensors"
+        want = {f"{h}/param/{n}": p for h, sae in self.saes.items() for n, p in sae.named_parameters()}
+        want |= {f"{h}/stats/{n}": t for h, st in self.stats.items() for n, t in st.items()}
+        missing = [k for k, t in want.items()
+                   if tensors.get(k) is None or tensors[k].shape != t.shape or tensors[k].dtype != t.dtype]
+        if missing:
             raise SaekitError(f"{run.path} holds a training state of another config (e.g. {missing[:1]} is missing "
                               "or shaped differently); start a new run")
+        scales = meta.get("scales")
+        if not (isinstance(meta.get("step"), int) and isinstance(scales, dict)
+                and all(isinstance(scales.get(h), float) for h in self.saes)):
+            raise SaekitError(f"{file} is corrupt (bad step or input scales in its metadata); start a new run")
+        adam = {}
+        for h, sae in self.saes.items():
+            for n, p in sae.named_parameters():
+                state = {key.rsplit("/", 1)[1]: t for key, t in tensors.items() if key.startswith(f"{h}/adam/{n}/")}
+                if state and (set(state) != {"step", "exp_avg", "exp_avg_sq"} or state["step"].numel() != 1
+                              or state["exp_avg"].shape != p.shape or state["exp_avg_sq"].shape != p.shape):
+                    raise SaekitError(f"{file} holds a bad optimizer state for {h}/{n}; start a new run")
+                if state:
+                    state["step"] = state["step"].reshape(())
+                    adam[p] = (h, state)
         self.step, self.scales = meta["step"], meta["scales"]
+        tokens, skipped = meta.get("tokens"), meta.get("skipped")
+        self.tokens = tokens if isinstance(tokens, int) else self.step * self.cfg.batch_size  # older states
+        self.skipped = skipped if isinstance(skipped, int) else 0
+        for p, (h, state) in adam.items():
+            self.opts[h].state[p] = state
         for h, sae in self.saes.items():
             with torch.no_grad():
                 for n, p in sae.named_parameters():
                     p.copy_(tensors[f"{h}/param/{n}"])
-                    state = {key.rsplit("/", 1)[1]: t for key, t in tensors.items() if key.startswith(f"{h}/adam/{n}/")}
-                    if state:
-                        state["step"] = state["step"].reshape(())
-                        self.opts[h].state[p] = state
             for n in self.stats[h]:
                 self.stats[h][n] = tensors[f"{h}/stats/{n}"]
             ema = self.stats[h]["threshold_ema"]
@@ -205,17 +269,27 @@ def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quie
     bar = tqdm(total=trainer.total_steps, initial=trainer.step, disable=quiet, unit="step", dynamic_ncols=True)
     t0, tokens = time.perf_counter(), 0
     for batch in batches:
-        metrics = trainer.train_step(batch)
+        try:
+            metrics = trainer.train_step(batch)
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError | _OOM) and "can't allocate memory" not in str(e):
+                raise
+            raise SaekitError(f"out of memory at training step {trainer.step} (batch_size {cfg.batch_size}, "
+                              f"{next(iter(trainer.saes.values())).n_latents} latents); lower --batch_size (or "
+                              "--expansion / --n_latents) and rerun; --resume continues from the last checkpoint"
+                              ) from None
         tokens += len(next(iter(batch.values())))
         bar.update(1)
         if trainer.step % cfg.log_every == 0 or trainer.step == trainer.total_steps:
             metrics = {h: {k: float(v) for k, v in m.items()} for h, m in metrics.items()}
             speed = tokens / (time.perf_counter() - t0)
-            first = next(iter(metrics.values()))
-            bar.set_postfix(tok_s=f"{speed:,.0f}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
-                            dead=f"{100 * first['dead_fraction']:.1f}%")
+            if metrics:  # {} after a skipped batch
+                first = next(iter(metrics.values()))
+                bar.set_postfix(tok_s=f"{speed:,.0f}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
+                                dead=f"{100 * first['dead_fraction']:.1f}%")
             if on_log:
-                on_log(trainer.step, {"tokens_per_s": speed, **metrics})
+                on_log(trainer.step, {"tokens_per_s": speed, "tokens": trainer.tokens,
+                                      "skipped_batches": trainer.skipped, **metrics})
         if on_checkpoint and trainer.step % cfg.checkpoint_every == 0:
             on_checkpoint()
     bar.close()

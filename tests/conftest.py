@@ -26,3 +26,11 @@ def smollm2():
 def act_cache_dir(tmp_path_factory):
     """One activation cache folder shared by the pipeline tests (harvest once)."""
     return tmp_path_factory.mktemp("act_cache")
+
+
+@pytest.fixture
+def tiny(act_cache_dir):
+    """CLI args of a run that takes seconds: 2 epochs over ~6k tokens of layer-2 activations."""
+    return ["--hookpoints", "blocks.2.hook_resid_post", "--n_tokens", "6000", "--val_tokens", "600", "--ctx_len",
+            "64", "--epochs", "2", "--expansion", "2", "--k", "16", "--batch_size", "500", "--checkpoint_every", "4",
+            "--log_every", "1", "--eval_contexts", "2", "--cache_dir", str(act_cache_dir), "--dead_tokens", "3000"]

@@ -12,15 +12,7 @@ from saekit.errors import SaekitError
 from saekit.sae import SAE
 from saekit.trainer import Trainer
 
-HOOK = "blocks.2.hook_resid_post"
-
-
-@pytest.fixture
-def tiny(act_cache_dir, tmp_path):
-    """CLI args of a run that takes seconds: 2 epochs over ~6k tokens of layer-2 activations."""
-    return ["--hookpoints", HOOK, "--n_tokens", "6000", "--val_tokens", "600", "--ctx_len", "64",
-            "--epochs", "2", "--expansion", "2", "--k", "16", "--batch_size", "500", "--checkpoint_every", "4",
-            "--log_every", "1", "--eval_contexts", "2", "--cache_dir", str(act_cache_dir), "--dead_tokens", "3000"]
+HOOK = "blocks.2.hook_resid_post"  # the hookpoint of the `tiny` run (conftest)
 
 
 def run_cli(*args) -> int:

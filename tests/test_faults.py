@@ -1,0 +1,168 @@
+"""Faults a long run meets: NaN/Inf batches, a full disk, out of memory, corrupt files."""
+
+import errno
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from saekit import io
+from saekit.activations import ActivationCache, build_cache
+from saekit.config import TrainConfig, make_config
+from saekit.errors import SaekitError
+from saekit.run import Run
+from saekit.sae import SAE, SAEConfig
+from saekit.trainer import Trainer, fit, run_steps
+
+D, B = 12, 100
+
+
+def _data(n=600, nan_rows=None, value=float("nan")):
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(0)) + 1.0
+    if nan_rows is not None:
+        x[nan_rows, 3] = value
+    return x
+
+
+def _trainer(on_nonfinite="stop", **kw):
+    cfg = make_config(TrainConfig, {"n_latents": 32, "k": 4, "hookpoints": ["h"], "batch_size": B, "epochs": 1,
+                                    "log_every": 1, "on_nonfinite": on_nonfinite, "dead_tokens": 300, **kw})
+    return Trainer(cfg, {"h": D}, {"h": _data()}, 6, torch.device("cpu"))
+
+
+def _batches(x):
+    return [{"h": t} for t in x.split(B)]
+
+
+def test_nonfinite_batch_is_skipped_without_an_update(capsys):
+    tr, logged = _trainer("skip"), []
+    run_steps(tr, _batches(_data(nan_rows=slice(250, 260))), quiet=True, on_log=lambda s, m: logged.append(m))
+    assert (tr.step, tr.skipped, tr.tokens) == (6, 1, 5 * B)
+    assert all(p.isfinite().all() for p in tr.saes["h"].parameters())
+    assert all(t.isfinite().all() for t in tr.stats["h"].values())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'h'" in err[0] and "step 2" in err[0] and "skipped" in err[0]
+    assert [m["skipped_batches"] for m in logged] == [0, 0, 1, 1, 1, 1] and "h" not in logged[2]
+    assert logged[-1]["tokens"] == 5 * B
+
+    # a skipped batch leaves parameters and optimizer exactly as they were
+    tr = _trainer("skip")
+    tr.train_step({"h": _data()[:B]})
+    before = {n: p.clone() for n, p in tr.saes["h"].named_parameters()}
+    adam = {k: t.clone() for k, t in tr.opts["h"].state[tr.saes["h"].W_enc].items()}
+    assert tr.train_step({"h": _data(B, nan_rows=[7], value=float("inf"))}) == {}
+    assert all(torch.equal(p, before[n]) for n, p in tr.saes["h"].named_parameters())
+    assert all(torch.equal(t, adam[k]) for k, t in tr.opts["h"].state[tr.saes["h"].W_enc].items())
+
+
+def test_nonfinite_batch_stops_by_default():
+    tr = _trainer()
+    with pytest.raises(SaekitError, match=r"activations of hookpoint 'h' at step 1"):
+        run_steps(tr, _batches(_data(nan_rows=[150])), quiet=True)
+    with pytest.raises(SaekitError, match="NaN or Inf in the activations of hookpoint 'x' at step"):
+        fit(_data(nan_rows=[300]), n_latents=32, k=4, batch_size=B, epochs=1, seed=0)
+    sae = fit(_data(nan_rows=[300]), n_latents=32, k=4, batch_size=B, epochs=1, on_nonfinite="skip")
+    assert all(p.isfinite().all() for p in sae.parameters())
+
+
+def test_nan_loss_is_caught_and_no_nan_checkpoint_is_written(tmp_path):
+    tr = _trainer()
+    run = Run(tmp_path, tr.cfg, ["h"])
+    tr.train_step({"h": _data()[:B]})
+    tr.save(run)
+    good = (tmp_path / "state.safetensors").read_bytes()
+    with torch.no_grad():
+        tr.saes["h"].W_dec[3] = float("nan")  # diverged parameters: finite input, NaN loss
+    with pytest.raises(SaekitError, match="loss of hookpoint 'h' at step 1"):
+        tr.train_step({"h": _data()[B : 2 * B]})
+    with pytest.raises(SaekitError, match=r"not writing a checkpoint at step 1: hookpoint 'h'.*W_dec"):
+        tr.save(run)
+    assert (tmp_path / "state.safetensors").read_bytes() == good
+    assert SAE.load(tmp_path / "h").W_dec.isfinite().all()
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    tr = _trainer()
+    run = Run(tmp_path, tr.cfg, ["h"])
+    tr.train_step({"h": _data()[:B]})
+    tr.save(run)
+    good = (tmp_path / "state.safetensors").read_bytes()
+    tr.train_step({"h": _data()[B : 2 * B]})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", full)  # the data is written, its flush fails
+    with pytest.raises(SaekitError, match=r"no space left on device while writing .*sae\.safetensors"):
+        tr.save(run)
+    with pytest.raises(SaekitError, match=r"no space left on device while writing .*state\.safetensors"):
+        run.save_state({"x": torch.ones(3)}, {"step": 9})
+    monkeypatch.undo()
+    assert (tmp_path / "state.safetensors").read_bytes() == good
+    assert run.load_state()[1]["step"] == 1 and SAE.load(tmp_path / "h").W_dec.isfinite().all()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    def partial(p):  # a write that fails halfway
+        p.write_bytes(b"half")
+        raise OSError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(SaekitError, match=r"cannot write .*eval\.json: Permission denied"):
+        io.atomic_write(tmp_path / "eval.json", partial)
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "eval.json").exists()
+
+
+def test_out_of_memory_says_lower_batch_size(monkeypatch):
+    tr = _trainer()
+
+    def oom(self, batch):
+        raise MemoryError
+
+    monkeypatch.setattr(Trainer, "train_step", oom)
+    with pytest.raises(SaekitError, match="out of memory at training step 0.*lower --batch_size"):
+        run_steps(tr, _batches(_data()), quiet=True)
+    monkeypatch.setattr(Trainer, "train_step", lambda self, b: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):  # other errors pass through unchanged
+        run_steps(tr, _batches(_data()), quiet=True)
+
+
+def test_corrupt_files_are_named(tmp_path):
+    cache = build_cache(tmp_path / "c", ({"h": t} for t in _data().split(200)), {}, shard_tokens=200)
+    shard = tmp_path / "c" / cache.manifest["shards"][1]["file"]
+    blob = shard.read_bytes()
+    shard.write_bytes(blob[: len(blob) // 2])  # truncated
+    with pytest.raises(SaekitError, match=re.escape(f"activation shard {shard} is corrupt")):
+        ActivationCache.open(tmp_path / "c").tensor("h")
+    manifest = tmp_path / "c" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:-20])
+    with pytest.raises(SaekitError, match=re.escape(f"{manifest} is corrupt")):
+        ActivationCache.open(tmp_path / "c")
+
+    tr = _trainer()
+    run = Run(tmp_path / "run", tr.cfg, ["h"])
+    tr.save(run)
+    for f in (run.path / "state.safetensors", run.path / "h" / "sae.safetensors"):
+        f.write_bytes(f.read_bytes()[:-50])
+    with pytest.raises(SaekitError, match=re.escape(f"{run.path / 'state.safetensors'} is corrupt or truncated")):
+        tr.load(run)
+    with pytest.raises(SaekitError, match=re.escape(f"{run.path / 'h' / 'sae.safetensors'} is corrupt or truncated")):
+        SAE.load(run.path / "h")
+    save_file({n: torch.zeros(s, dtype=torch.int32) for n, s in
+               [("W_enc", (32, D)), ("b_enc", (32,)), ("W_dec", (32, D)), ("b_dec", (D,))]},
+              run.path / "h" / "sae.safetensors")
+    (run.path / "h" / "cfg.json").write_text(json.dumps(vars(SAEConfig(D, 32, 4))))
+    with pytest.raises(SaekitError, match="sae.safetensors: W_enc is int32"):
+        SAE.load(run.path / "h")
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
+    cfg = make_config(TrainConfig, {"hookpoints": ["h"], "out": str(tmp_path / "r")})
+    Run.create(cfg)  # the config is written, then the process dies before any state
+    run = Run.for_resume(tmp_path / "r", {"hookpoints": ["h"]})
+    assert run.config == cfg and not run.has_state
+    with pytest.raises(SaekitError, match="nothing to resume"):
+        Run.for_resume(tmp_path / "other", {})
+    (run.path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"st')  # a line cut by the kill
+    run.truncate_metrics(1)
+    assert (run.path / "metrics.jsonl").read_text() == '{"step": 1}\n'
