@@ -73,6 +73,8 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
         if cfg.architecture == "jumprelu":  # per-latent thresholds on pre-activations (input units)
             self.register_buffer("threshold", torch.zeros(m, device=device, dtype=dtype))
+        # BatchTopK in data-parallel training: `(candidates [b, c], k) -> cut` over the global batch.
+        self.batch_cut = None
         # bf16 encoder matmul (set by the trainer on GPU); everything else stays fp32.
         self.matmul_dtype: torch.dtype | None = None
 
@@ -153,7 +155,9 @@ class SAE(nn.Module):
         idx = idx.gather(1, order)
         n_keep = min(k * B, vals.numel())
         flat = vals.flatten()  # the cut is its n_keep-th largest value
-        if flat.is_cuda:  # CUDA's kthvalue selects in a single block, its topk in many
+        if self.batch_cut is not None:  # data-parallel training: the cut over the global batch
+            cut = self.batch_cut(vals, k)
+        elif flat.is_cuda:  # CUDA's kthvalue selects in a single block, its topk in many
             cut = flat.topk(n_keep, sorted=False).values.min()
         else:
             cut = flat.kthvalue(flat.numel() - n_keep + 1).values

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from saekit import distributed as dist
 from saekit.config import TrainConfig, make_config
 from saekit.errors import SaekitError
 from saekit.init import init_sae
@@ -43,10 +44,18 @@ def lr_factor(step: int, total: int | None, warmup: int, decay_start: float) -> 
 
 
 class Trainer:
-    """Holds the SAEs, their optimizers and per-latent firing statistics."""
+    """Holds the SAEs, their optimizers and per-latent firing statistics.
+
+    Data parallel inside an initialised process group of several processes (unless
+    `data_parallel=False`): every process is given the same global batches, trains on its own
+    contiguous slice of each, and the sums that make up the losses, the gradients, the firing
+    counts and BatchTopK's cut are taken over the global batch, so every process holds the
+    parameters one process would have after the same global batches."""
 
     def __init__(self, cfg: TrainConfig, dims: dict[str, int], sample: dict[str, torch.Tensor],
-                 total_steps: int | None, device: torch.device):
+                 total_steps: int | None, device: torch.device, data_parallel: bool | None = None):
+        self.parallel = dist.active() if data_parallel is None else data_parallel and dist.active()
+        device = dist.local_device(device)
         self.cfg, self.total_steps, self.device = cfg, total_steps, device
         self.step = 0
         self.tokens = 0  # tokens trained on (skipped batches excluded)
@@ -73,6 +82,9 @@ class Trainer:
             self.scales[h] = float(x.pow(2).sum(1).mean().div(d).sqrt().clamp_min(1e-8))
             self.init_reports[h] = init_sae(sae, x / self.scales[h], cfg.init, g, cfg.subspace_rank,
                                             cfg.subspace_variance)
+            if self.parallel:  # the same start everywhere, whatever each process was given
+                dist.broadcast_params(sae)
+                sae.batch_cut = dist.batch_cut
             self.saes[h] = sae
             lr = cfg.lr or 2e-4 / math.sqrt(m / 2**14)
             self.opts[h] = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10, fused=True)
@@ -82,10 +94,15 @@ class Trainer:
                 "last_fired": torch.full((m,), -1, dtype=torch.long, device=device),
                 "threshold_ema": torch.zeros(2, dtype=torch.float64, device=device),  # [ema, n]
             }
+        if self.parallel:
+            self.scales = dist.broadcast_object(self.scales)
 
     # -- one step -------------------------------------------------------------------------
-    def _aux_loss(self, sae: SAE, x: torch.Tensor, err: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-        """AuxK: reconstruct the residual from the top-k_aux dead latents (no b_dec)."""
+    def _aux_loss(self, sae: SAE, x: torch.Tensor, err: torch.Tensor, dead: torch.Tensor,
+                  denom: torch.Tensor | None = None) -> torch.Tensor:
+        """AuxK: reconstruct the residual from the top-k_aux dead latents (no b_dec).
+
+        `denom`: the residual's total variance when `err` is a slice of a larger batch."""
         k_aux = self.cfg.k_aux or sae.d_in // 2
         b_dec = sae.b_dec.detach()
         W, b = sae.W_enc[dead], sae.b_enc[dead]
@@ -94,12 +111,20 @@ class Trainer:
         vals = selected_preacts(x, b_dec, W, b, idx, vals).relu()
         err_hat = sparse_decode(vals, dead[idx], sae.W_dec)
         scale = min(len(dead) / k_aux, 1.0)
-        return scale * (err_hat - err).pow(2).sum() / (err - err.mean(0)).pow(2).sum().clamp_min(1e-12)
+        if denom is None:
+            denom = (err - err.mean(0)).pow(2).sum()
+        return scale * (err_hat - err).pow(2).sum() / denom.clamp_min(1e-12)
 
-    @staticmethod
-    def _update_threshold(sae: SAE, ema: torch.Tensor, vals: torch.Tensor) -> None:
+    def _update_threshold(self, sae: SAE, ema: torch.Tensor, vals: torch.Tensor) -> None:
         kept = vals[vals > 0]
-        if len(kept):
+        if self.parallel:  # the smallest kept value of the global batch
+            low = kept.min() if len(kept) else torch.tensor(math.inf, device=vals.device, dtype=vals.dtype)
+            low = dist.all_reduce(low.reshape(1), "min")[0]
+            if low.isfinite():
+                ema[0] = 0.999 * ema[0] + 0.001 * low
+                ema[1] += 1
+                sae.cfg.threshold = float(ema[0] / (1 - 0.999 ** ema[1]))
+        elif len(kept):
             ema[0] = 0.999 * ema[0] + 0.001 * kept.min()
             ema[1] += 1
             sae.cfg.threshold = float(ema[0] / (1 - 0.999 ** ema[1]))
@@ -113,34 +138,46 @@ class Trainer:
         Every hookpoint's loss is computed before any update: if an input or a loss holds NaN
         or Inf, no parameter, optimizer state or firing statistic changes; the batch is then
         skipped (returns {}) or training stops with a SaekitError, per `on_nonfinite`."""
-        cfg = self.cfg
+        cfg, par = self.cfg, self.parallel
         lr_f = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_start)
         pending, checks = {}, []
         for h, sae in self.saes.items():
-            x = batch[h].to(self.device, torch.float32, non_blocking=True) / self.scales[h]  # [B, d]
-            B = x.shape[0]
+            B = len(batch[h])  # the global batch; under data parallelism this process takes a slice
+            x = (dist.shard(batch[h]) if par else batch[h]).to(self.device, torch.float32, non_blocking=True)
+            x = x / self.scales[h]
             vals, idx = sae.encode(x)
             x_hat = sae.decode(vals, idx)
-            fvu = F.mse_loss(x_hat, x, reduction="sum") / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+            if par:  # the global batch's total variance: this slice's error sum over it adds up to FVU
+                denom = dist.all_reduce((x - dist.all_reduce(x.sum(0)) / B).pow(2).sum())
+            else:
+                denom = (x - x.mean(0)).pow(2).sum()
+            fvu = F.mse_loss(x_hat, x, reduction="sum") / denom.clamp_min(1e-12)
 
             st = self.stats[h]
             with torch.no_grad():  # masked updates, not boolean indexing: no host sync
                 active = (vals > 1e-3).reshape(-1).float()
-                fired = torch.zeros(sae.n_latents, device=self.device).index_add_(0, idx.reshape(-1), active) > 0
+                counts = torch.zeros(sae.n_latents, device=self.device).index_add_(0, idx.reshape(-1), active)
+                fired = (dist.all_reduce(counts) if par else counts) > 0
                 since = (st["tokens_since_fired"] + B).masked_fill_(fired, 0)  # committed after the check
                 dead = (since >= cfg.dead_tokens).nonzero().squeeze(1)
             loss = fvu
-            if cfg.ortho_penalty > 0 and self.step % cfg.ortho_every == 0:
+            # A penalty on the (replicated) decoder alone: added by one process, whose gradient is summed.
+            if cfg.ortho_penalty > 0 and self.step % cfg.ortho_every == 0 and (not par or dist.is_main()):
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
                 loss = loss + cfg.ortho_penalty * cfg.ortho_every * ortho_loss(sae.W_dec, g)
             aux = torch.zeros((), device=self.device)
             if len(dead) and cfg.auxk_alpha > 0:
-                aux = self._aux_loss(sae, x, (x - x_hat).detach(), dead)
+                err = (x - x_hat).detach()
+                err_denom = dist.all_reduce((err - dist.all_reduce(err.sum(0)) / B).pow(2).sum()) if par else None
+                aux = self._aux_loss(sae, x, err, dead, err_denom)
                 loss = loss + cfg.auxk_alpha * aux
             checks += [x.isfinite().all(), loss.isfinite()]
             pending[h] = (B, vals, fired, since, dead, fvu, aux, loss)
 
-        ok = torch.stack(checks).tolist()  # one host sync for every hookpoint
+        ok = torch.stack(checks)
+        if par:  # a NaN in any slice skips (or stops) the step everywhere
+            ok = dist.all_reduce(ok.float(), "min") > 0
+        ok = ok.tolist()  # one host sync for every hookpoint
         for i, h in enumerate(pending):
             if not (ok[2 * i] and ok[2 * i + 1]):
                 self._nonfinite(h, "activations" if not ok[2 * i] else "loss")
@@ -159,6 +196,8 @@ class Trainer:
             opt = self.opts[h]
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if par:
+                dist.all_reduce_grads(sae.parameters())
             with torch.no_grad():  # keep decoder rows on the unit sphere: drop the radial gradient
                 W, G = sae.W_dec, sae.W_dec.grad
                 G.addcmul_(torch.linalg.vecdot(G, W)[:, None], W, value=-1)
@@ -166,11 +205,14 @@ class Trainer:
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_f
             opt.step()
             sae.normalize_decoder()
+            parts = torch.stack([fvu.detach(), (vals > 0).sum().to(fvu.dtype), aux.detach().to(fvu.dtype)])
+            if par:
+                dist.all_reduce(parts)
             metrics[h] = {
-                "fvu": fvu.detach(),
-                "l0": (vals > 0).sum() / B,
+                "fvu": parts[0],
+                "l0": parts[1] / B,
                 "dead_fraction": len(dead) / sae.n_latents,
-                "aux_loss": aux.detach(),
+                "aux_loss": parts[2],
                 "lr": opt.param_groups[0]["lr"],
             }
         self.tokens += next(iter(pending.values()))[0]

@@ -1,0 +1,136 @@
+"""Data-parallel helpers over `torch.distributed` (launched by torchrun; gloo on CPU, NCCL on CUDA).
+
+Every helper is a no-op in a single process, so the trainer calls them unconditionally.
+A process group is set up by `init_from_env` when torchrun's `WORLD_SIZE`/`RANK` variables are
+present, or by the caller (e.g. `torch.multiprocessing.spawn` + `init_process_group`).
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from saekit.errors import SaekitError
+from saekit.runtime import resolve_device
+
+
+def active() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: str = "auto") -> bool:
+    """Join the process group torchrun describes in the environment (once); True if one is joined.
+
+    The backend is NCCL when the run trains on CUDA, gloo otherwise; each CUDA process uses the
+    GPU of its `LOCAL_RANK`."""
+    if dist.is_initialized():
+        return True
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return False
+    if not dist.is_available():
+        raise SaekitError("WORLD_SIZE/RANK are set but this torch build has no torch.distributed")
+    cuda = resolve_device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
+def local_device(device: torch.device) -> torch.device:
+    """The device of this process: under a process group on CUDA, the current GPU (one per process)."""
+    if active() and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def shard(x: torch.Tensor) -> torch.Tensor:
+    """This process's contiguous slice of a global batch (slices differ in size by at most one row)."""
+    return x.tensor_split(world())[rank()] if active() else x
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ("sum", "min" or "max"); returns `t`."""
+    if active():
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def all_reduce_grads(params) -> None:
+    """Sum the gradients of `params` over the processes (one flat buffer, one collective)."""
+    if not active():
+        return
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+
+
+def broadcast_params(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy `src`'s parameters and buffers to every process."""
+    if not active():
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` of process `src`, on every process (pickled)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def gather_objects(obj) -> list | None:
+    """Every process's `obj`, in rank order, on the main process (None elsewhere); all must call."""
+    if not active():
+        return [obj]
+    out = [None] * world() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def batch_cut(vals: torch.Tensor, k: int) -> torch.Tensor:
+    """BatchTopK's cut over the global batch: the (k * B)-th largest of every process's candidate
+    pre-activations `vals [b_r, c]` (B = sum of the b_r); the same 0-dim tensor on every process."""
+    n = torch.tensor([vals.shape[0]], device=vals.device)
+    sizes = [torch.zeros_like(n) for _ in range(world())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    rows, cap = max(sizes), vals.shape[1]
+    padded = F.pad(vals, (0, 0, 0, rows - vals.shape[0]), value=float("-inf")).reshape(-1)
+    parts = [torch.empty_like(padded) for _ in range(world())]
+    dist.all_gather(parts, padded)
+    flat = torch.cat(parts)  # padding is -inf: never among the kept values
+    n_keep = min(k * sum(sizes), cap * sum(sizes))
+    if flat.is_cuda:
+        return flat.topk(n_keep, sorted=False).values.min()
+    return flat.kthvalue(flat.numel() - n_keep + 1).values

@@ -1,0 +1,107 @@
+"""Data-parallel training over gloo on the CPU: two processes equal one on the same global batches."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+from saekit import distributed as dist
+from saekit.config import TrainConfig, make_config
+from saekit.run import Run
+from saekit.trainer import Trainer, fit
+
+D, N_TOKENS, BATCH = 16, 3000, 240
+
+
+def data() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(48, D, generator=g)
+    on = torch.rand(N_TOKENS, 48, generator=g) < 3 / 48
+    return (on * (torch.rand(N_TOKENS, 48, generator=g) + 0.5)) @ feats + 1.0
+
+
+def config(arch: str, out: str = "unused") -> TrainConfig:
+    # dead_tokens small enough for AuxK to run; the OrtSAE penalty on: every loss term is covered
+    return make_config(TrainConfig, {"n_latents": 64, "k": 4, "hookpoints": ["x"], "architecture": arch,
+                                     "batch_size": BATCH, "dead_tokens": 480, "ortho_penalty": 0.1, "lr": 3e-3,
+                                     "warmup_steps": 2, "out": out, "seed": 3})
+
+
+def batch(x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    """The global batch of `step`: a pure function of the step."""
+    g = torch.Generator().manual_seed(step)
+    return {"x": x[torch.randperm(len(x), generator=g)[:BATCH]]}
+
+
+def train(arch: str, steps: range, total: int, out: str, resume: bool) -> dict[str, torch.Tensor]:
+    """Train `steps` of a run of `total` steps (from the state at `out` if `resume`); save it there."""
+    x = data()
+    cfg = config(arch, out)
+    tr = Trainer(cfg, {"x": D}, {"x": x[:1000]}, total, torch.device("cpu"))
+    if resume:
+        tr.load(Run.open(out))
+    assert tr.step == steps.start
+    for s in steps:
+        tr.train_step(batch(x, s))
+    if dist.is_main():
+        tr.save(Run.open(out) if resume else Run.create(cfg))
+    dist.barrier()
+    return {"tokens": torch.tensor(tr.tokens), "threshold": torch.tensor(tr.saes["x"].cfg.threshold or 0.0),
+            **{n: p.detach().clone() for n, p in tr.saes["x"].named_parameters()},
+            **{f"stats/{n}": t.clone() for n, t in tr.stats["x"].items()}}
+
+
+def _worker(rank: int, world: int, port: int, job, args, outs: str) -> None:
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(job(*args), f"{outs}.{rank}")
+    finally:
+        tdist.destroy_process_group()
+
+
+def spawn(job, args, tmp_path, world: int = 2) -> list:
+    """`job(*args)` in `world` processes joined in a gloo group; every process's result."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outs = str(tmp_path / "result")
+    mp.spawn(_worker, args=(world, port, job, args, outs), nprocs=world, join=True)
+    return [torch.load(f"{outs}.{r}") for r in range(world)]
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_two_processes_equal_one_then_resume_across_world_sizes(arch, tmp_path):
+    total = 8
+    one = train(arch, range(total), total, str(tmp_path / "one"), False)
+    assert one["stats/threshold_ema"][1] > 0 or arch == "topk"  # the threshold's EMA ran
+    two = spawn(train, (arch, range(total), total, str(tmp_path / "two"), False), tmp_path)
+    assert_same(two[0], two[1])  # the processes agree
+    assert_same(one, two[0])  # and equal one process
+    assert int(two[0]["tokens"]) == total * BATCH
+    # stopped after 3 steps by 2 processes, resumed by 1; and the other way round
+    spawn(train, (arch, range(3), total, str(tmp_path / "a"), False), tmp_path)
+    assert_same(one, train(arch, range(3, total), total, str(tmp_path / "a"), True))
+    train(arch, range(5), total, str(tmp_path / "b"), False)
+    resumed = spawn(train, (arch, range(5, total), total, str(tmp_path / "b"), True), tmp_path)
+    assert_same(one, resumed[0])
+    assert int(resumed[0]["tokens"]) == total * BATCH
+
+
+def _fit_job():
+    sae = fit(data(), n_latents=64, k=4, batch_size=BATCH, epochs=1, lr=3e-3, seed=2)
+    return dict(sae.named_parameters())
+
+
+def test_fit_in_a_process_group_is_data_parallel(tmp_path):
+    one = _fit_job()
+    two = spawn(_fit_job, (), tmp_path)
+    assert_same(one, two[0])
+    assert_same(one, two[1])
