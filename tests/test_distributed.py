@@ -2,7 +2,6 @@
 
 import socket
 
-import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
@@ -74,25 +73,10 @@ def spawn(job, args, tmp_path, world: int = 2) -> list:
 
 def assert_same(a: dict, b: dict) -> None:
     for key in a:
+        if isinstance(a[key], dict):
+            assert_same(a[key], b[key])
+            continue
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
-
-
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_two_processes_equal_one_then_resume_across_world_sizes(arch, tmp_path):
-    total = 8
-    one = train(arch, range(total), total, str(tmp_path / "one"), False)
-    assert one["stats/threshold_ema"][1] > 0 or arch == "topk"  # the threshold's EMA ran
-    two = spawn(train, (arch, range(total), total, str(tmp_path / "two"), False), tmp_path)
-    assert_same(two[0], two[1])  # the processes agree
-    assert_same(one, two[0])  # and equal one process
-    assert int(two[0]["tokens"]) == total * BATCH
-    # stopped after 3 steps by 2 processes, resumed by 1; and the other way round
-    spawn(train, (arch, range(3), total, str(tmp_path / "a"), False), tmp_path)
-    assert_same(one, train(arch, range(3, total), total, str(tmp_path / "a"), True))
-    train(arch, range(5), total, str(tmp_path / "b"), False)
-    resumed = spawn(train, (arch, range(5, total), total, str(tmp_path / "b"), True), tmp_path)
-    assert_same(one, resumed[0])
-    assert int(resumed[0]["tokens"]) == total * BATCH
 
 
 def _fit_job():
@@ -100,8 +84,32 @@ def _fit_job():
     return dict(sae.named_parameters())
 
 
-def test_fit_in_a_process_group_is_data_parallel(tmp_path):
-    one = _fit_job()
-    two = spawn(_fit_job, (), tmp_path)
-    assert_same(one, two[0])
-    assert_same(one, two[1])
+def _two_process_jobs(root: str, total: int) -> dict:
+    """Everything the test runs in two processes, in one spawn (each spawn costs seconds)."""
+    out = {"fit": _fit_job()}
+    for arch in ARCHS:
+        out[arch] = train(arch, range(total), total, f"{root}/two-{arch}", False)
+        train(arch, range(3), total, f"{root}/a-{arch}", False)  # stopped after 3 steps
+        out[f"{arch}-resumed"] = train(arch, range(5, total), total, f"{root}/b-{arch}", True)
+    return out
+
+
+ARCHS = ("topk", "batchtopk")
+
+
+def test_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):
+    total = 8
+    one = {arch: train(arch, range(total), total, str(tmp_path / f"one-{arch}"), False) for arch in ARCHS}
+    assert one["batchtopk"]["stats/threshold_ema"][1] > 0  # the threshold's EMA ran
+    for arch in ARCHS:  # one process stops after 5 steps; two resume it
+        train(arch, range(5), total, str(tmp_path / f"b-{arch}"), False)
+    two = spawn(_two_process_jobs, (str(tmp_path), total), tmp_path)
+    assert_same(two[0], two[1])  # the processes agree on everything
+    assert_same(_fit_job(), two[0]["fit"])  # fit() in a process group is data parallel
+    for arch in ARCHS:
+        assert_same(one[arch], two[0][arch])  # two processes equal one on the same global batches
+        assert int(two[0][arch]["tokens"]) == total * BATCH
+        assert_same(one[arch], two[0][f"{arch}-resumed"])  # 1 -> 2 processes
+        assert int(two[0][f"{arch}-resumed"]["tokens"]) == total * BATCH
+        # 2 -> 1 process
+        assert_same(one[arch], train(arch, range(3, total), total, str(tmp_path / f"a-{arch}"), True))
