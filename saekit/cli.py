@@ -17,6 +17,7 @@ def _values(extra: list[str]) -> dict:
 
 
 def _train(args, extra):
+    from saekit import distributed
     from saekit.config import TrainConfig, make_config
     from saekit.pipeline import train
     from saekit.run import Run
@@ -28,8 +29,13 @@ def _train(args, extra):
     else:
         cfg = make_config(TrainConfig, values)
     keep_freed_memory()
-    run = train(cfg, resume=args.resume, quiet=args.quiet)
-    print(f"saekit: run written to {run} (SAEs in {run}/<hookpoint>/, eval.json, metrics.jsonl)")
+    try:  # under torchrun every process runs this; they train together (saekit.distributed)
+        run = train(cfg, resume=args.resume, quiet=args.quiet)
+        main = distributed.is_main()
+    finally:
+        distributed.leave()
+    if main:
+        print(f"saekit: run written to {run} (SAEs in {run}/<hookpoint>/, eval.json, metrics.jsonl)")
 
 
 def _cache(args, extra):

@@ -64,6 +64,9 @@ class TrainConfig:
     collapse_every: int = 0  # steps; log the decoder's collapse figures to metrics.jsonl (0 = off)
     eval_contexts: int = 24  # held-out contexts for CE loss / KL in evaluation
     wandb: bool = False  # log to Weights & Biases too (if installed)
+    # under torchrun: each process trains only its own hookpoints (round-robin) instead of every
+    # process training every hookpoint on its slice of each batch (data parallel)
+    shard_hookpoints: bool = False
 
     def __post_init__(self):
         for key, ok, allowed in _RULES:

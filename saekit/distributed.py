@@ -134,3 +134,28 @@ def batch_cut(vals: torch.Tensor, k: int) -> torch.Tensor:
     if flat.is_cuda:
         return flat.topk(n_keep, sorted=False).values.min()
     return flat.kthvalue(flat.numel() - n_keep + 1).values
+
+
+def main_first(fn):
+    """`fn()` on the main process while the others wait; returns its result there (None elsewhere).
+    A SaekitError it raises is raised on every process, so none is left waiting."""
+    if not active():
+        return fn()
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except SaekitError as e:
+            error = e
+    message = broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise SaekitError(f"the main process stopped: {message}")
+    return result
+
+
+def leave() -> None:
+    """Leave the process group (if one was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from saekit import data
+from saekit import distributed as dist
 from saekit import model as lm
 from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_path, resume_point
 from saekit.config import TrainConfig
@@ -72,42 +73,78 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
 
     With `resume`, `cfg` must match the stored config of the run at `cfg.out` (except the
     settings that do not change what is trained). The model is loaded only to harvest missing
-    activations and, at the end, to evaluate: training starts at once from finished caches."""
+    activations and, at the end, to evaluate: training starts at once from finished caches.
+
+    Under torchrun (WORLD_SIZE/RANK in the environment) or in an initialised process group, the
+    processes train together: data parallel (every process takes a slice of each global batch),
+    or with `shard_hookpoints` each process its own hookpoints. The main process harvests the
+    caches, writes the run folder and evaluates; the others wait for it."""
+    dist.init_from_env(cfg.device)
+    main = dist.is_main()
     run = Run.for_resume(cfg.out, asdict(cfg)) if resume else None
     cfg = run.config if run else cfg
+    quiet = quiet or not main
+
+    def caches_on_main():
+        nonlocal model, ctx
+        caches = finished_caches(cfg)
+        if caches is None:
+            model, ctx, caches = prepare(cfg, quiet)
+        return caches
+
     model = ctx = None
-    caches = finished_caches(cfg)
-    if caches is None:
-        model, ctx, caches = prepare(cfg, quiet)
+    caches = dist.main_first(caches_on_main)
+    if not main:
+        caches = finished_caches(cfg)
+        if caches is None:
+            raise SaekitError(f"the activation caches of {cfg.out} are not readable from process {dist.rank()}; "
+                              "with several nodes, cache_dir must be on a file system every node shares")
+    sharded = cfg.shard_hookpoints and dist.active()
+    hookpoints = cfg.hookpoints[dist.rank() :: dist.world()] if sharded else cfg.hookpoints
+    if not hookpoints:
+        raise SaekitError(f"shard_hookpoints: {dist.world()} processes for {len(cfg.hookpoints)} hookpoints; "
+                          "start at most one process per hookpoint")
     train_cache = caches["train"]
-    batches = ShuffledBatches(train_cache, cfg.hookpoints, cfg.batch_size, cfg.seed, cfg.buffer_tokens)
+    batches = ShuffledBatches(train_cache, hookpoints, cfg.batch_size, cfg.seed, cfg.buffer_tokens)
     total = cfg.epochs * batches.steps_per_epoch
-    sample = {h: train_cache.tensor(h, INIT_SAMPLE) for h in cfg.hookpoints}
-    dims = {h: train_cache.dim(h) for h in cfg.hookpoints}
-    trainer = Trainer(cfg, dims, sample, total, resolve_device(cfg.device))
+    sample = {h: train_cache.tensor(h, INIT_SAMPLE) for h in hookpoints}
+    dims = {h: train_cache.dim(h) for h in hookpoints}
+    trainer = Trainer(cfg, dims, sample, total, resolve_device(cfg.device), data_parallel=not sharded)
     if run and run.has_state:
         trainer.load(run)
-        run.truncate_metrics(trainer.step)
+        if main:
+            run.truncate_metrics(trainer.step)
     else:  # a new run, or one that stopped before its first checkpoint
-        run = Run.create(cfg)
-    log = _wandb_logger(cfg, run.path)
+        run = dist.main_first(lambda: Run.create(cfg)) or Run.open(cfg.out)
+    log = _wandb_logger(cfg, run.path) if main else None
 
     def on_log(step, metrics):
         prev = (step - 1) // cfg.log_every * cfg.log_every  # the previous logged step
-        if cfg.collapse_every and step // cfg.collapse_every > prev // cfg.collapse_every:
+        if (main or sharded) and cfg.collapse_every and step // cfg.collapse_every > prev // cfg.collapse_every:
             from saekit.analyze.collapse import decoder_collapse  # pandas/scipy: only when asked for
 
             for h, sae in trainer.saes.items():  # a multiple of collapse_every was reached since then
                 if h in metrics:  # not after a skipped batch
                     metrics[h]["collapse"] = decoder_collapse(sae).summary()
+        if sharded:  # every process's hookpoints, in one line
+            parts = dist.gather_objects({h: m for h, m in metrics.items() if h in trainer.saes})
+            if parts is not None:
+                metrics = {**metrics, **{h: m for part in parts for h, m in part.items()}}
+        if not main:
+            return
         run.log_metrics(step, metrics)
         if log:
             log(step, metrics)
 
-    run_steps(trainer, batches.batches(trainer.step, cfg.epochs), quiet=quiet, on_log=on_log,
-              on_checkpoint=lambda: trainer.save(run))
-    trainer.save(run)
-    evaluate_run(run, model=model, caches=caches, ctx=ctx, quiet=quiet)
+    def save():
+        if sharded:
+            trainer.save_sharded(run)
+        else:
+            dist.main_first(lambda: trainer.save(run))
+
+    run_steps(trainer, batches.batches(trainer.step, cfg.epochs), quiet=quiet, on_log=on_log, on_checkpoint=save)
+    save()
+    dist.main_first(lambda: evaluate_run(run, model=model, caches=caches, ctx=ctx, quiet=quiet))
     return run.path
 
 

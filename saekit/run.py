@@ -33,7 +33,7 @@ CONFIG, METRICS, STATE, EVAL, ANALYSIS = "config.json", "metrics.jsonl", "state.
 SAE_FILES = ("cfg.json", "sae.safetensors")
 # Keys that may change between a run and its resume without changing what is trained.
 RESUMABLE_CHANGES = {"out", "device", "log_every", "checkpoint_every", "wandb", "harvest_batch", "eval_contexts",
-                     "cache_dir", "collapse_every"}
+                     "cache_dir", "collapse_every", "shard_hookpoints"}
 
 
 @dataclass

@@ -237,6 +237,25 @@ class Trainer:
 
     def save(self, run: Run, extra: dict | None = None) -> None:
         """Folded SAEs to the run's SAE folders, then the whole training state in one atomic file."""
+        tensors, meta = self.state(run)
+        self.save_saes(run, extra)
+        run.save_state(tensors, meta)
+
+    def save_sharded(self, run: Run, extra: dict | None = None) -> None:
+        """`save` when each process of a group trains its own hookpoints: every process writes its
+        SAE folders, the main process one training state holding every hookpoint; all must call."""
+        tensors, meta = self.state(run)
+        self.save_saes(run, extra)
+        parts = dist.gather_objects(({k: t.detach().cpu() for k, t in tensors.items()}, meta))
+        if parts is not None:
+            tensors = {k: t for part, _ in parts for k, t in part.items()}
+            meta = {**meta, "scales": {h: s for _, m in parts for h, s in m["scales"].items()},
+                    "skipped": max(m["skipped"] for _, m in parts)}
+            run.save_state(tensors, meta)
+        dist.barrier()
+
+    def state(self, run: Run) -> tuple[dict[str, torch.Tensor], dict]:
+        """The training state (tensors by name, metadata); refuses one holding NaN or Inf."""
         tensors = {}
         meta = {"step": self.step, "scales": self.scales, "tokens": self.tokens, "skipped": self.skipped}
         for h, sae in self.saes.items():
@@ -253,10 +272,12 @@ class Trainer:
             h = bad[0].split("/", 1)[0]
             raise SaekitError(f"not writing a checkpoint at step {self.step}: hookpoint {h!r} holds NaN or Inf "
                               f"({bad[0]}); the last checkpoint in {run.path} is kept")
+        return tensors, meta
+
+    def save_saes(self, run: Run, extra: dict | None = None) -> None:
         for h in self.saes:
             info = {"input_scale": self.scales[h], "step": self.step, "init": self.init_reports[h], **(extra or {})}
             self.final_sae(h).save(run.sae_dir(h), extra=info)
-        run.save_state(tensors, meta)
 
     def load(self, run: Run) -> None:
         """Restore the state written by `save` (the SAEs must have been built with the same config)."""
@@ -283,7 +304,7 @@ class Trainer:
                 if state:
                     state["step"] = state["step"].reshape(())
                     adam[p] = (h, state)
-        self.step, self.scales = meta["step"], meta["scales"]
+        self.step, self.scales = meta["step"], {h: scales[h] for h in self.saes}
         tokens, skipped = meta.get("tokens"), meta.get("skipped")
         self.tokens = tokens if isinstance(tokens, int) else self.step * self.cfg.batch_size  # older states
         self.skipped = skipped if isinstance(skipped, int) else 0
