@@ -113,3 +113,65 @@ def test_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):
         assert int(two[0][f"{arch}-resumed"]["tokens"]) == total * BATCH
         # 2 -> 1 process
         assert_same(one[arch], train(arch, range(3, total), total, str(tmp_path / f"a-{arch}"), True))
+
+
+
+HOOKS = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_worker(rank: int, world: int, runs: list[list[str]], outs: str) -> None:
+    """`saekit train` once per argument list, in the environment torchrun gives its processes;
+    saves the hookpoints this process trained, per run."""
+    import os
+
+    from saekit import cli
+
+    torch.set_num_threads(1)
+    trained = []
+    real_init = Trainer.__init__
+
+    def init(self, cfg, dims, *args, **kw):
+        trained[-1] += list(dims)
+        real_init(self, cfg, dims, *args, **kw)
+
+    Trainer.__init__ = init
+    for args, port in runs:
+        os.environ |= {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        trained.append([])
+        assert cli.main(["train", *args, "--quiet"]) == 0
+    torch.save(trained, f"{outs}.{rank}")
+
+
+def test_saekit_train_under_torchrun_data_parallel_and_sharded_hookpoints(tiny, tmp_path):
+    from saekit import cli
+    from saekit.sae import SAE
+
+    short = [*tiny, "--epochs", "1"]
+    sharded = [*short, "--hookpoints", f"[{', '.join(HOOKS)}]", "--shard_hookpoints", "true"]
+    runs = [([*short, "--out", str(tmp_path / "dp")], free_port()),
+            ([*sharded, "--out", str(tmp_path / "sh")], free_port())]
+    outs = str(tmp_path / "trained")
+    mp.spawn(_torchrun_worker, args=(2, runs, outs), nprocs=2, join=True)
+    trained = [torch.load(f"{outs}.{r}") for r in range(2)]
+    assert trained[0][0] == trained[1][0] == [HOOKS[1]]  # data parallel: both train the one SAE
+    assert sorted(trained[0][1] + trained[1][1]) == HOOKS  # sharded: each hookpoint exactly once
+
+    assert cli.main(["train", *short, "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    a, b = SAE.load(tmp_path / "one" / HOOKS[1]), SAE.load(tmp_path / "dp" / HOOKS[1])
+    for n, p in a.named_parameters():
+        torch.testing.assert_close(p, getattr(b, n), rtol=1e-4, atol=1e-5, msg=n)
+    for run in ("dp", "sh"):
+        assert (tmp_path / run / "eval.json").is_file()
+    state = Run.open(tmp_path / "sh")
+    tensors, meta = state.load_state()
+    assert all(f"{h}/param/W_dec" in tensors for h in HOOKS) and set(meta["scales"]) == set(HOOKS)
+    assert all((tmp_path / "sh" / h).is_dir() for h in HOOKS)
+    metrics = (tmp_path / "sh" / "metrics.jsonl").read_text().splitlines()
+    assert all(h in line for h in HOOKS for line in metrics)
