@@ -383,7 +383,9 @@ def fit(activations: torch.Tensor | Iterable[torch.Tensor], n_latents: int, k: i
     given. Leaves the process as it found it (thread count, allocator). `options` are
     TrainConfig keys: batch_size, lr, epochs, architecture, dead_tokens, k_aux, device, ...
     Training runs on `device` (default: CUDA when present); the SAE comes back on the
-    activations' device.
+    activations' device. Called in every process of an initialised process group, with the same
+    activations in each, training is data parallel (each process takes a slice of every batch)
+    and every process gets the same SAE.
     """
     cfg = make_config(TrainConfig, {"n_latents": n_latents, "k": k, "seed": seed, "hookpoints": ["x"],
                                     "log_every": 10**9, **options})
