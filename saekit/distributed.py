@@ -6,6 +6,7 @@ present, or by the caller (e.g. `torch.multiprocessing.spawn` + `init_process_gr
 """
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,10 @@ def init_from_env(device: str = "auto") -> bool:
     cuda = resolve_device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # The others wait while the main process harvests or evaluates: allow that much longer than
+    # torch's default before a collective gives up.
+    minutes = float(os.environ.get("SAEKIT_DIST_TIMEOUT_MIN", 120))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=minutes))
     return True
 
 
