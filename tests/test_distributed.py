@@ -154,7 +154,7 @@ def test_saekit_train_under_torchrun_data_parallel_and_sharded_hookpoints(tiny, 
     from saekit.sae import SAE
 
     short = [*tiny, "--epochs", "1"]
-    sharded = [*short, "--hookpoints", f"[{', '.join(HOOKS)}]", "--shard_hookpoints", "true"]
+    sharded = [*short, "--n_tokens", "3000", "--hookpoints", f"[{', '.join(HOOKS)}]", "--shard_hookpoints", "true"]
     runs = [([*short, "--out", str(tmp_path / "dp")], free_port()),
             ([*sharded, "--out", str(tmp_path / "sh")], free_port())]
     outs = str(tmp_path / "trained")
