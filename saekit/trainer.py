@@ -55,6 +55,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, dims: dict[str, int], sample: dict[str, torch.Tensor],
                  total_steps: int | None, device: torch.device, data_parallel: bool | None = None):
         self.parallel = dist.active() if data_parallel is None else data_parallel and dist.active()
+        if self.parallel and cfg.batch_size < dist.world():
+            raise SaekitError(f"batch_size {cfg.batch_size} is smaller than the {dist.world()} processes training it")
         device = dist.local_device(device)
         self.cfg, self.total_steps, self.device = cfg, total_steps, device
         self.step = 0
