@@ -227,7 +227,8 @@ class Trainer:
             raise SaekitError(f"{where}; stopped before the update (the last checkpoint is intact; "
                               "on_nonfinite: skip skips such batches)")
         self.skipped += 1
-        print(f"saekit: {where}: batch skipped, no update", file=sys.stderr)
+        if not self.parallel or dist.is_main():  # data parallel: every process skips; one says so
+            print(f"saekit: {where}: batch skipped, no update", file=sys.stderr)
 
     # -- results and checkpoints ------------------------------------------------------------
     def final_sae(self, hookpoint: str) -> SAE:
