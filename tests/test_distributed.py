@@ -79,6 +79,20 @@ def assert_same(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
+def train_with_nan() -> dict[str, torch.Tensor]:
+    """4 steps, the second batch holding a NaN in its first row only (the first process's slice)."""
+    x = data()
+    cfg = make_config(TrainConfig, {**vars(config("topk")), "on_nonfinite": "skip"})
+    tr = Trainer(cfg, {"x": D}, {"x": x[:1000]}, 4, torch.device("cpu"))
+    for s in range(4):
+        b = batch(x, s)
+        if s == 1:
+            b["x"][0, 0] = float("nan")
+        tr.train_step(b)
+    params = {n: p.detach().clone() for n, p in tr.saes["x"].named_parameters()}
+    return {"skipped": torch.tensor(tr.skipped), "tokens": torch.tensor(tr.tokens), **params}
+
+
 def _fit_job():
     sae = fit(data(), n_latents=64, k=4, batch_size=BATCH, epochs=1, lr=3e-3, seed=2)
     return dict(sae.named_parameters())
@@ -86,7 +100,7 @@ def _fit_job():
 
 def _two_process_jobs(root: str, total: int) -> dict:
     """Everything the test runs in two processes, in one spawn (each spawn costs seconds)."""
-    out = {"fit": _fit_job()}
+    out = {"fit": _fit_job(), "nan": train_with_nan()}
     for arch in ARCHS:
         out[arch] = train(arch, range(total), total, f"{root}/two-{arch}", False)
         train(arch, range(3), total, f"{root}/a-{arch}", False)  # stopped after 3 steps
@@ -106,6 +120,9 @@ def test_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):
     two = spawn(_two_process_jobs, (str(tmp_path), total), tmp_path)
     assert_same(two[0], two[1])  # the processes agree on everything
     assert_same(_fit_job(), two[0]["fit"])  # fit() in a process group is data parallel
+    nan = train_with_nan()  # a NaN in one process's slice skips the step in every process
+    assert int(nan["skipped"]) == int(two[1]["nan"]["skipped"]) == 1 and int(nan["tokens"]) == 3 * BATCH
+    assert_same(nan, two[0]["nan"])
     for arch in ARCHS:
         assert_same(one[arch], two[0][arch])  # two processes equal one on the same global batches
         assert int(two[0][arch]["tokens"]) == total * BATCH
