@@ -1,0 +1,119 @@
+"""The feature atlas: a hand-built run whose latents fire exactly on planted tokens (labels, token,
+search, cards, logit effects, bad inputs), then a tiny real run of the offline model (recorded
+peaks agree with re-encoding, `text` finds the latent at its peak, the CLI)."""
+
+import json
+import sqlite3
+
+import pytest
+import torch
+
+from saekit.activations import build_cache, cache_path
+from saekit.atlas import Atlas, build_atlas
+from saekit.config import TrainConfig
+from saekit.errors import SaekitError
+from saekit.run import Run
+from saekit.sae import SAE, SAEConfig
+
+HOOK = "blocks.0.hook_resid_post"
+V, D, M, N_CTX, CTX = 60, 8, 8, 40, 32
+PLANTED = {0: 11, 1: 22, 2: 33, 3: 44}  # latent -> the only token it fires on; latents 4..7 never fire
+NAMES = {11: " king", 22: " queen", 33: " castle", 44: " sword"}
+
+
+class FakeTokenizer:
+    bos_token_id = 0
+    all_special_ids = [0]
+
+    def __len__(self):
+        return V
+
+    def decode(self, ids):
+        return "".join(NAMES.get(i, f"<{i}>") for i in ids)
+
+
+class FakeModel:
+    tokenizer = FakeTokenizer()
+
+    def __init__(self):
+        self.W_U = torch.zeros(D, V)
+        for j, t in PLANTED.items():
+            self.W_U[j, t], self.W_U[j, t + 1] = 5.0, -5.0
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    cfg = TrainConfig(hookpoints=[HOOK], out=str(root / "run"), cache_dir=str(root / "cache"), n_tokens=1000,
+                      val_tokens=100, ctx_len=CTX)
+    run = Run.create(cfg)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, V, (N_CTX, CTX), generator=g)
+    tokens[:, 0] = 0
+    mask = tokens != 0
+    rows = tokens[mask]
+    acts = 0.3 * torch.rand(len(rows), D, generator=g)  # below the encoder's bias: never fires
+    for j, t in PLANTED.items():
+        hit = rows == t
+        acts[hit, j] = 1.0 + torch.rand(int(hit.sum()), generator=g)
+    sae = SAE(SAEConfig(d_in=D, n_latents=M, k=M, architecture="relu", hookpoint=HOOK))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(M, D))
+        sae.W_dec.copy_(torch.eye(M, D) + 0.01 * torch.arange(M * D).view(M, D) / (M * D))
+        sae.b_enc.fill_(-0.5)
+    sae.save(run.path / HOOK)
+    build_cache(cache_path(cfg, "val"), iter([{HOOK: acts}]), {"model": cfg.model})
+    path = build_atlas(run, model=FakeModel(), contexts=(tokens, mask))
+    return Atlas.open(path), tokens, mask, acts
+
+
+def test_planted_labels_and_features(planted):
+    atlas, *_ = planted
+    f = atlas.features()
+    assert list(f.columns) == ["hookpoint", "latent", "density", "mean_act", "max_act", "label", "label_score"]
+    assert len(f) == M
+    for j, t in PLANTED.items():
+        row = f[f.latent == j].iloc[0]
+        assert row.label == NAMES[t] and row.label_score == pytest.approx(1.0)
+    assert (f[f.latent >= 4].density == 0).all() and f[f.latent >= 4].label.isna().all()
+    assert list(atlas.dead().latent) == [4, 5, 6, 7]
+
+
+def test_planted_token_search_card(planted):
+    atlas, tokens, mask, acts = planted
+    assert atlas.token(" queen").latent.tolist() == [1]
+    assert set(atlas.search(r"^ (king|sword)$").latent) == {0, 3}
+    card = atlas.card(2)
+    assert card.label == " castle"
+    top, rows = card.top_examples, tokens[mask]
+    assert len(top) == min(20, int((rows == 33).sum())) and top.max_act.is_monotonic_decreasing
+    for t, a, p, m in zip(top.tokens, top.acts, top.peak, top.max_act, strict=True):
+        assert t[p] == " castle" and a[p] == m
+    assert card.max_act == pytest.approx(float(acts[rows == 33, 2].max()) - 0.5)
+    assert 1 <= len(card.quantile_examples) <= 5
+    assert card.logits_top.token[0] == " castle" and card.logits_bottom.token[0] == "<34>"
+    assert len(card.neighbours) == 7 and 2 not in set(card.neighbours.latent)
+    assert json.dumps(card.to_dict())  # plain data
+    assert sum(card.hist) == int((rows == 33).sum())
+
+
+def test_bad_inputs(planted, tmp_path):
+    atlas, *_ = planted
+    with pytest.raises(SaekitError, match="latent 99 is not in"):
+        atlas.card(99)
+    with pytest.raises(SaekitError, match="not one token"):
+        atlas.token(" dragonfly")
+    with pytest.raises(SaekitError, match="bad regular expression"):
+        atlas.search("(")
+    with pytest.raises(SaekitError, match="no atlas at"):
+        Atlas.open(tmp_path / "missing.sqlite")
+    old = tmp_path / "old.sqlite"
+    old.write_bytes(atlas.path.read_bytes())
+    with sqlite3.connect(old) as db:
+        db.execute("UPDATE schema_version SET version = 0")
+    with pytest.raises(SaekitError, match="schema version 0"):
+        Atlas.open(old)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("not a database")
+    with pytest.raises(SaekitError, match="not a saekit atlas"):
+        Atlas.open(junk)
