@@ -318,7 +318,7 @@ class Card:
     hist: list[int]
     label: str | None
     label_score: float | None
-    top_examples: "object"  # DataFrame: tokens, acts, peak, max_act
+    top_examples: "object"  # DataFrame: tokens, acts, peak, max_act, row (of the held-out cache)
     quantile_examples: "object"
     logits_top: "object"  # DataFrame: token, value
     logits_bottom: "object"
@@ -399,7 +399,7 @@ class Atlas:
         voc = self.vocab
 
         def examples(kind):
-            df = self._df("SELECT tokens, acts, peak, max_act FROM examples WHERE hookpoint = ? AND latent = ? "
+            df = self._df("SELECT tokens, acts, peak, max_act, row FROM examples WHERE hookpoint = ? AND latent = ? "
                           "AND kind = ? ORDER BY rank", (h, int(latent), kind))
             df["tokens"] = [[voc[t] for t in json.loads(x)] for x in df["tokens"]]
             df["acts"] = [json.loads(x) for x in df["acts"]]
@@ -460,9 +460,10 @@ class Atlas:
         return self._df(f"SELECT hookpoint, latent FROM features WHERE n_fires = 0 AND hookpoint IN "
                         f"({','.join('?' * len(hs))}) ORDER BY hookpoint, latent", hs)
 
-    def text(self, text: str, hookpoint: str | None = None, min_act: float = 0.0, model=None):
-        """Run the model and the SAEs on `text`: DataFrame position, token, hookpoint, latent, act, label
-        (every active latent at every position, strongest first per position)."""
+    def text(self, text: str | list[int], hookpoint: str | None = None, min_act: float = 0.0, model=None):
+        """Run the model and the SAEs on `text` (a string, or token ids), after a BOS token as in training:
+        DataFrame position, token, hookpoint, latent, act, label (every active latent at every position,
+        strongest first per position; position 0 is the BOS token)."""
         import pandas as pd
 
         from saekit.model import harvest, load_model
@@ -473,7 +474,7 @@ class Atlas:
         model = model if model is not None else load_model(self.meta["model"])
         tok = model.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        ids = bos + tok(text, add_special_tokens=False).input_ids
+        ids = bos + (list(text) if not isinstance(text, str) else tok(text, add_special_tokens=False).input_ids)
         n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
         if n_ctx and len(ids) > n_ctx:
             raise SaekitError(f"the text is {len(ids)} tokens long; the model reads at most {n_ctx}")

@@ -117,6 +117,59 @@ def _export(args, extra):
         print(f"saekit: loaded {describe(sae.cfg.source_format)} from {src}; wrote a SAELens SAE to {out}")
 
 
+def _atlas(args, extra):
+    import json
+
+    from saekit.atlas import Atlas, build_atlas
+
+    if args.action == "build":
+        out = build_atlas(args.path, tokens=args.tokens, out=args.out, quiet=args.quiet)
+        print(f"saekit: atlas written to {out} ({out.stat().st_size:,} bytes)")
+        return
+    atlas = Atlas.open(args.path)
+    given = [k for k in ("feature", "text", "similar", "token", "search", "top_by") if getattr(args, k) is not None]
+    given += [k for k in ("dead", "dense") if getattr(args, k)]
+    if len(given) != 1:
+        raise SaekitError("give exactly one of --feature, --text, --similar, --token, --search, --dead, --dense, "
+                          "--top-by")
+    what, h = given[0], args.hookpoint
+    if what == "feature":
+        card = atlas.card(args.feature, h)
+        if args.json:
+            print(json.dumps(card.to_dict(), indent=1))
+            return
+        print(f"{card.hookpoint} latent {card.latent}: label {card.label!r} (score {card.label_score}), "
+              f"density {card.density:.4g}, mean {card.mean_act:.4g}, max {card.max_act:.4g}")
+        print("top contexts:")
+        for toks, acts, peak in zip(card.top_examples.tokens, card.top_examples.acts, card.top_examples.peak,
+                                    strict=True):
+            text = "".join(f"[[{t}]]" if i == peak else t for i, t in enumerate(toks))
+            print(f"  {acts[peak]:8.3f}  {text!r}")
+        print("promotes:", ", ".join(repr(t) for t in card.logits_top.token))
+        print("suppresses:", ", ".join(repr(t) for t in card.logits_bottom.token))
+        print("neighbours:", ", ".join(f"{j} ({c:.2f})" for j, c in zip(card.neighbours.latent,
+                                                                         card.neighbours.cosine, strict=True)))
+        return
+    if what == "text":
+        df = atlas.text(args.text, h)
+    elif what == "similar":
+        df = atlas.similar(args.similar, h)
+    elif what == "token":
+        df = atlas.token(args.token, h)
+    elif what == "search":
+        df = atlas.search(args.search, h)
+    elif what == "dead":
+        df = atlas.dead(h)
+    elif what == "dense":
+        df = atlas.top_by("density", args.limit, h)
+    else:
+        df = atlas.top_by(args.top_by, args.limit, h)
+    if args.json:
+        print(df.to_json(orient="records"))
+    else:
+        print(df.head(args.limit).to_string(index=False) if len(df) else "(nothing)")
+
+
 ACTIVATIONS_HELP = ("activation cache folder or .safetensors file with one [N, d_in] tensor "
                     "(default: the run's held-out cache; needed for a bare SAE folder)")
 
@@ -192,7 +245,29 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--hookpoint", default=None, help="export only this hookpoint of the run")
     x.set_defaults(func=_export)
 
-    for s in (t, c, e, a, mt, x):
+    at = sub.add_parser("atlas", usage="saekit atlas build RUN [--tokens N] [--out PATH] | saekit atlas query ATLAS "
+                                       "(--feature N | --text T | --similar N | --token T | --search REGEX | --dead | "
+                                       "--dense | --top-by COL) [--hookpoint H] [--json]",
+                        help="build or query a feature atlas (RUN/atlas.sqlite)")
+    at.add_argument("action", choices=["build", "query"])
+    at.add_argument("path", help="build: a run folder; query: an atlas file (or the run folder holding one)")
+    at.add_argument("--tokens", type=int, default=None, help="build: held-out tokens to read (default: all)")
+    at.add_argument("--out", default=None, help="build: atlas file (default: RUN/atlas.sqlite)")
+    at.add_argument("--hookpoint", default=None, help="query: this hookpoint (needed for a card of a multi-layer run)")
+    at.add_argument("--feature", type=int, default=None, help="the card of this latent")
+    at.add_argument("--text", default=None, help="the latents active on each token of this text (loads the model)")
+    at.add_argument("--similar", type=int, default=None, help="the latents whose decoder rows are nearest this one's")
+    at.add_argument("--token", default=None, help="latents whose top contexts peak on this token, e.g. ' king'")
+    at.add_argument("--search", default=None, help="latents whose label or top peak tokens match this regex")
+    at.add_argument("--dead", action="store_true", help="latents that never fired")
+    at.add_argument("--dense", action="store_true", help="the densest latents")
+    at.add_argument("--top-by", default=None, help="latents with the highest density, mean_act, max_act, "
+                                                   "label_score or n_fires")
+    at.add_argument("--limit", type=int, default=20, help="rows to print")
+    at.add_argument("--json", action="store_true", help="JSON instead of a table")
+    at.set_defaults(func=_atlas, strict=True)
+
+    for s in (t, c, e, a, mt, x, at):
         s.add_argument("--quiet", action="store_true", help="no progress bars")
     for s in (e, a, x):
         s.set_defaults(strict=True)

@@ -8,6 +8,7 @@ import sqlite3
 import pytest
 import torch
 
+from saekit import cli
 from saekit.activations import build_cache, cache_path
 from saekit.atlas import Atlas, build_atlas
 from saekit.config import TrainConfig
@@ -117,3 +118,62 @@ def test_bad_inputs(planted, tmp_path):
     junk.write_text("not a database")
     with pytest.raises(SaekitError, match="not a saekit atlas"):
         Atlas.open(junk)
+
+
+# -- a tiny real run of the offline model ---------------------------------------------------
+REAL = "blocks.2.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def real(act_cache_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("atlas_real") / "run"
+    args = ["--hookpoints", REAL, "--n_tokens", "6000", "--val_tokens", "600", "--ctx_len", "64", "--epochs", "2",
+            "--expansion", "2", "--k", "16", "--batch_size", "500", "--eval_contexts", "2", "--cache_dir",
+            str(act_cache_dir), "--dead_tokens", "3000", "--out", str(run)]
+    assert cli.main(["train", *args, "--quiet"]) == 0
+    assert cli.main(["atlas", "build", str(run), "--quiet"]) == 0
+    return Run.open(run), Atlas.open(run / "atlas.sqlite")
+
+
+def test_real_card_peaks_match_reencoding(real, smollm2):
+    from saekit.pipeline import contexts
+
+    run, atlas = real
+    f = atlas.features()
+    j = int(f.sort_values("max_act").latent.iloc[-1])
+    card = atlas.card(j)
+    top = card.top_examples.iloc[0]
+    assert top.max_act == pytest.approx(card.max_act, rel=1e-5)
+    sae = run.sae(REAL)
+    acts = run.cache("val").tensor(REAL)
+    with torch.no_grad():
+        vals, idx = sae.encode(acts[int(top.row)].unsqueeze(0))
+    assert float(vals[idx == j].sum()) == pytest.approx(top.max_act, rel=1e-5)
+    # the model on the context up to the peak finds the latent there, at about the recorded activation
+    tokens, mask = contexts(run.config, smollm2.tokenizer)["val"]
+    c, p = (int(x) for x in mask.nonzero()[int(top.row)])
+    assert smollm2.tokenizer.decode([int(tokens[c, p])]) == top.tokens[top.peak]
+    df = atlas.text(tokens[c, 1 : p + 1].tolist(), model=smollm2)
+    at_peak = df[(df.position == p) & (df.latent == j)]
+    assert len(at_peak) == 1 and at_peak.act.iloc[0] == pytest.approx(top.max_act, rel=0.05, abs=0.05)
+    with pytest.raises(SaekitError, match="the model reads at most"):
+        atlas.text([1000] * 9000, model=smollm2)
+
+
+def test_atlas_cli(real, tmp_path, capsys):
+    run, atlas = real
+    path = str(atlas.path)
+    capsys.readouterr()
+    assert cli.main(["atlas", "query", path, "--feature", "3", "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["latent"] == 3 and len(card["top_examples"]) <= 20 and len(card["logits_top"]) == 10
+    assert cli.main(["atlas", "query", path, "--top-by", "max_act", "--limit", "5", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 5
+    assert cli.main(["atlas", "query", path, "--search", ".", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+    assert cli.main(["atlas", "query", path, "--dead"]) == 0
+    assert cli.main(["atlas", "query", path, "--feature", "100000"]) == 2
+    assert "latent 100000 is not in" in capsys.readouterr().err
+    assert cli.main(["atlas", "query", str(tmp_path / "none.sqlite"), "--dead"]) == 2
+    assert "no atlas at" in capsys.readouterr().err
+    assert cli.main(["atlas", "query", path, "--dead", "--dense"]) == 2
