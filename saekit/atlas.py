@@ -305,6 +305,71 @@ def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *
     return out
 
 
+def add_analyses(atlas_path: str | Path, run=None) -> dict:
+    """Add what RUN/analysis holds to an atlas, without rebuilding it: cross-layer matches
+    (RUN/analysis/matches/A__B.json -> table `matches`), geometry lobes and absorption
+    (RUN/analysis/report.json or geometry.json / absorption.json -> feature columns `lobe`,
+    `absorbs`). Returns what was added, per source. Running it again replaces the earlier values."""
+    from saekit.matching import Match
+    from saekit.run import Run
+
+    atlas = Atlas.open(atlas_path)
+    atlas.db.close()
+    run = run if isinstance(run, Run) else Run.open(run if run is not None else atlas.meta["run"])
+    hps = set(atlas.hookpoints)
+    added = {"matches": 0, "lobe": 0, "absorbs": 0}
+    db = sqlite3.connect(atlas.path)
+    try:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(features)")}
+        for col, typ in (("lobe", "INTEGER"), ("absorbs", "TEXT")):
+            if col not in cols:
+                db.execute(f"ALTER TABLE features ADD COLUMN {col} {typ}")
+        db.execute("CREATE TABLE IF NOT EXISTS matches (hookpoint TEXT, latent INTEGER, other_hookpoint TEXT, "
+                   "other_latent INTEGER, score REAL)")
+        db.execute("CREATE INDEX IF NOT EXISTS matches_latent ON matches (hookpoint, latent)")
+        db.execute("DELETE FROM matches")
+        folder = run.path / "analysis" / "matches"
+        for f in sorted(folder.glob("*__*.json")) if folder.is_dir() else []:
+            a, b = f.stem.split("__", 1)
+            if a not in hps:
+                continue
+            m = Match.load(f)
+            ok = (m.b_for_a >= 0).nonzero().flatten()
+            rows = [(a, int(i), b, int(m.b_for_a[i]), None if math.isnan(s) else float(s))
+                    for i, s in zip(ok.tolist(), m.score[ok].tolist(), strict=True)]
+            db.executemany("INSERT INTO matches VALUES (?,?,?,?,?)", rows)
+            added["matches"] += len(rows)
+        for name in ("report.json", "geometry.json", "absorption.json"):
+            file = run.path / "analysis" / name
+            if not file.is_file():
+                continue
+            try:
+                res = json.loads(file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SaekitError(f"{file} is corrupt: {e}") from None
+            for h in hps & set(res if isinstance(res, dict) else ()):
+                entry = res[h] if isinstance(res[h], dict) else {}
+                labels = ((entry.get("geometry") or {}).get("lobes") or {}).get("labels")
+                if isinstance(labels, list):
+                    db.executemany("UPDATE features SET lobe = ? WHERE hookpoint = ? AND latent = ?",
+                                   [(int(x), h, j) for j, x in enumerate(labels)])
+                    added["lobe"] += len(labels)
+                absorbing = (entry.get("absorption") or {}).get("absorbing_latents")
+                if isinstance(absorbing, dict):
+                    by_latent: dict[int, list[str]] = {}
+                    for letter, latents in absorbing.items():
+                        for j in latents:
+                            by_latent.setdefault(int(j), []).append(letter)
+                    db.execute("UPDATE features SET absorbs = NULL WHERE hookpoint = ?", (h,))
+                    db.executemany("UPDATE features SET absorbs = ? WHERE hookpoint = ? AND latent = ?",
+                                   [(",".join(sorted(v)), h, j) for j, v in by_latent.items()])
+                    added["absorbs"] += len(by_latent)
+        db.commit()
+    finally:
+        db.close()
+    return added
+
+
 # -- reading --------------------------------------------------------------------------------
 @dataclass
 class Card:
@@ -323,6 +388,9 @@ class Card:
     logits_top: "object"  # DataFrame: token, value
     logits_bottom: "object"
     neighbours: "object"  # DataFrame: latent, cosine, label
+    matches: "object" = None  # DataFrame: other_hookpoint, other_latent, score (after add_analyses)
+    lobe: int | None = None  # geometry co-occurrence lobe (after add_analyses)
+    absorbs: str | None = None  # letters this latent absorbs (after add_analyses)
 
     def to_dict(self) -> dict:
         out = {}
@@ -414,8 +482,18 @@ class Atlas:
         neigh = self._df("SELECT n.other AS latent, n.cosine, f.label FROM neighbours n JOIN features f "
                          "ON f.hookpoint = n.hookpoint AND f.latent = n.other WHERE n.hookpoint = ? AND n.latent = ? "
                          "ORDER BY n.rank", (h, int(latent)))
-        return Card(h, int(latent), row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], examples("top"),
+        card = Card(h, int(latent), row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], examples("top"),
                     examples("quantile"), logits(1), logits(-1), neigh)
+        if self._has_table("matches"):
+            card.matches = self._df("SELECT other_hookpoint, other_latent, score FROM matches WHERE hookpoint = ? "
+                                    "AND latent = ? ORDER BY other_hookpoint", (h, int(latent)))
+            card.lobe, card.absorbs = self.db.execute("SELECT lobe, absorbs FROM features WHERE hookpoint = ? AND "
+                                                      "latent = ?", (h, int(latent))).fetchone()
+        return card
+
+    def _has_table(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() \
+            is not None
 
     def similar(self, latent: int, hookpoint: str | None = None):
         """The latent's nearest decoder directions: DataFrame latent, cosine, label."""

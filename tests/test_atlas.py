@@ -98,6 +98,29 @@ def test_planted_token_search_card(planted):
     assert sum(card.hist) == int((rows == 33).sum())
 
 
+def test_add_analyses_without_rebuild(planted, tmp_path):
+    from saekit.atlas import add_analyses
+    from saekit.matching import Match
+
+    atlas, *_ = planted
+    run = Run.open(atlas.meta["run"])
+    copy = tmp_path / "atlas.sqlite"
+    copy.write_bytes(atlas.path.read_bytes())
+    other = "blocks.1.hook_resid_post"
+    (run.analysis_dir / "matches").mkdir()
+    Match(torch.tensor([3, 2, 1, 0, -1, -1, -1, -1]), torch.tensor([0.9, 0.8, 0.7, 0.6] + [float("nan")] * 4), M,
+          "decoder", "exact").save(run.analysis_dir / "matches" / f"{HOOK}__{other}.json")
+    run.write_json("analysis/report.json", {HOOK: {"geometry": {"lobes": {"labels": [0, 0, 1, 1, -1, -1, -1, -1]}},
+                                                   "absorption": {"absorbing_latents": {"k": [0], "q": [1, 0]}}}})
+    assert add_analyses(copy, run) == {"matches": 4, "lobe": M, "absorbs": 2}
+    card = Atlas.open(copy).card(0)
+    assert card.matches.to_dict("records") == [{"other_hookpoint": other, "other_latent": 3,
+                                                "score": pytest.approx(0.9)}]
+    assert card.lobe == 0 and card.absorbs == "k,q"
+    assert add_analyses(copy, run)["matches"] == 4  # again: replaced, not added twice
+    assert len(Atlas.open(copy).card(1).matches) == 1
+
+
 def test_bad_inputs(planted, tmp_path):
     atlas, *_ = planted
     with pytest.raises(SaekitError, match="latent 99 is not in"):
