@@ -120,8 +120,12 @@ def _export(args, extra):
 def _atlas(args, extra):
     import json
 
-    from saekit.atlas import Atlas, build_atlas
+    from saekit.atlas import Atlas, add_analyses, build_atlas
 
+    if args.action == "add":
+        added = add_analyses(args.path, args.run)
+        print(f"saekit: added to {args.path}: " + ", ".join(f"{v:,} {k}" for k, v in added.items()))
+        return
     if args.action == "build":
         out = build_atlas(args.path, tokens=args.tokens, out=args.out, quiet=args.quiet)
         print(f"saekit: atlas written to {out} ({out.stat().st_size:,} bytes)")
@@ -149,6 +153,9 @@ def _atlas(args, extra):
         print("suppresses:", ", ".join(repr(t) for t in card.logits_bottom.token))
         print("neighbours:", ", ".join(f"{j} ({c:.2f})" for j, c in zip(card.neighbours.latent,
                                                                          card.neighbours.cosine, strict=True)))
+        if card.matches is not None and len(card.matches):
+            print("matched to:", ", ".join(f"{h} {j} ({sc:.2f})" for h, j, sc in
+                                            card.matches.itertuples(index=False, name=None)))
         return
     if what == "text":
         df = atlas.text(args.text, h)
@@ -245,12 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--hookpoint", default=None, help="export only this hookpoint of the run")
     x.set_defaults(func=_export)
 
-    at = sub.add_parser("atlas", usage="saekit atlas build RUN [--tokens N] [--out PATH] | saekit atlas query ATLAS "
+    at = sub.add_parser("atlas", usage="saekit atlas build RUN [--tokens N] [--out PATH] | "
+                                       "saekit atlas add ATLAS [--run RUN] | saekit atlas query ATLAS "
                                        "(--feature N | --text T | --similar N | --token T | --search REGEX | --dead | "
                                        "--dense | --top-by COL) [--hookpoint H] [--json]",
                         help="build or query a feature atlas (RUN/atlas.sqlite)")
-    at.add_argument("action", choices=["build", "query"])
-    at.add_argument("path", help="build: a run folder; query: an atlas file (or the run folder holding one)")
+    at.add_argument("action", choices=["build", "add", "query"],
+                    help="build an atlas; add RUN/analysis results to one (no rebuild); query one")
+    at.add_argument("path", help="build: a run folder; add, query: an atlas file (or the run folder holding one)")
+    at.add_argument("--run", default=None, help="add: the run whose analyses to add (default: the atlas's run)")
     at.add_argument("--tokens", type=int, default=None, help="build: held-out tokens to read (default: all)")
     at.add_argument("--out", default=None, help="build: atlas file (default: RUN/atlas.sqlite)")
     at.add_argument("--hookpoint", default=None, help="query: this hookpoint (needed for a card of a multi-layer run)")

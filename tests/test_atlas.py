@@ -200,3 +200,5 @@ def test_atlas_cli(real, tmp_path, capsys):
     assert cli.main(["atlas", "query", str(tmp_path / "none.sqlite"), "--dead"]) == 2
     assert "no atlas at" in capsys.readouterr().err
     assert cli.main(["atlas", "query", path, "--dead", "--dense"]) == 2
+    assert cli.main(["atlas", "add", path]) == 0  # a run with no analyses: nothing to add, nothing breaks
+    assert "0 matches" in capsys.readouterr().out
