@@ -122,6 +122,22 @@ def _atlas(args, extra):
 
     from saekit.atlas import Atlas, add_analyses, build_atlas
 
+    if args.action in ("export", "serve"):
+        from saekit.atlas_html import export_html, make_server
+
+        if args.action == "export":
+            if args.target is None:
+                raise SaekitError("give the folder to export to: saekit atlas export ATLAS DIR")
+            out = export_html(args.path, args.target, args.hookpoint)
+            print(f"saekit: static atlas written to {out}/index.html")
+            return
+        server = make_server(args.path, args.port)
+        print(f"saekit: serving {args.path} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+        return
     if args.action == "add":
         added = add_analyses(args.path, args.run)
         print(f"saekit: added to {args.path}: " + ", ".join(f"{v:,} {k}" for k, v in added.items()))
@@ -253,13 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_export)
 
     at = sub.add_parser("atlas", usage="saekit atlas build RUN [--tokens N] [--out PATH] | "
-                                       "saekit atlas add ATLAS [--run RUN] | saekit atlas query ATLAS "
+                                       "saekit atlas add ATLAS [--run RUN] | saekit atlas export ATLAS DIR | "
+                                       "saekit atlas serve ATLAS [--port P] | saekit atlas query ATLAS "
                                        "(--feature N | --text T | --similar N | --token T | --search REGEX | --dead | "
                                        "--dense | --top-by COL) [--hookpoint H] [--json]",
                         help="build or query a feature atlas (RUN/atlas.sqlite)")
-    at.add_argument("action", choices=["build", "add", "query"],
-                    help="build an atlas; add RUN/analysis results to one (no rebuild); query one")
+    at.add_argument("action", choices=["build", "add", "query", "export", "serve"],
+                    help="build an atlas; add RUN/analysis results to one (no rebuild); query one; export it as "
+                         "static HTML; serve it on 127.0.0.1")
     at.add_argument("path", help="build: a run folder; add, query: an atlas file (or the run folder holding one)")
+    at.add_argument("target", nargs="?", default=None, help="export: the folder to write")
+    at.add_argument("--port", type=int, default=8000, help="serve: the port on 127.0.0.1")
     at.add_argument("--run", default=None, help="add: the run whose analyses to add (default: the atlas's run)")
     at.add_argument("--tokens", type=int, default=None, help="build: held-out tokens to read (default: all)")
     at.add_argument("--out", default=None, help="build: atlas file (default: RUN/atlas.sqlite)")

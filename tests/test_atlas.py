@@ -121,6 +121,38 @@ def test_add_analyses_without_rebuild(planted, tmp_path):
     assert len(Atlas.open(copy).card(1).matches) == 1
 
 
+def test_export_and_serve_escape_everything(planted, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from saekit.atlas_html import serve_in_thread
+
+    atlas, *_ = planted
+    assert cli.main(["atlas", "export", str(atlas.path), str(tmp_path / "site")]) == 0
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert "feature/blocks.0.hook_resid_post/2.html" in index and "&#x27; castle&#x27;" in index
+    page = (tmp_path / "site" / "feature" / HOOK / "2.html").read_text()
+    assert "castle" in page and "&lt;34&gt;" in page and "<34>" not in page  # vocab "<34>" is escaped
+    server = serve_in_thread(atlas.path)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with urllib.request.urlopen(f"{base}/feature/{HOOK}/2.html") as r:
+            assert r.status == 200 and r.read().decode() == page
+        with urllib.request.urlopen(f"{base}/search.json?q=castle") as r:
+            assert [x["latent"] for x in json.loads(r.read())] == [2]
+        for path, code in (("/feature/x/1.html", 404), (f"/feature/{HOOK}/99.html", 404), ("/<script>", 404)):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(base + path)
+            assert e.value.code == code and b"<script>" not in e.value.read()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(base + "/", data=b"x", method="POST"))
+        assert e.value.code == 501
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_bad_inputs(planted, tmp_path):
     atlas, *_ = planted
     with pytest.raises(SaekitError, match="latent 99 is not in"):
