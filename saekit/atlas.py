@@ -559,6 +559,8 @@ class Atlas:
         toks = torch.tensor([ids])
         mask = ~torch.isin(toks, torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long))
         positions = mask[0].nonzero().flatten().tolist()
+        if not positions:
+            raise SaekitError("the text has no tokens to read")
         acts = next(harvest(model, toks, mask, hs, batch_size=1))
         rows = []
         for h in hs:

@@ -213,6 +213,12 @@ def test_real_card_peaks_match_reencoding(real, smollm2):
     assert len(at_peak) == 1 and at_peak.act.iloc[0] == pytest.approx(top.max_act, rel=0.05, abs=0.05)
     with pytest.raises(SaekitError, match="the model reads at most"):
         atlas.text([1000] * 9000, model=smollm2)
+    with pytest.raises(SaekitError, match="no tokens"):
+        atlas.text("", model=smollm2)
+    with pytest.raises(SaekitError, match="bare SAE folder"):
+        build_atlas(run.path / REAL)
+    with pytest.raises(SaekitError, match="--tokens must be >= 1"):
+        build_atlas(run, tokens=0)
 
 
 def test_atlas_cli(real, tmp_path, capsys):
