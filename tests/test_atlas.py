@@ -153,6 +153,43 @@ def test_export_and_serve_escape_everything(planted, tmp_path):
         server.server_close()
 
 
+def test_pages_in_a_headless_browser(planted, tmp_path):
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+
+    from saekit.atlas_html import export_html, serve_in_thread
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("chromium and chromedriver are not installed")
+    atlas, *_ = planted
+    export_html(atlas.path, tmp_path / "site")
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    opts.binary_location = shutil.which("chromium")
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    driver = webdriver.Chrome(options=opts, service=service)
+    server = serve_in_thread(atlas.path)
+    try:
+        for start in ((tmp_path / "site" / "index.html").as_uri(), f"http://127.0.0.1:{server.server_address[1]}/"):
+            driver.get(start)
+            rows = driver.find_elements(By.CSS_SELECTOR, "#features tbody tr")
+            assert len(rows) == M
+            driver.find_element(By.ID, "q").send_keys("castle")
+            shown = [r for r in rows if r.is_displayed()]
+            assert len(shown) == 1 and "castle" in shown[0].text
+            shown[0].find_element(By.TAG_NAME, "a").click()
+            assert driver.title == f"{HOOK} 2"
+            peaks = driver.find_elements(By.CSS_SELECTOR, "span.peak")
+            assert peaks and all(p.get_attribute("textContent") == " castle" for p in peaks)
+    finally:
+        driver.quit()
+        server.shutdown()
+        server.server_close()
+
+
 def test_bad_inputs(planted, tmp_path):
     atlas, *_ = planted
     with pytest.raises(SaekitError, match="latent 99 is not in"):
