@@ -173,7 +173,8 @@ def test_pages_in_a_headless_browser(planted, tmp_path):
     driver = webdriver.Chrome(options=opts, service=service)
     server = serve_in_thread(atlas.path)
     try:
-        for start in ((tmp_path / "site" / "index.html").as_uri(), f"http://127.0.0.1:{server.server_address[1]}/"):
+        starts = ((tmp_path / "site" / "index.html").as_uri(), f"http://127.0.0.1:{server.server_address[1]}/")
+        for n, start in enumerate(starts):
             driver.get(start)
             rows = driver.find_elements(By.CSS_SELECTOR, "#features tbody tr")
             assert len(rows) == M
@@ -184,6 +185,7 @@ def test_pages_in_a_headless_browser(planted, tmp_path):
             assert driver.title == f"{HOOK} 2"
             peaks = driver.find_elements(By.CSS_SELECTOR, "span.peak")
             assert peaks and all(p.get_attribute("textContent") == " castle" for p in peaks)
+            assert driver.save_screenshot(str(tmp_path / f"card{n}.png"))  # kept for a look: pytest --basetemp
     finally:
         driver.quit()
         server.shutdown()
