@@ -24,6 +24,10 @@ def __getattr__(name: str):
         from saekit.matching import match
 
         return match
+    if name == "Atlas":  # sqlite and pandas load only when the atlas is used
+        from saekit.atlas import Atlas
+
+        return Atlas
     raise AttributeError(f"module 'saekit' has no attribute {name!r}")
 
 
@@ -34,5 +38,5 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False):
     return _train(config, resume=resume, quiet=quiet)
 
 
-__all__ = ["SAE", "Run", "SAEConfig", "SaekitError", "SparseCode", "TrainConfig", "__version__", "analyze", "fit",
-           "load_config", "match", "matching", "train"]
+__all__ = ["SAE", "Atlas", "Run", "SAEConfig", "SaekitError", "SparseCode", "TrainConfig", "__version__", "analyze",
+           "fit", "load_config", "match", "matching", "train"]

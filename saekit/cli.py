@@ -123,6 +123,82 @@ def _export(args, extra):
         print(f"saekit: loaded {describe(sae.cfg.source_format)} from {src}; wrote a SAELens SAE to {out}")
 
 
+def _atlas(args, extra):
+    import json
+
+    from saekit.atlas import Atlas, add_analyses, build_atlas
+
+    if args.action in ("export", "serve"):
+        from saekit.atlas_html import export_html, make_server
+
+        if args.action == "export":
+            if args.target is None:
+                raise SaekitError("give the folder to export to: saekit atlas export ATLAS DIR")
+            out = export_html(args.path, args.target, args.hookpoint)
+            print(f"saekit: static atlas written to {out}/index.html")
+            return
+        server = make_server(args.path, args.port)
+        print(f"saekit: serving {args.path} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+        return
+    if args.action == "add":
+        added = add_analyses(args.path, args.run)
+        print(f"saekit: added to {args.path}: " + ", ".join(f"{v:,} {k}" for k, v in added.items()))
+        return
+    if args.action == "build":
+        out = build_atlas(args.path, tokens=args.tokens, out=args.out, quiet=args.quiet)
+        print(f"saekit: atlas written to {out} ({out.stat().st_size:,} bytes)")
+        return
+    atlas = Atlas.open(args.path)
+    given = [k for k in ("feature", "text", "similar", "token", "search", "top_by") if getattr(args, k) is not None]
+    given += [k for k in ("dead", "dense") if getattr(args, k)]
+    if len(given) != 1:
+        raise SaekitError("give exactly one of --feature, --text, --similar, --token, --search, --dead, --dense, "
+                          "--top-by")
+    what, h = given[0], args.hookpoint
+    if what == "feature":
+        card = atlas.card(args.feature, h)
+        if args.json:
+            print(json.dumps(card.to_dict(), indent=1))
+            return
+        print(f"{card.hookpoint} latent {card.latent}: label {card.label!r} (score {card.label_score}), "
+              f"density {card.density:.4g}, mean {card.mean_act:.4g}, max {card.max_act:.4g}")
+        print("top contexts:")
+        for toks, acts, peak in zip(card.top_examples.tokens, card.top_examples.acts, card.top_examples.peak,
+                                    strict=True):
+            text = "".join(f"[[{t}]]" if i == peak else t for i, t in enumerate(toks))
+            print(f"  {acts[peak]:8.3f}  {text!r}")
+        print("promotes:", ", ".join(repr(t) for t in card.logits_top.token))
+        print("suppresses:", ", ".join(repr(t) for t in card.logits_bottom.token))
+        print("neighbours:", ", ".join(f"{j} ({c:.2f})" for j, c in zip(card.neighbours.latent,
+                                                                         card.neighbours.cosine, strict=True)))
+        if card.matches is not None and len(card.matches):
+            print("matched to:", ", ".join(f"{h} {j} ({sc:.2f})" for h, j, sc in
+                                            card.matches.itertuples(index=False, name=None)))
+        return
+    if what == "text":
+        df = atlas.text(args.text, h)
+    elif what == "similar":
+        df = atlas.similar(args.similar, h)
+    elif what == "token":
+        df = atlas.token(args.token, h)
+    elif what == "search":
+        df = atlas.search(args.search, h)
+    elif what == "dead":
+        df = atlas.dead(h)
+    elif what == "dense":
+        df = atlas.top_by("density", args.limit, h)
+    else:
+        df = atlas.top_by(args.top_by, args.limit, h)
+    if args.json:
+        print(df.to_json(orient="records"))
+    else:
+        print(df.head(args.limit).to_string(index=False) if len(df) else "(nothing)")
+
+
 ACTIVATIONS_HELP = ("activation cache folder or .safetensors file with one [N, d_in] tensor "
                     "(default: the run's held-out cache; needed for a bare SAE folder)")
 
@@ -198,7 +274,36 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--hookpoint", default=None, help="export only this hookpoint of the run")
     x.set_defaults(func=_export)
 
-    for s in (t, c, e, a, mt, x):
+    at = sub.add_parser("atlas", usage="saekit atlas build RUN [--tokens N] [--out PATH] | "
+                                       "saekit atlas add ATLAS [--run RUN] | saekit atlas export ATLAS DIR | "
+                                       "saekit atlas serve ATLAS [--port P] | saekit atlas query ATLAS "
+                                       "(--feature N | --text T | --similar N | --token T | --search REGEX | --dead | "
+                                       "--dense | --top-by COL) [--hookpoint H] [--json]",
+                        help="build or query a feature atlas (RUN/atlas.sqlite)")
+    at.add_argument("action", choices=["build", "add", "query", "export", "serve"],
+                    help="build an atlas; add RUN/analysis results to one (no rebuild); query one; export it as "
+                         "static HTML; serve it on 127.0.0.1")
+    at.add_argument("path", help="build: a run folder; add, query: an atlas file (or the run folder holding one)")
+    at.add_argument("target", nargs="?", default=None, help="export: the folder to write")
+    at.add_argument("--port", type=int, default=8000, help="serve: the port on 127.0.0.1")
+    at.add_argument("--run", default=None, help="add: the run whose analyses to add (default: the atlas's run)")
+    at.add_argument("--tokens", type=int, default=None, help="build: held-out tokens to read (default: all)")
+    at.add_argument("--out", default=None, help="build: atlas file (default: RUN/atlas.sqlite)")
+    at.add_argument("--hookpoint", default=None, help="query: this hookpoint (needed for a card of a multi-layer run)")
+    at.add_argument("--feature", type=int, default=None, help="the card of this latent")
+    at.add_argument("--text", default=None, help="the latents active on each token of this text (loads the model)")
+    at.add_argument("--similar", type=int, default=None, help="the latents whose decoder rows are nearest this one's")
+    at.add_argument("--token", default=None, help="latents whose top contexts peak on this token, e.g. ' king'")
+    at.add_argument("--search", default=None, help="latents whose label or top peak tokens match this regex")
+    at.add_argument("--dead", action="store_true", help="latents that never fired")
+    at.add_argument("--dense", action="store_true", help="the densest latents")
+    at.add_argument("--top-by", default=None, help="latents with the highest density, mean_act, max_act, "
+                                                   "label_score or n_fires")
+    at.add_argument("--limit", type=int, default=20, help="rows to print")
+    at.add_argument("--json", action="store_true", help="JSON instead of a table")
+    at.set_defaults(func=_atlas, strict=True)
+
+    for s in (t, c, e, a, mt, x, at):
         s.add_argument("--quiet", action="store_true", help="no progress bars")
     for s in (e, a, x):
         s.set_defaults(strict=True)

@@ -6,6 +6,7 @@
     RUN/state.safetensors    everything --resume needs (params, Adam, firing statistics, step)
     RUN/eval.json            evaluation results
     RUN/analysis/            what `saekit analyze` (and later analyses) write
+    RUN/atlas.sqlite         the feature atlas (`saekit atlas build`, saekit.atlas)
 
 A bare SAE folder (`cfg.json` + `sae.safetensors`, no config.json; or an SAE folder in another
 tool's format, see saekit.formats) opens as a run of one hookpoint with no config, no state and

@@ -1,0 +1,281 @@
+"""The feature atlas: a hand-built run whose latents fire exactly on planted tokens (labels, token,
+search, cards, logit effects, bad inputs), then a tiny real run of the offline model (recorded
+peaks agree with re-encoding, `text` finds the latent at its peak, the CLI)."""
+
+import json
+import sqlite3
+
+import pytest
+import torch
+
+from saekit import cli
+from saekit.activations import build_cache, cache_path
+from saekit.atlas import Atlas, build_atlas
+from saekit.config import TrainConfig
+from saekit.errors import SaekitError
+from saekit.run import Run
+from saekit.sae import SAE, SAEConfig
+
+HOOK = "blocks.0.hook_resid_post"
+V, D, M, N_CTX, CTX = 60, 8, 8, 40, 32
+PLANTED = {0: 11, 1: 22, 2: 33, 3: 44}  # latent -> the only token it fires on; latents 4..7 never fire
+NAMES = {11: " king", 22: " queen", 33: " castle", 44: " sword"}
+
+
+class FakeTokenizer:
+    bos_token_id = 0
+    all_special_ids = [0]
+
+    def __len__(self):
+        return V
+
+    def decode(self, ids):
+        return "".join(NAMES.get(i, f"<{i}>") for i in ids)
+
+
+class FakeModel:
+    tokenizer = FakeTokenizer()
+
+    def __init__(self):
+        self.W_U = torch.zeros(D, V)
+        for j, t in PLANTED.items():
+            self.W_U[j, t], self.W_U[j, t + 1] = 5.0, -5.0
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    cfg = TrainConfig(hookpoints=[HOOK], out=str(root / "run"), cache_dir=str(root / "cache"), n_tokens=1000,
+                      val_tokens=100, ctx_len=CTX)
+    run = Run.create(cfg)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, V, (N_CTX, CTX), generator=g)
+    tokens[:, 0] = 0
+    mask = tokens != 0
+    rows = tokens[mask]
+    acts = 0.3 * torch.rand(len(rows), D, generator=g)  # below the encoder's bias: never fires
+    for j, t in PLANTED.items():
+        hit = rows == t
+        acts[hit, j] = 1.0 + torch.rand(int(hit.sum()), generator=g)
+    sae = SAE(SAEConfig(d_in=D, n_latents=M, k=M, architecture="relu", hookpoint=HOOK))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(M, D))
+        sae.W_dec.copy_(torch.eye(M, D) + 0.01 * torch.arange(M * D).view(M, D) / (M * D))
+        sae.b_enc.fill_(-0.5)
+    sae.save(run.path / HOOK)
+    build_cache(cache_path(cfg, "val"), iter([{HOOK: acts}]), {"model": cfg.model})
+    path = build_atlas(run, model=FakeModel(), contexts=(tokens, mask))
+    return Atlas.open(path), tokens, mask, acts
+
+
+def test_planted_labels_and_features(planted):
+    atlas, *_ = planted
+    f = atlas.features()
+    assert list(f.columns) == ["hookpoint", "latent", "density", "mean_act", "max_act", "label", "label_score"]
+    assert len(f) == M
+    for j, t in PLANTED.items():
+        row = f[f.latent == j].iloc[0]
+        assert row.label == NAMES[t] and row.label_score == pytest.approx(1.0)
+    assert (f[f.latent >= 4].density == 0).all() and f[f.latent >= 4].label.isna().all()
+    assert list(atlas.dead().latent) == [4, 5, 6, 7]
+
+
+def test_planted_token_search_card(planted):
+    atlas, tokens, mask, acts = planted
+    assert atlas.token(" queen").latent.tolist() == [1]
+    assert set(atlas.search(r"^ (king|sword)$").latent) == {0, 3}
+    card = atlas.card(2)
+    assert card.label == " castle"
+    top, rows = card.top_examples, tokens[mask]
+    assert len(top) == min(20, int((rows == 33).sum())) and top.max_act.is_monotonic_decreasing
+    for t, a, p, m in zip(top.tokens, top.acts, top.peak, top.max_act, strict=True):
+        assert t[p] == " castle" and a[p] == m
+    assert card.max_act == pytest.approx(float(acts[rows == 33, 2].max()) - 0.5)
+    assert 1 <= len(card.quantile_examples) <= 5
+    assert card.logits_top.token[0] == " castle" and card.logits_bottom.token[0] == "<34>"
+    assert len(card.neighbours) == 7 and 2 not in set(card.neighbours.latent)
+    assert json.dumps(card.to_dict())  # plain data
+    assert sum(card.hist) == int((rows == 33).sum())
+
+
+def test_add_analyses_without_rebuild(planted, tmp_path):
+    from saekit.atlas import add_analyses
+    from saekit.matching import Match
+
+    atlas, *_ = planted
+    run = Run.open(atlas.meta["run"])
+    copy = tmp_path / "atlas.sqlite"
+    copy.write_bytes(atlas.path.read_bytes())
+    other = "blocks.1.hook_resid_post"
+    (run.analysis_dir / "matches").mkdir()
+    Match(torch.tensor([3, 2, 1, 0, -1, -1, -1, -1]), torch.tensor([0.9, 0.8, 0.7, 0.6] + [float("nan")] * 4), M,
+          "decoder", "exact").save(run.analysis_dir / "matches" / f"{HOOK}__{other}.json")
+    run.write_json("analysis/report.json", {HOOK: {"geometry": {"lobes": {"labels": [0, 0, 1, 1, -1, -1, -1, -1]}},
+                                                   "absorption": {"absorbing_latents": {"k": [0], "q": [1, 0]}}}})
+    assert add_analyses(copy, run) == {"matches": 4, "lobe": M, "absorbs": 2}
+    card = Atlas.open(copy).card(0)
+    assert card.matches.to_dict("records") == [{"other_hookpoint": other, "other_latent": 3,
+                                                "score": pytest.approx(0.9)}]
+    assert card.lobe == 0 and card.absorbs == "k,q"
+    assert add_analyses(copy, run)["matches"] == 4  # again: replaced, not added twice
+    assert len(Atlas.open(copy).card(1).matches) == 1
+
+
+def test_export_and_serve_escape_everything(planted, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from saekit.atlas_html import serve_in_thread
+
+    atlas, *_ = planted
+    assert cli.main(["atlas", "export", str(atlas.path), str(tmp_path / "site")]) == 0
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert "feature/blocks.0.hook_resid_post/2.html" in index and "&#x27; castle&#x27;" in index
+    page = (tmp_path / "site" / "feature" / HOOK / "2.html").read_text()
+    assert "castle" in page and "&lt;34&gt;" in page and "<34>" not in page  # vocab "<34>" is escaped
+    server = serve_in_thread(atlas.path)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with urllib.request.urlopen(f"{base}/feature/{HOOK}/2.html") as r:
+            assert r.status == 200 and r.read().decode() == page
+        with urllib.request.urlopen(f"{base}/search.json?q=castle") as r:
+            assert [x["latent"] for x in json.loads(r.read())] == [2]
+        for path, code in (("/feature/x/1.html", 404), (f"/feature/{HOOK}/99.html", 404), ("/<script>", 404)):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(base + path)
+            assert e.value.code == code and b"<script>" not in e.value.read()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(base + "/", data=b"x", method="POST"))
+        assert e.value.code == 501
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_pages_in_a_headless_browser(planted, tmp_path):
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+
+    from saekit.atlas_html import export_html, serve_in_thread
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("chromium and chromedriver are not installed")
+    atlas, *_ = planted
+    export_html(atlas.path, tmp_path / "site")
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    opts.binary_location = shutil.which("chromium")
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    driver = webdriver.Chrome(options=opts, service=service)
+    server = serve_in_thread(atlas.path)
+    try:
+        starts = ((tmp_path / "site" / "index.html").as_uri(), f"http://127.0.0.1:{server.server_address[1]}/")
+        for n, start in enumerate(starts):
+            driver.get(start)
+            rows = driver.find_elements(By.CSS_SELECTOR, "#features tbody tr")
+            assert len(rows) == M
+            driver.find_element(By.ID, "q").send_keys("castle")
+            shown = [r for r in rows if r.is_displayed()]
+            assert len(shown) == 1 and "castle" in shown[0].text
+            shown[0].find_element(By.TAG_NAME, "a").click()
+            assert driver.title == f"{HOOK} 2"
+            peaks = driver.find_elements(By.CSS_SELECTOR, "span.peak")
+            assert peaks and all(p.get_attribute("textContent") == " castle" for p in peaks)
+            assert driver.save_screenshot(str(tmp_path / f"card{n}.png"))  # kept for a look: pytest --basetemp
+    finally:
+        driver.quit()
+        server.shutdown()
+        server.server_close()
+
+
+def test_bad_inputs(planted, tmp_path):
+    atlas, *_ = planted
+    with pytest.raises(SaekitError, match="latent 99 is not in"):
+        atlas.card(99)
+    with pytest.raises(SaekitError, match="not one token"):
+        atlas.token(" dragonfly")
+    with pytest.raises(SaekitError, match="bad regular expression"):
+        atlas.search("(")
+    with pytest.raises(SaekitError, match="no atlas at"):
+        Atlas.open(tmp_path / "missing.sqlite")
+    old = tmp_path / "old.sqlite"
+    old.write_bytes(atlas.path.read_bytes())
+    with sqlite3.connect(old) as db:
+        db.execute("UPDATE schema_version SET version = 0")
+    with pytest.raises(SaekitError, match="schema version 0"):
+        Atlas.open(old)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("not a database")
+    with pytest.raises(SaekitError, match="not a saekit atlas"):
+        Atlas.open(junk)
+
+
+# -- a tiny real run of the offline model ---------------------------------------------------
+REAL = "blocks.2.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def real(act_cache_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("atlas_real") / "run"
+    args = ["--hookpoints", REAL, "--n_tokens", "6000", "--val_tokens", "600", "--ctx_len", "64", "--epochs", "2",
+            "--expansion", "2", "--k", "16", "--batch_size", "500", "--eval_contexts", "2", "--cache_dir",
+            str(act_cache_dir), "--dead_tokens", "3000", "--out", str(run)]
+    assert cli.main(["train", *args, "--quiet"]) == 0
+    assert cli.main(["atlas", "build", str(run), "--quiet"]) == 0
+    return Run.open(run), Atlas.open(run / "atlas.sqlite")
+
+
+def test_real_card_peaks_match_reencoding(real, smollm2):
+    from saekit.pipeline import contexts
+
+    run, atlas = real
+    f = atlas.features()
+    j = int(f.sort_values("max_act").latent.iloc[-1])
+    card = atlas.card(j)
+    top = card.top_examples.iloc[0]
+    assert top.max_act == pytest.approx(card.max_act, rel=1e-5)
+    sae = run.sae(REAL)
+    acts = run.cache("val").tensor(REAL)
+    with torch.no_grad():
+        vals, idx = sae.encode(acts[int(top.row)].unsqueeze(0))
+    assert float(vals[idx == j].sum()) == pytest.approx(top.max_act, rel=1e-5)
+    # the model on the context up to the peak finds the latent there, at about the recorded activation
+    tokens, mask = contexts(run.config, smollm2.tokenizer)["val"]
+    c, p = (int(x) for x in mask.nonzero()[int(top.row)])
+    assert smollm2.tokenizer.decode([int(tokens[c, p])]) == top.tokens[top.peak]
+    df = atlas.text(tokens[c, 1 : p + 1].tolist(), model=smollm2)
+    at_peak = df[(df.position == p) & (df.latent == j)]
+    assert len(at_peak) == 1 and at_peak.act.iloc[0] == pytest.approx(top.max_act, rel=0.05, abs=0.05)
+    with pytest.raises(SaekitError, match="the model reads at most"):
+        atlas.text([1000] * 9000, model=smollm2)
+    with pytest.raises(SaekitError, match="no tokens"):
+        atlas.text("", model=smollm2)
+    with pytest.raises(SaekitError, match="bare SAE folder"):
+        build_atlas(run.path / REAL)
+    with pytest.raises(SaekitError, match="--tokens must be >= 1"):
+        build_atlas(run, tokens=0)
+
+
+def test_atlas_cli(real, tmp_path, capsys):
+    run, atlas = real
+    path = str(atlas.path)
+    capsys.readouterr()
+    assert cli.main(["atlas", "query", path, "--feature", "3", "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["latent"] == 3 and len(card["top_examples"]) <= 20 and len(card["logits_top"]) == 10
+    assert cli.main(["atlas", "query", path, "--top-by", "max_act", "--limit", "5", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 5
+    assert cli.main(["atlas", "query", path, "--search", ".", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+    assert cli.main(["atlas", "query", path, "--dead"]) == 0
+    assert cli.main(["atlas", "query", path, "--feature", "100000"]) == 2
+    assert "latent 100000 is not in" in capsys.readouterr().err
+    assert cli.main(["atlas", "query", str(tmp_path / "none.sqlite"), "--dead"]) == 2
+    assert "no atlas at" in capsys.readouterr().err
+    assert cli.main(["atlas", "query", path, "--dead", "--dense"]) == 2
+    assert cli.main(["atlas", "add", path]) == 0  # a run with no analyses: nothing to add, nothing breaks
+    assert "0 matches" in capsys.readouterr().out
