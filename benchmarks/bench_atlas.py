@@ -1,0 +1,61 @@
+"""Feature atlas: build time and size per latent for a run, then query latency (p50, p95) of
+`card`, `token`, `search` and `features` over random queries. Figures go to benchmarks/RESULTS.md.
+
+    saekit train configs/default.yaml
+    python3 benchmarks/bench_atlas.py --run runs/default [--tokens N] [--queries 200]
+"""
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from saekit import Atlas, Run, SaekitError
+from saekit.atlas import build_atlas
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="runs/default")
+    p.add_argument("--tokens", type=int, default=None, help="tokens for the build (default: the run's val cache)")
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--out", default=None, help="atlas file (default: RUN/atlas.sqlite)")
+    args = p.parse_args()
+    run = Run.open(args.run)
+    t0 = time.perf_counter()
+    path = Path(build_atlas(run, tokens=args.tokens, out=args.out))
+    build = time.perf_counter() - t0
+    atlas = Atlas.open(path)
+    feats = atlas.features()
+    n = len(feats)
+    print(f"build: {build:.1f} s for {n:,} latents ({build / n * 1e3:.2f} ms per latent), "
+          f"{path.stat().st_size / 1e6:.1f} MB = {path.stat().st_size / n / 1e3:.1f} kB per latent")
+    rng = random.Random(0)
+    live = feats[feats.density > 0]
+    labels = []
+    for x in dict.fromkeys(live.label.dropna().tolist()):
+        try:  # labels are tokens, or short n-grams that `token` refuses
+            atlas.token(x)
+            labels.append(x)
+        except SaekitError:
+            pass
+    queries = {
+        "card": lambda: atlas.card(int(rng.choice(live.latent.tolist()))),
+        "token": lambda: atlas.token(rng.choice(labels)),
+        "search": lambda: atlas.search(rng.choice(labels).strip()[:3] or "e"),
+        "features": lambda: atlas.features(),
+    }
+    print("| query | p50 ms | p95 ms |\n|---|---:|---:|")
+    for name, q in queries.items():
+        times = []
+        for _ in range(args.queries):
+            t = time.perf_counter()
+            q()
+            times.append((time.perf_counter() - t) * 1e3)
+        print(f"| {name} | {np.percentile(times, 50):.2f} | {np.percentile(times, 95):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
