@@ -7,6 +7,7 @@
 
 import argparse
 import random
+import re
 import time
 from pathlib import Path
 
@@ -22,15 +23,17 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None, help="tokens for the build (default: the run's val cache)")
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--out", default=None, help="atlas file (default: RUN/atlas.sqlite)")
+    p.add_argument("--reuse", action="store_true", help="time the queries of an atlas already built")
     args = p.parse_args()
     run = Run.open(args.run)
     t0 = time.perf_counter()
-    path = Path(build_atlas(run, tokens=args.tokens, out=args.out))
+    path = Path(args.out or run.path / "atlas.sqlite") if args.reuse else Path(build_atlas(run, args.tokens, args.out))
     build = time.perf_counter() - t0
     atlas = Atlas.open(path)
     feats = atlas.features()
     n = len(feats)
-    print(f"build: {build:.1f} s for {n:,} latents ({build / n * 1e3:.2f} ms per latent), "
+    what = "opened" if args.reuse else "build"
+    print(f"{what}: {build:.1f} s for {n:,} latents ({build / n * 1e3:.2f} ms per latent), "
           f"{path.stat().st_size / 1e6:.1f} MB = {path.stat().st_size / n / 1e3:.1f} kB per latent")
     rng = random.Random(0)
     live = feats[feats.density > 0]
@@ -44,7 +47,7 @@ def main() -> None:
     queries = {
         "card": lambda: atlas.card(int(rng.choice(live.latent.tolist()))),
         "token": lambda: atlas.token(rng.choice(labels)),
-        "search": lambda: atlas.search(rng.choice(labels).strip()[:3] or "e"),
+        "search": lambda: atlas.search(re.escape(rng.choice(labels).strip()[:3]) or "e"),
         "features": lambda: atlas.features(),
     }
     print("| query | p50 ms | p95 ms |\n|---|---:|---:|")
