@@ -509,7 +509,8 @@ class Atlas:
         marks = ",".join("?" * len(ids))
         return self._df(f"SELECT e.hookpoint, e.latent, COUNT(*) AS peaks, f.label, f.label_score FROM examples e "
                         f"JOIN features f ON f.hookpoint = e.hookpoint AND f.latent = e.latent WHERE e.kind = 'top' "
-                        f"AND e.peak_token IN ({marks}) AND e.hookpoint IN ({','.join('?' * len(hs))}) "
+                        # unary + keeps SQLite on the peak-token index (the hookpoint index scans a layer)
+                        f"AND e.peak_token IN ({marks}) AND +e.hookpoint IN ({','.join('?' * len(hs))}) "
                         "GROUP BY e.hookpoint, e.latent ORDER BY peaks DESC, f.label_score DESC", (*ids, *hs))
 
     def search(self, pattern: str, hookpoint: str | None = None):
