@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from saekit.errors import SaekitError
+from saekit.run import choose_hookpoint
 
 SCHEMA_VERSION = 1
 ATLAS_FILE = "atlas.sqlite"
@@ -435,13 +436,7 @@ class Atlas:
         return self._vocab
 
     def _hp(self, hookpoint: str | None) -> str:
-        if hookpoint is None:
-            if len(self.hookpoints) > 1:
-                raise SaekitError(f"{self.path} has several hookpoints ({', '.join(self.hookpoints)}); name one")
-            return self.hookpoints[0]
-        if hookpoint not in self.hookpoints:
-            raise SaekitError(f"hookpoint {hookpoint!r} is not in {self.path} (it has {', '.join(self.hookpoints)})")
-        return hookpoint
+        return choose_hookpoint(self.path, self.hookpoints, hookpoint)
 
     def _df(self, sql: str, args=()):
         import pandas as pd

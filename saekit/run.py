@@ -56,6 +56,17 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+def choose_hookpoint(where: Path, hookpoints: list[str], hookpoint: str | None) -> str:
+    """`hookpoint` checked against `hookpoints` (of a run or an atlas at `where`), or the only one when None."""
+    if hookpoint is None:
+        if len(hookpoints) > 1:
+            raise SaekitError(f"{where} has several hookpoints ({', '.join(hookpoints)}); name one")
+        return hookpoints[0]
+    if hookpoint not in hookpoints:
+        raise SaekitError(f"hookpoint {hookpoint!r} is not in {where} (it has {', '.join(hookpoints)})")
+    return hookpoint
+
+
 def is_sae_folder(path: Path) -> bool:
     return all((path / f).is_file() for f in SAE_FILES)
 
@@ -133,13 +144,7 @@ class Run:
 
     def hookpoint(self, hookpoint: str | None = None) -> str:
         """`hookpoint` checked against the run's, or its only one when None."""
-        if hookpoint is None:
-            if len(self.hookpoints) > 1:
-                raise SaekitError(f"{self.path} has several hookpoints ({', '.join(self.hookpoints)}); name one")
-            return self.hookpoints[0]
-        if hookpoint not in self.hookpoints:
-            raise SaekitError(f"hookpoint {hookpoint!r} is not in {self.path} (it has {', '.join(self.hookpoints)})")
-        return hookpoint
+        return choose_hookpoint(self.path, self.hookpoints, hookpoint)
 
     def sae_dir(self, hookpoint: str | None = None) -> Path:
         return self.path if self.bare else self.path / self.hookpoint(hookpoint)
