@@ -39,8 +39,8 @@ def ceiling(run: Run, hookpoint: str, tokens: int) -> dict:
     u = universality(a, b, m.b_for_a)
     return {"hookpoint": hookpoint, "cos_match": float(m.score.nanmean()),
             "cos_top1": float(pair_scores(a, b, nearest(a, b).b_for_a).nanmean()),
-            "ev_match": layer_skip(a, b, m.b_for_a, acts, acts, tokens),
-            "ev_own": layer_skip(a, a, torch.arange(a.n_latents), acts, acts, tokens),
+            "ev_match": layer_skip(a, b, m.b_for_a, ca, acts, tokens),
+            "ev_own": layer_skip(a, a, torch.arange(a.n_latents), ca, acts, tokens),
             "cofire_match": cofiring(ca, cb, m.b_for_a)["mean_jaccard"], "svcca": u.svcca, "svcca_null": u.svcca_null,
             "svcca_p": u.svcca_p, "rsa": u.rsa, "rsa_null": u.rsa_null, "rsa_p": u.rsa_p}
 

@@ -192,6 +192,7 @@ def test_layer_skip_and_cofiring_on_a_permuted_copy():
     x = torch.randn(4000, 32)
     own = layer_skip(a, a, torch.arange(256), x, x)
     assert layer_skip(a, b, want, x, x) == pytest.approx(own, abs=1e-5)
+    assert layer_skip(a, b, want, encode_all(a, x), x) == pytest.approx(own, abs=1e-5)  # from codes, no encode
     assert layer_skip(a, b, torch.arange(256), x, x) < own - 0.3
     co = cofiring(encode_all(a, x), encode_all(b, x), want)
     assert co["mean_jaccard"] == pytest.approx(1.0) and co["share_jaccard_ge_0.5"] == 1.0

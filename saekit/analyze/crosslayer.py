@@ -31,22 +31,27 @@ from saekit.sae import SAE
 def skip_decode(a: SAE, b: SAE, b_for_a: torch.Tensor, x_a: torch.Tensor) -> torch.Tensor:
     """Layer t+1 predicted from layer t: `Σ_i z_i W_dec^B[π(i)] + b_dec^B` with `π = b_for_a`;
     unmatched latents (-1) drop out."""
-    vals, idx = a.encode(x_a)
+    return _skip(b, b_for_a, *a.encode(x_a))
+
+
+def _skip(b: SAE, b_for_a: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     tgt = b_for_a.to(idx.device)[idx]
     return b.decode(vals * (tgt >= 0), tgt.clamp_min(0))
 
 
 @torch.no_grad()
-def layer_skip(a: SAE, b: SAE, b_for_a: torch.Tensor, acts_a: Activations, acts_b: Activations,
+def layer_skip(a: SAE, b: SAE, b_for_a: torch.Tensor, acts_a: Activations | Codes, acts_b: Activations,
                max_tokens: int | None = None) -> float:
-    """Explained variance of layer t+1's activations by `skip_decode` (same tokens in both streams)."""
+    """Explained variance of layer t+1's activations by `skip_decode` (same tokens in both
+    streams). `acts_a` may be A's codes on those tokens (`saekit.codes.Codes`), saving the encode."""
+    codes = iter(acts_a) if isinstance(acts_a, Codes) else (
+        a.encode(x) for x in batches(acts_a, a.d_in, max_tokens=max_tokens))
     sse = sq = s1 = 0.0
     n = 0
-    for xa, xb in zip(batches(acts_a, a.d_in, max_tokens=max_tokens), batches(acts_b, b.d_in, max_tokens=max_tokens),
-                      strict=False):
-        if len(xa) != len(xb):
+    for (vals, idx), xb in zip(codes, batches(acts_b, b.d_in, max_tokens=max_tokens), strict=False):
+        if len(vals) != len(xb):
             raise SaekitError("layer skip needs both hookpoints' activations on the same tokens")
-        pred = skip_decode(a, b, b_for_a, xa)
+        pred = _skip(b, b_for_a, vals, idx)
         sse += float(((xb - pred) ** 2).sum())
         sq += float((xb.double() ** 2).sum())
         s1 = s1 + xb.double().sum(0)
@@ -172,8 +177,8 @@ def chain_report(run: str | Path | Run, max_tokens: int | None = 32768, n_contex
         row = {"a": hooks[t], "b": hooks[t + 1], "cos_match": float(m.score.nanmean()),
                "cos_top1": float(pair_scores(a, b, top1).nanmean())}
         for name, pi in pis.items():
-            row[f"ev_{name}"] = layer_skip(a, b, pi, acts[t], acts[t + 1], max_tokens)
-        row["ev_sae_b"] = layer_skip(b, b, torch.arange(b.n_latents), acts[t + 1], acts[t + 1], max_tokens)
+            row[f"ev_{name}"] = layer_skip(a, b, pi, codes[t], acts[t + 1], max_tokens)
+        row["ev_sae_b"] = layer_skip(b, b, torch.arange(b.n_latents), codes[t + 1], acts[t + 1], max_tokens)
         for name in ("match", "top1"):
             row |= {f"cofire_{name}_{k}": v for k, v in cofiring(codes[t], codes[t + 1], pis[name]).items()
                     if k != "pairs"}
