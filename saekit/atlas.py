@@ -26,7 +26,7 @@ import torch
 from saekit.errors import SaekitError
 from saekit.run import choose_hookpoint
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ATLAS_FILE = "atlas.sqlite"
 TOP, QUANTILES, HIST_BINS, WINDOW, N_LOGITS, N_NEIGHBOURS = 20, 5, 10, 8, 10, 10
 
@@ -37,47 +37,20 @@ CREATE TABLE hookpoints (name TEXT PRIMARY KEY, n_latents INTEGER, d_in INTEGER,
                          build_seconds REAL);
 CREATE TABLE vocab (id INTEGER PRIMARY KEY, text TEXT);
 CREATE TABLE features (hookpoint TEXT, latent INTEGER, n_fires INTEGER, density REAL, mean_act REAL, max_act REAL,
-                       hist TEXT, label TEXT, label_token INTEGER, label_score REAL, label_precision REAL,
-                       label_recall REAL, top_text TEXT, PRIMARY KEY (hookpoint, latent));
+                       hist TEXT, logit_hist TEXT, label TEXT, label_token INTEGER, label_score REAL,
+                       label_precision REAL, label_recall REAL, top_text TEXT, PRIMARY KEY (hookpoint, latent));
 CREATE TABLE examples (hookpoint TEXT, latent INTEGER, kind TEXT, rank INTEGER, row INTEGER, max_act REAL,
                        peak INTEGER, peak_token INTEGER, tokens TEXT, acts TEXT);
 CREATE INDEX examples_latent ON examples (hookpoint, latent, kind);
 CREATE INDEX examples_peak ON examples (peak_token, kind);
 CREATE TABLE logits (hookpoint TEXT, latent INTEGER, sign INTEGER, rank INTEGER, token INTEGER, value REAL);
 CREATE INDEX logits_latent ON logits (hookpoint, latent);
-CREATE TABLE neighbours (hookpoint TEXT, latent INTEGER, rank INTEGER, other INTEGER, cosine REAL);
-CREATE INDEX neighbours_latent ON neighbours (hookpoint, latent);
+CREATE TABLE neighbours (hookpoint TEXT, latent INTEGER, kind TEXT, rank INTEGER, other INTEGER, score REAL);
+CREATE INDEX neighbours_latent ON neighbours (hookpoint, latent, kind);
 """
 
 
 # -- building -------------------------------------------------------------------------------
-def _merge_topk(top_v, top_r, vals, lats, rows, k):
-    """Fold one batch of (value, latent, row) entries into per-latent running top-k [m, k]."""
-    m = top_v.shape[0]
-    o = torch.argsort(vals, descending=True, stable=True)
-    o = o[torch.argsort(lats[o], stable=True)]
-    lat, v, r = lats[o], vals[o], rows[o]
-    _, counts = torch.unique_consecutive(lat, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(lat)) - torch.repeat_interleave(starts, counts)
-    keep = rank < k
-    cand_v = torch.full((m, k), -math.inf)
-    cand_r = torch.full((m, k), -1, dtype=torch.long)
-    cand_v[lat[keep], rank[keep]] = v[keep]
-    cand_r[lat[keep], rank[keep]] = r[keep]
-    all_v, all_r = torch.cat([top_v, cand_v], 1), torch.cat([top_r, cand_r], 1)
-    best_v, pos = all_v.topk(k, dim=1)
-    return best_v, all_r.gather(1, pos)
-
-
-def _flat(code, offset):
-    """Nonzero entries of one batch of codes: (values, latents, rows)."""
-    vals, idx = code
-    keep = vals > 0
-    rows = torch.arange(offset, offset + len(vals)).unsqueeze(1).expand_as(vals)
-    return vals[keep].float(), idx[keep].long(), rows[keep]
-
-
 def _unembed(model) -> torch.Tensor | None:
     """The model's unembedding `[d_model, vocab]`, or None where it has none to give."""
     for get in (lambda: model.W_U, lambda: model.unembed.W_U, lambda: model.lm_head.weight.T):
@@ -94,10 +67,16 @@ def _vocab(tokenizer) -> list[str]:
     return [tokenizer.decode([i]) for i in range(len(tokenizer))]
 
 
+def _segments(keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For entries sorted by `keys` (ints in [0, n)): each key's count and each entry's rank in its key."""
+    counts = torch.bincount(keys, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    return counts, torch.arange(len(keys)) - starts[keys]
+
+
 def _label(peaks: np.ndarray, freq: np.ndarray, n_rows: int) -> tuple[int, float] | None:
     """The token most characteristic of one latent's top peaks against its corpus frequency:
     argmax of c_t log((c_t / n) / p_t), p_t add-one smoothed. None without peaks."""
-    peaks = peaks[peaks >= 0]
     if not len(peaks):
         return None
     toks, c = np.unique(peaks, return_counts=True)
@@ -106,174 +85,182 @@ def _label(peaks: np.ndarray, freq: np.ndarray, n_rows: int) -> tuple[int, float
     return int(toks[gain.argmax()]), float(gain.max())
 
 
+def _cooccurrence_neighbours(codes, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each latent's `n` most co-firing latents by Jaccard overlap of their firing tokens:
+    (latent, other, jaccard) arrays, best first per latent. From the sparse product FᵀF of the
+    [tokens, latents] firing matrix (never dense)."""
+    F = codes.fires().astype(np.float32).tocsc()
+    C = (F.T @ F).tocoo()
+    fires = np.asarray(F.sum(0)).ravel()
+    off = C.row != C.col
+    i, j, both = C.row[off], C.col[off], C.data[off]
+    jac = both / (fires[i] + fires[j] - both)
+    o = np.lexsort((-jac, i))
+    i, j, jac = i[o], j[o], jac[o]
+    _, rank = _segments(torch.from_numpy(i.astype(np.int64)), codes.n_latents)
+    keep = (rank < n).numpy()
+    return i[keep], j[keep], jac[keep]
+
+
 @torch.no_grad()
-def _build_hookpoint(db, run, h, ctx_tokens, ctx_mask, model, vocab, max_tokens, quiet):
-    from saekit.codes import encode_batches
+def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
+    """One hookpoint's rows of every table. The codes of all read tokens are held in memory (12
+    bytes per token and code slot); every statistic is a sort or a scatter over their nonzeros."""
+    from saekit.analyze.geometry import top_neighbours
+    from saekit.codes import encode_all
 
     t0 = time.perf_counter()
     sae = run.sae(h)
     m = sae.n_latents
-    acts = run.activations(h)
-    n_ctx, ctx_len = ctx_tokens.shape
-    row_ctx, row_pos = ctx_mask.nonzero(as_tuple=True)  # the cache's row order
-    row_tok = ctx_tokens[ctx_mask]
-    n_avail = len(row_tok)
+    codes = encode_all(sae, run.activations(h, split), max_tokens)
+    n = codes.n_tokens
+    if n > len(rows["token"]):
+        raise SaekitError(f"the {split} activation cache of {h} has more rows ({n}) than it records tokens for "
+                          f"({len(rows['token'])}); delete the cache to rebuild it")
+    ctx, pos, tok = rows["context"][:n].long(), rows["position"][:n].long(), rows["token"][:n].long()
 
-    # pass 1: counts, sums, maxima, running top-k (all rows, and rows of even contexts for the label)
-    n_fires = torch.zeros(m, dtype=torch.float64)
-    sums = torch.zeros(m, dtype=torch.float64)
-    top_v, top_r = torch.full((m, TOP), -math.inf), torch.full((m, TOP), -1, dtype=torch.long)
-    lab_v, lab_r = top_v.clone(), top_r.clone()
-    n = 0
-    for code in encode_batches(sae, acts, max_tokens):
-        v, lat, r = _flat(code, n)
-        n += len(code.values)
-        if n > n_avail:
-            raise SaekitError(f"the activation cache of {h} has more rows ({n}) than the run's held-out contexts "
-                              f"give tokens ({n_avail}); the cache does not belong to this run")
-        n_fires.index_add_(0, lat, torch.ones_like(v, dtype=torch.float64))
-        sums.index_add_(0, lat, v.double())
-        top_v, top_r = _merge_topk(top_v, top_r, v, lat, r, TOP)
-        even = row_ctx[r] % 2 == 0
-        lab_v, lab_r = _merge_topk(lab_v, lab_r, v[even], lat[even], r[even], TOP)
-    if n == 0:
-        raise SaekitError(f"no activations to build an atlas from for {h}")
-    max_act = top_v[:, 0].clamp_min(0)
+    # the nonzero codes, ordered by latent, then activation descending
+    flat = codes.values.flatten()
+    nz = (flat > 0).nonzero().flatten()
+    val, lat, row = flat[nz], codes.indices.flatten()[nz], nz // codes.values.shape[1]
+    o = torch.argsort(val, descending=True, stable=True)
+    o = o[torch.argsort(lat[o], stable=True)]
+    val, lat, row = val[o], lat[o], row[o]
+    n_fires, rank = _segments(lat, m)
+    sums = torch.zeros(m, dtype=torch.float64).index_add_(0, lat, val.double())
+    max_act = torch.zeros(m)
+    max_act[lat[rank == 0]] = val[rank == 0]
 
-    # labels: from the top peaks of even contexts, scored on the rows of odd contexts
-    toks_np = row_tok[:n].numpy()
+    # top examples: the best token of each context, TOP distinct contexts per latent
+    n_ctx = int(ctx.max()) + 1
+    by_ctx = torch.argsort(lat * n_ctx + ctx[row], stable=True)  # keeps value order inside (latent, context)
+    key = (lat * n_ctx + ctx[row])[by_ctx]
+    first = torch.ones(len(key), dtype=torch.bool)
+    first[1:] = key[1:] != key[:-1]
+    best = torch.zeros(len(lat), dtype=torch.bool)
+    best[by_ctx[first]] = True
+    b_idx = best.nonzero().flatten()  # in (latent, -value) order
+    _, b_rank = _segments(lat[b_idx], m)
+    top = b_idx[b_rank < TOP]
+    # labels: from the top contexts among even contexts, scored on the rows of odd contexts
+    even = b_idx[ctx[row[b_idx]] % 2 == 0]
+    _, e_rank = _segments(lat[even], m)
+    even = even[e_rank < TOP]
+    toks_np = tok.numpy()
     freq = np.bincount(toks_np, minlength=len(vocab)).astype(np.float64)
-    odd_rows = (row_ctx[:n] % 2 == 1)
-    odd_freq = np.bincount(toks_np[odd_rows.numpy()], minlength=len(vocab))
-    lab_peaks = torch.where(lab_r >= 0, row_tok[lab_r.clamp_min(0)], -1).numpy()
-    labels = [_label(lab_peaks[j], freq, n) for j in range(m)]
+    bounds = torch.searchsorted(lat[even], torch.arange(m + 1)).tolist()
+    peaks = tok[row[even]].numpy()
+    labels = [_label(peaks[bounds[j] : bounds[j + 1]], freq, n) for j in range(m)]
     label_tok = torch.tensor([lb[0] if lb else -1 for lb in labels])
+    odd = ctx[row] % 2 == 1
+    odd_fires = torch.bincount(lat[odd], minlength=m)
+    odd_hits = torch.bincount(lat[odd & (tok[row] == label_tok[lat])], minlength=m)
+    odd_freq = np.bincount(toks_np[(ctx % 2 == 1).numpy()], minlength=len(vocab))
 
-    # pass 2: histograms, quantile samples, label hits on odd contexts
-    hist = torch.zeros(m * HIST_BINS, dtype=torch.long)
-    qkey = torch.full((m * QUANTILES,), torch.iinfo(torch.long).max, dtype=torch.long)
-    odd_fires = torch.zeros(m, dtype=torch.long)
-    odd_hits = torch.zeros(m, dtype=torch.long)
-    s = 0
-    for code in encode_batches(sae, acts, max_tokens):
-        v, lat, r = _flat(code, s)
-        s += len(code.values)
-        frac = v / max_act[lat].clamp_min(1e-30)
-        hist.index_add_(0, lat * HIST_BINS + (frac * HIST_BINS).long().clamp(0, HIST_BINS - 1),
-                        torch.ones_like(lat))
-        qb = (frac * QUANTILES).long().clamp(0, QUANTILES - 1)
-        key = ((r * 2654435761) % (1 << 31)) * (1 << 32) + r  # a pseudo-random row per bin, row recoverable
-        qkey.scatter_reduce_(0, lat * QUANTILES + qb, key, "amin")
-        odd = odd_rows[r]
-        odd_fires.index_add_(0, lat[odd], torch.ones_like(lat[odd]))
-        odd_hits.index_add_(0, lat[odd], (row_tok[r[odd]] == label_tok[lat[odd]]).long())
-    q_rows = torch.where(qkey == torch.iinfo(torch.long).max, -1, qkey % (1 << 32)).view(m, QUANTILES)
+    # histogram over [0, max]; quantile samples: one pseudo-random token from each of QUANTILES
+    # equal-count slices of the latent's activations (slice 0 holds the strongest)
+    frac = val / max_act[lat].clamp_min(1e-30)
+    hist = torch.zeros(m * HIST_BINS, dtype=torch.long).index_add_(
+        0, lat * HIST_BINS + (frac * HIST_BINS).long().clamp(0, HIST_BINS - 1), torch.ones_like(lat))
+    qbin = rank * QUANTILES // n_fires[lat].clamp_min(1)
+    qkey = ((row * 2654435761) % (1 << 31)) * (1 << 32) + torch.arange(len(row))  # pseudo-random, entry recoverable
+    pick = torch.full((m * QUANTILES,), torch.iinfo(torch.long).max).scatter_reduce_(
+        0, lat * QUANTILES + qbin, qkey, "amin", include_self=True)
+    quant = pick[pick != torch.iinfo(torch.long).max] % (1 << 32)
 
-    # windows (±WINDOW around each example's row) and the latent's activation on each of their tokens
+    # context windows: the tokens ±WINDOW around each example's row and the latent's value on each
+    ex = torch.cat([top, quant])
+    ex_kind = ["top"] * len(top) + ["quantile"] * len(quant)
+    ex_rank = torch.cat([_segments(lat[top], m)[1], qbin[quant]])
+    ctx_len = int(pos.max()) + 1
     rowmap = torch.full((n_ctx, ctx_len), -1, dtype=torch.long)
-    rowmap[row_ctx[:n], row_pos[:n]] = torch.arange(n)
-    ex = []  # (kind, rank, latent, row)
-    for kind, rows in (("top", top_r), ("quantile", q_rows)):
-        lat_i, rank_i = (rows >= 0).nonzero(as_tuple=True)
-        ex += [(kind, int(k), int(j), int(r)) for j, k, r in zip(lat_i, rank_i, rows[lat_i, rank_i], strict=True)]
-    ex_row = torch.tensor([e[3] for e in ex], dtype=torch.long)
-    ex_lat = torch.tensor([e[2] for e in ex], dtype=torch.long)
-    offs = torch.arange(-WINDOW, WINDOW + 1)
-    pos = row_pos[ex_row].unsqueeze(1) + offs  # [E, 2W+1]
-    inside = (pos >= 0) & (pos < ctx_len)
-    posc = pos.clamp(0, ctx_len - 1)
-    ctxs = row_ctx[ex_row].unsqueeze(1).expand_as(pos)
-    wtok = ctx_tokens[ctxs, posc]
-    wrow = torch.where(inside, rowmap[ctxs, posc], -1)
-    wact = torch.zeros(wrow.shape)
-    want = (wrow >= 0).nonzero(as_tuple=True)
-    p_row, p_lat = wrow[want], ex_lat[want[0]]
-    order = torch.argsort(p_row)
-    p_row_s, p_lat_s = p_row[order], p_lat[order]
-    p_val = torch.zeros(len(order))
-    s = 0
-    for code in encode_batches(sae, acts, max_tokens):
-        lo, hi = torch.searchsorted(p_row_s, torch.tensor([s, s + len(code.values)])).tolist()
-        for a in range(lo, hi, 65536):
-            b = min(hi, a + 65536)
-            loc = p_row_s[a:b] - s
-            hit = code.indices[loc] == p_lat_s[a:b].unsqueeze(1)
-            p_val[a:b] = (code.values[loc].float() * hit).sum(1)
-        s += len(code.values)
-    vals_back = torch.zeros(len(order))
-    vals_back[order] = p_val
-    wact[want] = vals_back
+    rowmap[ctx, pos] = torch.arange(n)
+    wpos = pos[row[ex]].unsqueeze(1) + torch.arange(-WINDOW, WINDOW + 1)
+    inside = (wpos >= 0) & (wpos < ctx_len)
+    wrow = torch.where(inside, rowmap[ctx[row[ex]].unsqueeze(1), wpos.clamp(0, ctx_len - 1)], -1)
+    present = wrow >= 0
+    wr = wrow.clamp_min(0)
+    hit = codes.indices[wr] == lat[ex].view(-1, 1, 1)
+    wact = (codes.values[wr] * hit).sum(-1) * present
+    wtok = tok[wr]
 
-    # logit effects and decoder neighbours
+    # logit effects (top, bottom and a histogram over the vocabulary) and decoder neighbours
     W = sae.W_dec.detach().float().cpu()
     W_U = _unembed(model) if model is not None else None
-    logit_rows = []
+    logit_rows, logit_hist = [], [None] * m
     if W_U is not None and W_U.shape[0] == W.shape[1]:
         for a in range(0, m, 512):
             eff = W[a : a + 512] @ W_U
             tv, ti = eff.topk(N_LOGITS, dim=1)
             bv, bi = eff.topk(N_LOGITS, dim=1, largest=False)
+            lo, hi = bv[:, :1], tv[:, :1]
+            b = ((eff - lo) / (hi - lo).clamp_min(1e-12) * HIST_BINS).long().clamp(0, HIST_BINS - 1)
+            counts = torch.zeros(len(eff), HIST_BINS, dtype=torch.long).scatter_add_(1, b, torch.ones_like(b))
             for j in range(len(eff)):
-                logit_rows += [(h, a + j, 1, r, int(ti[j, r]), float(tv[j, r])) for r in range(N_LOGITS)]
-                logit_rows += [(h, a + j, -1, r, int(bi[j, r]), float(bv[j, r])) for r in range(N_LOGITS)]
-    Wn = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    nb = min(N_NEIGHBOURS, m - 1)
+                logit_rows += [(h, a + j, 1, r, t, v) for r, (t, v) in enumerate(zip(ti[j].tolist(), tv[j].tolist(),
+                                                                                   strict=True))]
+                logit_rows += [(h, a + j, -1, r, t, v) for r, (t, v) in enumerate(zip(bi[j].tolist(), bv[j].tolist(),
+                                                                                    strict=True))]
+                logit_hist[a + j] = json.dumps({"lo": float(lo[j]), "hi": float(hi[j]), "counts": counts[j].tolist()})
     neigh_rows = []
-    for a in range(0, m, 1024):
-        cos = Wn[a : a + 1024] @ Wn.T
-        cos[torch.arange(len(cos)), torch.arange(a, a + len(cos))] = -math.inf
-        cv, ci = cos.topk(nb, dim=1)
-        for j in range(len(cos)):
-            neigh_rows += [(h, a + j, r, int(ci[j, r]), float(cv[j, r])) for r in range(nb)]
+    if m > 1:
+        cos, ids = top_neighbours(W, N_NEIGHBOURS)
+        for j, (cs, js) in enumerate(zip(cos.tolist(), ids.tolist(), strict=True)):
+            neigh_rows += [(h, j, "decoder", r, o, c) for r, (o, c) in enumerate(zip(js, cs, strict=True))]
+        ci, cj, cv = _cooccurrence_neighbours(codes, N_NEIGHBOURS)
+        _, crank = _segments(torch.from_numpy(ci.astype(np.int64)), m)
+        neigh_rows += [(h, int(i), "cooccurrence", int(r), int(j), float(v))
+                       for i, r, j, v in zip(ci.tolist(), crank.tolist(), cj.tolist(), cv.tolist(), strict=True)]
 
     # write
-    peak_tok = row_tok[top_r.clamp_min(0)]
     ex_rows = []
-    wtok_l, wact_l, inside_l = wtok.tolist(), wact.tolist(), inside.tolist()
-    for e, (kind, rank, j, r) in enumerate(ex):
-        keep = inside_l[e]
-        t = [x for x, ok in zip(wtok_l[e], keep, strict=True) if ok]
-        av = [round(x, 6) for x, ok in zip(wact_l[e], keep, strict=True) if ok]
-        peak = WINDOW - keep.index(True)
-        ex_rows.append((h, j, kind, rank, r, av[peak], peak, t[peak], json.dumps(t), json.dumps(av)))
+    lists = zip(ex_kind, ex_rank.tolist(), lat[ex].tolist(), row[ex].tolist(), val[ex].tolist(), wtok.tolist(),
+                wact.tolist(), present.tolist(), strict=True)
+    for kind, rk, j, r, v, wt, wa, keep in lists:
+        t = [x for x, ok in zip(wt, keep, strict=True) if ok]
+        av = [round(x, 6) for x, ok in zip(wa, keep, strict=True) if ok]
+        peak = sum(keep[:WINDOW])
+        ex_rows.append((h, j, kind, rk, r, v, peak, t[peak], json.dumps(t), json.dumps(av)))
+    top_text = [[] for _ in range(m)]
+    for j, t in zip(lat[top].tolist(), tok[row[top]].tolist(), strict=True):
+        top_text[j].append(vocab[t])
     feat_rows = []
     hist_l = hist.view(m, HIST_BINS).tolist()
     for j in range(m):
         lb = labels[j]
-        fires = odd_fires[j].item()
-        hits = odd_hits[j].item()
+        fires, hits = int(odd_fires[j]), int(odd_hits[j])
         prec = hits / fires if lb and fires else None
         rec = hits / int(odd_freq[lb[0]]) if lb and odd_freq[lb[0]] else None
         f1 = 2 * prec * rec / (prec + rec) if prec and rec else (0.0 if lb else None)
-        top_text = "\x1f".join(vocab[t] for t, r in zip(peak_tok[j].tolist(), top_r[j].tolist(), strict=True)
-                               if r >= 0)
         cnt = int(n_fires[j])
-        feat_rows.append((h, j, cnt, cnt / n, sums[j].item() / max(cnt, 1), float(max_act[j]),
-                          json.dumps(hist_l[j]), vocab[lb[0]] if lb else None, lb[0] if lb else None, f1, prec, rec,
-                          top_text))
-    db.executemany("INSERT INTO features VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", feat_rows)
+        feat_rows.append((h, j, cnt, cnt / n, sums[j].item() / max(cnt, 1), float(max_act[j]), json.dumps(hist_l[j]),
+                          logit_hist[j], vocab[lb[0]] if lb else None, lb[0] if lb else None, f1, prec, rec,
+                          "\x1f".join(top_text[j])))
+    db.executemany("INSERT INTO features VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", feat_rows)
     db.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?,?)", ex_rows)
     db.executemany("INSERT INTO logits VALUES (?,?,?,?,?,?)", logit_rows)
-    db.executemany("INSERT INTO neighbours VALUES (?,?,?,?,?)", neigh_rows)
+    db.executemany("INSERT INTO neighbours VALUES (?,?,?,?,?,?)", neigh_rows)
     secs = time.perf_counter() - t0
     db.execute("INSERT INTO hookpoints VALUES (?,?,?,?,?)", (h, m, sae.d_in, n, secs))
     if not quiet:
         print(f"atlas: {h}: {m} latents on {n:,} tokens in {secs:.1f} s", flush=True)
 
 
-def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *, hookpoints=None, model=None,
-                contexts=None, quiet: bool = True) -> Path:
+def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *, split: str = "train",
+                hookpoints=None, model=None, contexts=None, quiet: bool = True) -> Path:
     """Write the atlas of `run` (a Run or its folder) to `out` (default RUN/atlas.sqlite) from the
-    first `tokens` rows of its held-out activation cache. `model` (default: the run's, loaded on
-    CPU) gives the tokenizer and the unembedding; `contexts` ((tokens, mask) of the held-out split,
-    default: rebuilt from the run's config) give each cache row its token and context."""
+    first `tokens` rows of its `split` ("train" or "val") activation cache. `model` (default: the
+    run's, loaded on CPU) gives the tokenizer and the unembedding; `contexts` ((tokens, mask) of
+    the split, default: rebuilt from the run's config) give each cache row its token and context."""
     from saekit.run import Run
 
     run = run if isinstance(run, Run) else Run.open(run)
     if run.bare:
-        raise SaekitError(f"{run.path} is a bare SAE folder: an atlas needs a run with a held-out activation cache")
+        raise SaekitError(f"{run.path} is a bare SAE folder: an atlas needs a run with an activation cache")
     if tokens is not None and tokens < 1:
         raise SaekitError(f"--tokens must be >= 1, got {tokens}")
+    if split not in ("train", "val"):
+        raise SaekitError(f"--split must be train or val, got {split!r}")
     hps = [run.hookpoint(h) for h in hookpoints] if hookpoints else list(run.hookpoints)
     if model is None:
         from saekit.model import load_model
@@ -282,8 +269,10 @@ def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *
     if contexts is None:
         from saekit.pipeline import contexts as make_contexts
 
-        contexts = make_contexts(run.config, model.tokenizer)["val"]
+        contexts = make_contexts(run.config, model.tokenizer)[split]
     ctx_tokens, ctx_mask = contexts
+    ctx, pos = ctx_mask.nonzero(as_tuple=True)
+    rows = {"context": ctx, "position": pos, "token": ctx_tokens[ctx_mask]}
     out = Path(out) if out is not None else run.path / ATLAS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -294,11 +283,12 @@ def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *
         db.executescript(SCHEMA)
         db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
         meta = {"run": str(run.path.resolve()), "model": run.model_name, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                time.gmtime()), "tokens": tokens, "top": TOP, "quantiles": QUANTILES, "window": WINDOW}
+                time.gmtime()), "split": split, "tokens": tokens, "top": TOP, "quantiles": QUANTILES,
+                "window": WINDOW}
         db.executemany("INSERT INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in meta.items()])
         db.executemany("INSERT INTO vocab VALUES (?,?)", list(enumerate(vocab)))
         for h in hps:
-            _build_hookpoint(db, run, h, ctx_tokens, ctx_mask, model, vocab, tokens, quiet)
+            _build_hookpoint(db, run, h, split, rows, model, vocab, tokens, quiet)
         db.commit()
     finally:
         db.close()
@@ -381,14 +371,16 @@ class Card:
     density: float
     mean_act: float
     max_act: float
-    hist: list[int]
+    hist: list[int]  # activations in HIST_BINS equal bins of [0, max_act]
+    logit_hist: dict | None  # {"lo", "hi", "counts"}: W_dec[i] @ W_U over the vocabulary
     label: str | None
     label_score: float | None
     top_examples: "object"  # DataFrame: tokens, acts, peak, max_act, row (of the held-out cache)
     quantile_examples: "object"
     logits_top: "object"  # DataFrame: token, value
     logits_bottom: "object"
-    neighbours: "object"  # DataFrame: latent, cosine, label
+    neighbours: "object"  # DataFrame: latent, cosine, label (nearest decoder rows)
+    cooccurrence: "object"  # DataFrame: latent, jaccard, label (latents firing on the same tokens)
     matches: "object" = None  # DataFrame: other_hookpoint, other_latent, score (after add_analyses)
     lobe: int | None = None  # geometry co-occurrence lobe (after add_analyses)
     absorbs: str | None = None  # letters this latent absorbs (after add_analyses)
@@ -454,7 +446,7 @@ class Atlas:
 
     def card(self, latent: int, hookpoint: str | None = None) -> Card:
         h = self._hp(hookpoint)
-        row = self.db.execute("SELECT density, mean_act, max_act, hist, label, label_score FROM features "
+        row = self.db.execute("SELECT density, mean_act, max_act, hist, logit_hist, label, label_score FROM features "
                               "WHERE hookpoint = ? AND latent = ?", (h, int(latent))).fetchone()
         if row is None:
             n = self.db.execute("SELECT n_latents FROM hookpoints WHERE name = ?", (h,)).fetchone()[0]
@@ -474,11 +466,14 @@ class Atlas:
             df["token"] = [voc[t] for t in df["token"]]
             return df
 
-        neigh = self._df("SELECT n.other AS latent, n.cosine, f.label FROM neighbours n JOIN features f "
-                         "ON f.hookpoint = n.hookpoint AND f.latent = n.other WHERE n.hookpoint = ? AND n.latent = ? "
-                         "ORDER BY n.rank", (h, int(latent)))
-        card = Card(h, int(latent), row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], examples("top"),
-                    examples("quantile"), logits(1), logits(-1), neigh)
+        def neighbours(kind, score):
+            return self._df(f"SELECT n.other AS latent, n.score AS {score}, f.label FROM neighbours n JOIN features f "
+                            "ON f.hookpoint = n.hookpoint AND f.latent = n.other WHERE n.hookpoint = ? AND "
+                            "n.latent = ? AND n.kind = ? ORDER BY n.rank", (h, int(latent), kind))
+
+        card = Card(h, int(latent), row[0], row[1], row[2], json.loads(row[3]), row[4] and json.loads(row[4]), row[5],
+                    row[6], examples("top"), examples("quantile"), logits(1), logits(-1),
+                    neighbours("decoder", "cosine"), neighbours("cooccurrence", "jaccard"))
         if self._has_table("matches"):
             card.matches = self._df("SELECT other_hookpoint, other_latent, score FROM matches WHERE hookpoint = ? "
                                     "AND latent = ? ORDER BY other_hookpoint", (h, int(latent)))

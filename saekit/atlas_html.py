@@ -14,7 +14,8 @@ from saekit.errors import SaekitError
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:70em}table{border-collapse:collapse}
 td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}.ctx{font-family:monospace;white-space:pre-wrap}
-.peak{outline:1px solid #000}.num{text-align:right}"""
+.peak{outline:1px solid #000}.num{text-align:right}.charts{display:flex;gap:2em}.hist rect{fill:#e07000}
+figure{margin:0}figcaption{font-size:80%;color:#555}"""
 
 FILTER_JS = """const q=document.getElementById('q');q.addEventListener('input',()=>{let re;
 try{re=new RegExp(q.value,'i')}catch(e){return}
@@ -36,6 +37,16 @@ def _shade(act: float, max_act: float) -> str:
     return f"background:rgba(255,120,0,{a:.2f})"
 
 
+def _bars(counts: list[int], lo: float, hi: float, title: str) -> str:
+    """A small inline SVG bar chart of a histogram over [lo, hi]."""
+    w, h, top = 240, 60, max(max(counts, default=0), 1)
+    bw = w / max(len(counts), 1)
+    bars = "".join(f"<rect x='{i * bw:.1f}' y='{h - h * c / top:.1f}' width='{bw - 1:.1f}' height='{h * c / top:.1f}'>"
+                   f"<title>{c}</title></rect>" for i, c in enumerate(counts))
+    return (f"<figure class='hist'><svg width='{w}' height='{h}' role='img' aria-label='{_e(title)}'>{bars}</svg>"
+            f"<figcaption>{_e(title)}: {lo:.3g} … {hi:.3g}</figcaption></figure>")
+
+
 def card_path(hookpoint: str, latent: int) -> str:
     """A feature page's path relative to the export root (and the server's URL path)."""
     return f"feature/{quote(hookpoint, safe='')}/{int(latent)}.html"
@@ -55,21 +66,61 @@ def render_card(atlas: Atlas, latent: int, hookpoint: str | None = None, root: s
     def tokens(df) -> str:
         return ", ".join(f"<code>{_e(repr(t))}</code> ({v:+.2f})" for t, v in zip(df.token, df.value, strict=True))
 
-    neigh = ", ".join(f"<a href='{root}{card_path(c.hookpoint, j)}'>{int(j)}</a> ({cos:.2f}, {_e(repr(lb))})"
-                      for j, cos, lb in zip(c.neighbours.latent, c.neighbours.cosine, c.neighbours.label, strict=True))
+    def links(hookpoints, latents, scores, labels=None) -> str:
+        labels = [None] * len(latents) if labels is None else labels
+        out = ", ".join(f"<a href='{root}{card_path(h, j)}'>{_e(h) + ' ' if h != c.hookpoint else ''}{int(j)}</a> "
+                        f"({sc:.2f}{'' if lb is None else ', ' + _e(repr(lb))})"
+                        for h, j, sc, lb in zip(hookpoints, latents, scores, labels, strict=True))
+        return out or "none"
+
+    def same(df):
+        return [c.hookpoint] * len(df)
+
     score = "" if c.label_score is None else f" (score {c.label_score:.3f})"
+    extra = "".join(f", {name} {_e(v)}" for name, v in (("lobe", c.lobe), ("absorbs", c.absorbs)) if v is not None)
+    charts = _bars(c.hist, 0.0, c.max_act, "activations when firing")
+    if c.logit_hist:
+        lh = c.logit_hist
+        charts += _bars(lh["counts"], lh["lo"], lh["hi"], "logit effects on the vocabulary")
+    matches = ""
+    if c.matches is not None:
+        matches = ("<h2>Cross-layer matches</h2><p>"
+                   f"{links(c.matches.other_hookpoint, c.matches.other_latent, c.matches.score.fillna(0))}</p>")
+    n, o = c.neighbours, c.cooccurrence
+    decoder, cooc = links(same(n), n.latent, n.cosine, n.label), links(same(o), o.latent, o.jaccard, o.label)
     body = (f"<p><a href='{root}index.html'>all features</a></p>"
             f"<h1>{_e(c.hookpoint)} latent {c.latent}</h1>"
             f"<p>label <code>{_e(repr(c.label))}</code>{_e(score)}; density {c.density:.4g}, mean activation "
-            f"{c.mean_act:.4g}, max {c.max_act:.4g}; histogram {_e(c.hist)}</p>"
+            f"{c.mean_act:.4g}, max {c.max_act:.4g}{extra}</p><div class='charts'>{charts}</div>"
             f"<h2>Top contexts</h2>{contexts(c.top_examples)}"
             f"<h2>Across the activation range</h2>{contexts(c.quantile_examples)}"
             f"<h2>Logit effects</h2><p>promotes: {tokens(c.logits_top)}</p><p>suppresses: {tokens(c.logits_bottom)}</p>"
-            f"<h2>Nearest decoder directions</h2><p>{neigh}</p>")
+            f"<h2>Nearest decoder directions</h2><p>{decoder}</p><h2>Fires with</h2><p>{cooc}</p>{matches}")
     return _page(f"{c.hookpoint} {c.latent}", body)
 
 
-def render_index(atlas: Atlas, hookpoint: str | None = None, root: str = "") -> str:
+def render_text(atlas: Atlas, text: str, model, root: str = "", per_token: int = 5) -> str:
+    """The latents active on each token of `text`, strongest first (serve mode: runs the model)."""
+    df = atlas.text(text, model=model)
+    rows = []
+    for p, g in df.groupby("position", sort=True):
+        g = g.head(per_token)
+        lats = ", ".join(f"<a href='{root}{card_path(h, j)}'>{int(j)}</a> ({a:.2f}"
+                         f"{'' if lb is None else ', ' + _e(repr(lb))})"
+                         for h, j, a, lb in zip(g.hookpoint, g.latent, g.act, g.label, strict=True))
+        rows.append(f"<tr><td class='num'>{int(p)}</td><td class='ctx'>{_e(g.token.iloc[0])}</td><td>{lats}</td></tr>")
+    body = (f"<p><a href='{root}index.html'>all features</a></p><h1>Latents on your text</h1>"
+            f"{TEXT_FORM.format(_e(text))}"
+            "<table id='text'><thead><tr><th>position</th><th>token</th><th>latents (activation, label)</th></tr>"
+            "</thead><tbody>" + "".join(rows) + "</tbody></table>")
+    return _page("Latents on your text", body)
+
+
+TEXT_FORM = ("<form action='text.html' method='get'><input name='q' size='60' value='{}' "
+             "placeholder='type text: which latents fire on it'> <button>run</button></form>")
+
+
+def render_index(atlas: Atlas, hookpoint: str | None = None, root: str = "", serve: bool = False) -> str:
     f = atlas.features(hookpoint)
     rows = []
     for h, j, d, m, lb, s in zip(f.hookpoint, f.latent, f.density, f.max_act, f.label, f.label_score, strict=True):
@@ -78,7 +129,8 @@ def render_index(atlas: Atlas, hookpoint: str | None = None, root: str = "") -> 
         rows.append(f"<tr data-text='{_e(text)}'><td>{_e(h)}</td><td><a href='{root}{card_path(h, j)}'>{int(j)}</a>"
                     f"</td><td class='num'>{d:.4g}</td><td class='num'>{m:.4g}</td><td><code>"
                     f"{_e(repr(lb)) if lb is not None else ''}</code></td><td class='num'>{sc}</td></tr>")
-    body = ("<h1>Feature atlas</h1><p><input id='q' placeholder='filter: regular expression over hookpoint, "
+    body = ("<h1>Feature atlas</h1>" + (TEXT_FORM.format("") if serve else "")
+            + "<p><input id='q' placeholder='filter: regular expression over hookpoint, "
             "latent, label' size='50'></p><table id='features'><thead><tr><th>hookpoint</th><th>latent</th>"
             "<th>density</th><th>max</th><th>label</th><th>label score</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
@@ -101,6 +153,20 @@ def export_html(atlas_path: str | Path, out: str | Path, hookpoint: str | None =
 
 class _Handler(BaseHTTPRequestHandler):
     atlas_path: Path
+    _model = None
+    _model_lock = threading.Lock()
+
+    @classmethod
+    def model(cls):
+        """The atlas's model, loaded once, on the first text query."""
+        with cls._model_lock:
+            if cls._model is None:
+                from saekit.model import load_model
+
+                atlas = Atlas.open(cls.atlas_path)
+                atlas.db.close()
+                cls._model = load_model(atlas.meta["model"])
+            return cls._model
 
     def log_message(self, *args):  # quiet
         pass
@@ -120,7 +186,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             url = urlparse(self.path)
             if url.path in ("/", "/index.html"):
-                return self._send(200, render_index(atlas))
+                return self._send(200, render_index(atlas, serve=True))
+            if url.path == "/text.html":
+                q = parse_qs(url.query).get("q", [""])[0]
+                return self._send(200, render_text(atlas, q, self.model()))
             m = re.fullmatch(r"/feature/([^/]+)/(\d+)\.html", url.path)
             if m:
                 return self._send(200, render_card(atlas, int(m.group(2)), unquote(m.group(1))))
@@ -129,20 +198,22 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, atlas.search(q).to_json(orient="records"), "application/json")
             return self._send(404, _page("not found", f"<p>nothing at {_e(url.path)}</p>"))
         except SaekitError as e:
-            return self._send(404, _page("not found", f"<p>{_e(e)}</p>"))
+            return self._send(400 if url.path == "/text.html" else 404, _page("cannot answer", f"<p>{_e(e)}</p>"))
         finally:
             atlas.db.close()
 
 
-def make_server(atlas_path: str | Path, port: int = 8000) -> ThreadingHTTPServer:
-    """A read-only server of the atlas on 127.0.0.1:`port` (0: any free port); call serve_forever()."""
+def make_server(atlas_path: str | Path, port: int = 8000, model=None) -> ThreadingHTTPServer:
+    """A read-only server of the atlas on 127.0.0.1:`port` (0: any free port); call serve_forever().
+    `model` answers text queries (default: the atlas's model, loaded on the first one)."""
     Atlas.open(atlas_path).db.close()  # fail now on a missing or old atlas
-    handler = type("AtlasHandler", (_Handler,), {"atlas_path": Path(atlas_path)})
+    handler = type("AtlasHandler", (_Handler,), {"atlas_path": Path(atlas_path), "_model": model,
+                                                 "_model_lock": threading.Lock()})
     return ThreadingHTTPServer(("127.0.0.1", port), handler)
 
 
-def serve_in_thread(atlas_path: str | Path, port: int = 0) -> ThreadingHTTPServer:
-    server = make_server(atlas_path, port)
+def serve_in_thread(atlas_path: str | Path, port: int = 0, model=None) -> ThreadingHTTPServer:
+    server = make_server(atlas_path, port, model)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 

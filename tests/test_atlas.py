@@ -63,7 +63,7 @@ def planted(tmp_path_factory):
         sae.W_dec.copy_(torch.eye(M, D) + 0.01 * torch.arange(M * D).view(M, D) / (M * D))
         sae.b_enc.fill_(-0.5)
     sae.save(run.path / HOOK)
-    build_cache(cache_path(cfg, "val"), iter([{HOOK: acts}]), {"model": cfg.model})
+    build_cache(cache_path(cfg, "train"), iter([{HOOK: acts}]), {"model": cfg.model})
     path = build_atlas(run, model=FakeModel(), contexts=(tokens, mask))
     return Atlas.open(path), tokens, mask, acts
 
@@ -87,11 +87,26 @@ def test_planted_token_search_card(planted):
     card = atlas.card(2)
     assert card.label == " castle"
     top, rows = card.top_examples, tokens[mask]
-    assert len(top) == min(20, int((rows == 33).sum())) and top.max_act.is_monotonic_decreasing
+    ctx_of_row = mask.nonzero()[:, 0]
+    castle = (rows == 33).nonzero().flatten()
+    value = acts[castle, 2] - 0.5  # the latent's activation on each " castle" token
+    # one example per context (its strongest " castle"), strongest contexts first
+    best = {}
+    for r, v in zip(castle.tolist(), value.tolist(), strict=True):
+        c = int(ctx_of_row[r])
+        if c not in best or v > best[c][1]:
+            best[c] = (r, v)
+    want = sorted(best.values(), key=lambda rv: -rv[1])[:20]
+    assert top.row.tolist() == [r for r, _ in want]
+    assert top.max_act.tolist() == pytest.approx([v for _, v in want])
     for t, a, p, m in zip(top.tokens, top.acts, top.peak, top.max_act, strict=True):
-        assert t[p] == " castle" and a[p] == m
-    assert card.max_act == pytest.approx(float(acts[rows == 33, 2].max()) - 0.5)
-    assert 1 <= len(card.quantile_examples) <= 5
+        assert t[p] == " castle" and a[p] == pytest.approx(m, abs=1e-5)
+    assert card.max_act == pytest.approx(float(value.max()))
+    # quantile examples: one from each of 5 equal-count slices of the sorted activations
+    q, ranked = card.quantile_examples, value.sort(descending=True).values.tolist()
+    assert len(q) == 5
+    for i, m in enumerate(q.max_act):
+        assert m in [pytest.approx(v) for v in ranked[i * len(ranked) // 5 : (i + 1) * len(ranked) // 5 + 1]]
     assert card.logits_top.token[0] == " castle" and card.logits_bottom.token[0] == "<34>"
     assert len(card.neighbours) == 7 and 2 not in set(card.neighbours.latent)
     assert json.dumps(card.to_dict())  # plain data
@@ -230,6 +245,14 @@ def real(act_cache_dir, tmp_path_factory):
 
 
 def test_real_card_peaks_match_reencoding(real, smollm2):
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    import numpy as np
+
+    from saekit.atlas_html import serve_in_thread
+    from saekit.codes import encode_all
     from saekit.pipeline import contexts
 
     run, atlas = real
@@ -238,13 +261,22 @@ def test_real_card_peaks_match_reencoding(real, smollm2):
     card = atlas.card(j)
     top = card.top_examples.iloc[0]
     assert top.max_act == pytest.approx(card.max_act, rel=1e-5)
-    sae = run.sae(REAL)
-    acts = run.cache("val").tensor(REAL)
+    sae, split = run.sae(REAL), atlas.meta["split"]
+    acts = run.cache(split).tensor(REAL)
     with torch.no_grad():
         vals, idx = sae.encode(acts[int(top.row)].unsqueeze(0))
     assert float(vals[idx == j].sum()) == pytest.approx(top.max_act, rel=1e-5)
+    # co-occurrence neighbours: the latents of highest Jaccard overlap with j's firing tokens
+    fires = encode_all(sae, acts).fires().tocsc().astype(float)
+    both = (fires[:, [j]].T @ fires).toarray().ravel()
+    count = fires.sum(0).A1
+    jac = both / np.maximum(count[j] + count - both, 1)
+    jac[j] = -1
+    co = card.cooccurrence
+    assert len(co) == 10 and co.jaccard.tolist() == pytest.approx(sorted(jac, reverse=True)[:10], rel=1e-5)
+    assert jac[co.latent].tolist() == pytest.approx(co.jaccard.tolist(), rel=1e-5)
     # the model on the context up to the peak finds the latent there, at about the recorded activation
-    tokens, mask = contexts(run.config, smollm2.tokenizer)["val"]
+    tokens, mask = contexts(run.config, smollm2.tokenizer)[split]
     c, p = (int(x) for x in mask.nonzero()[int(top.row)])
     assert smollm2.tokenizer.decode([int(tokens[c, p])]) == top.tokens[top.peak]
     df = atlas.text(tokens[c, 1 : p + 1].tolist(), model=smollm2)
@@ -252,6 +284,23 @@ def test_real_card_peaks_match_reencoding(real, smollm2):
     assert len(at_peak) == 1 and at_peak.act.iloc[0] == pytest.approx(top.max_act, rel=0.05, abs=0.05)
     with pytest.raises(SaekitError, match="the model reads at most"):
         atlas.text([1000] * 9000, model=smollm2)
+    # the served text box: the same latents, every string escaped
+    server = serve_in_thread(atlas.path, model=smollm2)
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        text = smollm2.tokenizer.decode(tokens[c, 1 : p + 1].tolist())
+        with urllib.request.urlopen(f"{base}/text.html?{urllib.parse.urlencode({'q': text})}") as r:
+            page = r.read().decode()
+        assert f"feature/{REAL}/{j}.html" in page
+        with urllib.request.urlopen(f"{base}/text.html?q=%3Cscript%3Ealert(1)%3C/script%3E") as r:
+            page = r.read().decode()
+        assert "&lt;script&gt;" in page and "<script>alert" not in page
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{base}/text.html?q=" + "a%20" * 9000)
+        assert e.value.code == 400 and b"the model reads at most" in e.value.read()
+    finally:
+        server.shutdown()
+        server.server_close()
     with pytest.raises(SaekitError, match="no tokens"):
         atlas.text("", model=smollm2)
     with pytest.raises(SaekitError, match="bare SAE folder"):
