@@ -12,6 +12,7 @@ expressions, and its tokenizer drops the leading spaces and punctuation that BPE
 are made of; the tables it would index hold one row per latent, so a scan takes milliseconds.
 """
 
+import functools
 import json
 import math
 import re
@@ -392,6 +393,19 @@ class Card:
         return out
 
 
+def _readable(query):
+    """Turn what a damaged atlas file makes SQLite or the decoding of its rows raise into one
+    SaekitError naming the file."""
+    @functools.wraps(query)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return query(self, *args, **kwargs)
+        except (sqlite3.Error, ValueError, IndexError, TypeError, KeyError) as e:
+            raise SaekitError(f"{self.path} cannot be read ({type(e).__name__}: {e}); it may be damaged: rebuild it "
+                              "with `saekit atlas build RUN`") from None
+    return wrapped
+
+
 class Atlas:
     """Read access to an atlas file (see `build_atlas`)."""
 
@@ -418,7 +432,11 @@ class Atlas:
             raise SaekitError(f"{path} has atlas schema version {got}, this saekit reads version {SCHEMA_VERSION}; "
                               "rebuild it with `saekit atlas build RUN`")
         db.create_function("regexp", 2, _regexp, deterministic=True)
-        return cls(path, db)
+        try:
+            return cls(path, db)
+        except (sqlite3.Error, ValueError, TypeError) as e:
+            raise SaekitError(f"{path} cannot be read ({e}); it may be damaged: rebuild it with "
+                              "`saekit atlas build RUN`") from None
 
     # helpers
     @property
@@ -437,6 +455,7 @@ class Atlas:
         return pd.DataFrame(cur.fetchall(), columns=[d[0] for d in cur.description])
 
     # queries
+    @_readable
     def features(self, hookpoint: str | None = None):
         """DataFrame: hookpoint, latent, density, mean_act, max_act, label, label_score (all hookpoints if None)."""
         cols = "hookpoint, latent, density, mean_act, max_act, label, label_score"
@@ -444,6 +463,7 @@ class Atlas:
             return self._df(f"SELECT {cols} FROM features ORDER BY hookpoint, latent")
         return self._df(f"SELECT {cols} FROM features WHERE hookpoint = ? ORDER BY latent", (self._hp(hookpoint),))
 
+    @_readable
     def card(self, latent: int, hookpoint: str | None = None) -> Card:
         h = self._hp(hookpoint)
         row = self.db.execute("SELECT density, mean_act, max_act, hist, logit_hist, label, label_score FROM features "
@@ -489,6 +509,7 @@ class Atlas:
         """The latent's nearest decoder directions: DataFrame latent, cosine, label."""
         return self.card(latent, hookpoint).neighbours
 
+    @_readable
     def token(self, token: str, hookpoint: str | None = None):
         """Latents whose top contexts peak on `token` (one vocabulary entry, e.g. " king"), most peaks first:
         DataFrame hookpoint, latent, peaks, label, label_score."""
@@ -503,6 +524,7 @@ class Atlas:
                         f"AND e.peak_token IN ({marks}) AND +e.hookpoint IN ({','.join('?' * len(hs))}) "
                         "GROUP BY e.hookpoint, e.latent ORDER BY peaks DESC, f.label_score DESC", (*ids, *hs))
 
+    @_readable
     def search(self, pattern: str, hookpoint: str | None = None):
         """Latents whose label or a top-context peak token matches the regular expression `pattern`."""
         try:
@@ -514,6 +536,7 @@ class Atlas:
                         f"WHERE (label REGEXP ? OR top_text REGEXP ?) AND hookpoint IN ({','.join('?' * len(hs))}) "
                         "ORDER BY label_score IS NULL, label_score DESC", (pattern, pattern, *hs))
 
+    @_readable
     def top_by(self, column: str, n: int = 20, hookpoint: str | None = None, ascending: bool = False):
         allowed = ("density", "mean_act", "max_act", "label_score", "n_fires")
         if column not in allowed:
@@ -523,6 +546,7 @@ class Atlas:
                         f"hookpoint IN ({','.join('?' * len(hs))}) AND {column} IS NOT NULL "
                         f"ORDER BY {column} {'ASC' if ascending else 'DESC'} LIMIT ?", (*hs, n))
 
+    @_readable
     def dead(self, hookpoint: str | None = None):
         """Latents that never fired on the atlas's tokens."""
         hs = [self._hp(hookpoint)] if hookpoint is not None else self.hookpoints

@@ -149,7 +149,7 @@ def _atlas(args, extra):
         print(f"saekit: added to {args.path}: " + ", ".join(f"{v:,} {k}" for k, v in added.items()))
         return
     if args.action == "build":
-        out = build_atlas(args.path, tokens=args.tokens, out=args.out, quiet=args.quiet)
+        out = build_atlas(args.path, tokens=args.tokens, out=args.out, split=args.split, quiet=args.quiet)
         print(f"saekit: atlas written to {out} ({out.stat().st_size:,} bytes)")
         return
     atlas = Atlas.open(args.path)
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--hookpoint", default=None, help="export only this hookpoint of the run")
     x.set_defaults(func=_export)
 
-    at = sub.add_parser("atlas", usage="saekit atlas build RUN [--tokens N] [--out PATH] | "
+    at = sub.add_parser("atlas", usage="saekit atlas build RUN [--tokens N] [--split S] [--out PATH] | "
                                        "saekit atlas add ATLAS [--run RUN] | saekit atlas export ATLAS DIR | "
                                        "saekit atlas serve ATLAS [--port P] | saekit atlas query ATLAS "
                                        "(--feature N | --text T | --similar N | --token T | --search REGEX | --dead | "
@@ -287,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("target", nargs="?", default=None, help="export: the folder to write")
     at.add_argument("--port", type=int, default=8000, help="serve: the port on 127.0.0.1")
     at.add_argument("--run", default=None, help="add: the run whose analyses to add (default: the atlas's run)")
-    at.add_argument("--tokens", type=int, default=None, help="build: held-out tokens to read (default: all)")
+    at.add_argument("--tokens", type=int, default=None, help="build: cached tokens to read (default: all)")
+    at.add_argument("--split", default="train", choices=["train", "val"],
+                    help="build: the activation cache to read (default: train, the run's largest)")
     at.add_argument("--out", default=None, help="build: atlas file (default: RUN/atlas.sqlite)")
     at.add_argument("--hookpoint", default=None, help="query: this hookpoint (needed for a card of a multi-layer run)")
     at.add_argument("--feature", type=int, default=None, help="the card of this latent")

@@ -7,6 +7,8 @@ import sqlite3
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from saekit import cli
 from saekit.activations import build_cache, cache_path
@@ -328,3 +330,75 @@ def test_atlas_cli(real, tmp_path, capsys):
     assert cli.main(["atlas", "query", path, "--dead", "--dense"]) == 2
     assert cli.main(["atlas", "add", path]) == 0  # a run with no analyses: nothing to add, nothing breaks
     assert "0 matches" in capsys.readouterr().out
+
+
+FUZZ = settings(max_examples=40, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def answers_or_refuses(query):
+    try:
+        query()
+    except SaekitError:
+        pass
+
+
+@FUZZ
+@given(latent=st.integers(-2**40, 2**40), word=st.text(max_size=12), hook=st.none() | st.text(max_size=30),
+       column=st.text(max_size=12) | st.sampled_from(["density", "label_score"]))
+def test_queries_on_any_input(planted, latent, word, hook, column):
+    """Every query answers or raises SaekitError, whatever it is given."""
+    atlas, *_ = planted
+    for query in (lambda: atlas.card(latent, hook), lambda: atlas.token(word, hook), lambda: atlas.search(word, hook),
+                  lambda: atlas.top_by(column, 5, hook), lambda: atlas.features(hook), lambda: atlas.dead(hook)):
+        answers_or_refuses(query)
+
+
+@FUZZ
+@given(st.data())
+def test_damaged_atlas_file(planted, tmp_path, data):
+    """A truncated or bit-flipped atlas opens and answers, or raises SaekitError on open or query."""
+    atlas, *_ = planted
+    blob = atlas.path.read_bytes()
+    n = data.draw(st.integers(0, len(blob)))
+    flips = data.draw(st.lists(st.tuples(st.integers(0, len(blob) - 1), st.integers(1, 255)), max_size=6))
+    b = bytearray(blob[:n] if data.draw(st.booleans()) else blob)
+    for i, x in flips:
+        if i < len(b):
+            b[i] ^= x
+    path = tmp_path / "damaged.sqlite"
+    path.write_bytes(bytes(b))
+    try:
+        damaged = Atlas.open(path)
+    except SaekitError:
+        return
+    for query in (lambda: damaged.features(), lambda: damaged.card(2), lambda: damaged.token(" king"),
+                  lambda: damaged.search("castle"), lambda: damaged.top_by("density"), lambda: damaged.dead()):
+        answers_or_refuses(query)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(max_size=40), min_size=10, max_size=10))
+def test_server_on_any_path(planted, paths):
+    """Any GET path is answered 200, 400 or 404, and nothing from the request comes back unescaped."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from saekit.atlas_html import serve_in_thread
+
+    atlas, *_ = planted
+    server = serve_in_thread(atlas.path)
+    try:
+        for path in paths:
+            url = f"http://127.0.0.1:{server.server_address[1]}/" + urllib.parse.quote(path)
+            try:
+                with urllib.request.urlopen(url) as r:
+                    status, body = r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                status, body = e.code, e.read().decode()
+            assert status in (200, 400, 404)
+            assert body.count("<script") == body.count("<script>const q=")  # the page's own filter script only
+    finally:
+        server.shutdown()
+        server.server_close()
