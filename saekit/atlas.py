@@ -413,7 +413,7 @@ class Atlas:
         self.path, self.db = path, db
         self.meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
         self.hookpoints = [r[0] for r in db.execute("SELECT name FROM hookpoints ORDER BY rowid")]
-        self._vocab = None
+        self._vocab, self._model, self._saes, self._labels = None, None, {}, {}
 
     @classmethod
     def open(cls, path: str | Path) -> "Atlas":
@@ -563,30 +563,36 @@ class Atlas:
         from saekit.run import Run
 
         hs = [self._hp(hookpoint)] if hookpoint is not None else self.hookpoints
-        run = Run.open(self.meta["run"])
-        model = model if model is not None else load_model(self.meta["model"])
+        if model is None:
+            if self._model is None:
+                self._model = load_model(self.meta["model"])
+            model = self._model
         tok = model.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         ids = bos + (list(text) if not isinstance(text, str) else tok(text, add_special_tokens=False).input_ids)
         n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
         if n_ctx and len(ids) > n_ctx:
             raise SaekitError(f"the text is {len(ids)} tokens long; the model reads at most {n_ctx}")
+        if any(not 0 <= i < len(tok) for i in ids):
+            raise SaekitError(f"token ids must lie in 0..{len(tok) - 1}")
         toks = torch.tensor([ids])
         mask = ~torch.isin(toks, torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long))
         positions = mask[0].nonzero().flatten().tolist()
         if not positions:
             raise SaekitError("the text has no tokens to read")
         acts = next(harvest(model, toks, mask, hs, batch_size=1))
+        words = [tok.decode([ids[p]]) for p in positions]
         rows = []
         for h in hs:
-            sae = run.sae(h)
+            if h not in self._saes:  # the SAE and its labels, once per atlas
+                self._saes[h] = Run.open(self.meta["run"]).sae(h)
+                self._labels[h] = dict(self.db.execute("SELECT latent, label FROM features WHERE hookpoint = ?", (h,)))
+            labels = self._labels[h]
             with torch.no_grad():
-                vals, idx = sae.encode(acts[h])
-            labels = dict(self.db.execute("SELECT latent, label FROM features WHERE hookpoint = ?", (h,)))
-            for i, p in enumerate(positions):
-                for v, j in sorted(zip(vals[i].tolist(), idx[i].tolist(), strict=True), reverse=True):
-                    if v > min_act:
-                        rows.append((p, tok.decode([ids[p]]), h, j, v, labels.get(j)))
+                vals, idx = self._saes[h].encode(acts[h])
+            for p, w, vs, js in zip(positions, words, vals.tolist(), idx.tolist(), strict=True):
+                rows += [(p, w, h, j, v, labels.get(j)) for v, j in sorted(zip(vs, js, strict=True), reverse=True)
+                         if v > min_act]
         return pd.DataFrame(rows, columns=["position", "token", "hookpoint", "latent", "act", "label"])
 
 
