@@ -96,7 +96,7 @@ def _cooccurrence_neighbours(codes, n: int) -> tuple[np.ndarray, np.ndarray, np.
     off = C.row != C.col
     i, j, both = C.row[off], C.col[off], C.data[off]
     jac = both / (fires[i] + fires[j] - both)
-    o = np.lexsort((-jac, i))
+    o = torch.argsort(torch.from_numpy(2.0 * i - jac)).numpy()  # jaccard in (0, 1]: by latent, then best first
     i, j, jac = i[o], j[o], jac[o]
     _, rank = _segments(torch.from_numpy(i.astype(np.int64)), codes.n_latents)
     keep = (rank < n).numpy()
