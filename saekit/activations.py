@@ -1,8 +1,9 @@
 """Activation cache and shuffled batches: harvest once, train (and re-train) from disk.
 
-A cache is a folder of safetensors shards (one tensor per hookpoint, `[tokens, d]`) and a
-`manifest.json` with the model, hookpoints, dims, dtype, token counts and a sha256 per
-shard. Building is resumable shard by shard; reading verifies checksums. The batch order is
+A cache is a folder of safetensors shards (one tensor per hookpoint, `[tokens, d]`, and the
+int32 row fields `ROWS`: which context, position and token each row is) and a `manifest.json`
+with the model, hookpoints, dims, dtype, token counts and a sha256 per shard. Building is
+resumable shard by shard; reading verifies checksums. The batch order is
 a pure function of (seed, step), so a resumed run sees exactly the batches it had not seen.
 """
 
@@ -23,6 +24,10 @@ from saekit.io import atomic_write, saekit_cache
 
 MANIFEST = "manifest.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMAT = 2  # in the cache key: caches of older formats (no row fields) are rebuilt, not read
+# Per-row int32 fields stored beside the activations: the row's context (an index into the split's
+# packed contexts), its position in that context and its token id. Never hookpoint names.
+ROWS = ("_context", "_position", "_token")
 
 
 Activations = torch.Tensor | Iterable[torch.Tensor]  # an [N, d] tensor or a stream of [batch, d] tensors
@@ -40,7 +45,7 @@ def cache_path(cfg, split: str) -> Path:
     root = Path(cfg.cache_dir) if cfg.cache_dir else saekit_cache() / "activations"
     key = cache_key(model=cfg.model, dataset=cfg.dataset, text_field=cfg.text_field, ctx_len=cfg.ctx_len,
                     n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.seed,
-                    hookpoints=sorted(cfg.hookpoints), split=split)
+                    hookpoints=sorted(cfg.hookpoints), split=split, format=FORMAT)
     return root / key
 
 
@@ -81,7 +86,7 @@ class ActivationCache:
         return self.manifest["hookpoints"][hookpoint]["d"]
 
     def load_shard(self, i: int, hookpoints: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """One shard as float32 tensors, after checking its sha256."""
+        """One shard as float32 tensors (row fields named in `hookpoints` as int32), after checking its sha256."""
         info = self.manifest["shards"][i]
         file = self.path / info["file"]
         try:
@@ -96,14 +101,39 @@ class ActivationCache:
             raise SaekitError(f"activation shard {file} is corrupt: {e}") from None
         out = {}
         for h in hookpoints or self.hookpoints:
-            t = tensors.get(h)
-            want = (info["n_tokens"], self.dim(h)) if h in self.manifest["hookpoints"] else None
-            if t is None or want is None or tuple(t.shape) != want or not t.is_floating_point():
+            t, row = tensors.get(h), h in ROWS and "rows" in self.manifest
+            want = (info["n_tokens"],) if row else (info["n_tokens"], self.dim(h)) if h in self.manifest["hookpoints"] \
+                else None
+            if t is None or want is None or tuple(t.shape) != want or not (t.dtype == torch.int32 if row
+                                                                           else t.is_floating_point()):
                 got = None if t is None else f"{t.dtype} {tuple(t.shape)}"
                 raise SaekitError(f"activation shard {file} does not match {self.path / MANIFEST}: {h!r} is {got}, "
-                                  f"expected floats of shape {want}; delete {self.path} to rebuild")
-            out[h] = t.float()
+                                  f"expected {'int32' if row else 'floats'} of shape {want}; delete {self.path} "
+                                  "to rebuild")
+            out[h] = t if row else t.float()
         return out
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        """The row fields (`ROWS`) of every row in stored order, int32 `[n_tokens]` each: which
+        token of which context each activation is. Reads only these fields, checked by their own sha256."""
+        if "rows" not in self.manifest:
+            raise SaekitError(f"activation cache {self.path} records no token ids or positions (written by an "
+                              f"older saekit or from bare activations); delete it and rerun `saekit cache` to rebuild")
+        parts = []
+        for info in self.manifest["shards"]:
+            file = self.path / info["file"]
+            try:
+                with safe_open(file, "pt") as f:
+                    part = {h: f.get_tensor(h) for h in ROWS}
+            except (SafetensorError, OSError) as e:
+                raise SaekitError(f"activation shard {file} cannot be read: {e}; delete {self.path} to rebuild") \
+                    from None
+            if any(t.shape != (info["n_tokens"],) or t.dtype != torch.int32 for t in part.values()) \
+                    or _rows_sha256(part) != info["rows_sha256"]:
+                raise SaekitError(f"activation shard {file} is corrupt (its row fields do not match "
+                                  f"{self.path / MANIFEST}); delete {self.path} to rebuild")
+            parts.append(part)
+        return {h: torch.cat([p[h] for p in parts]) for h in ROWS}
 
     def batches(self, hookpoint: str, batch_size: int = 4096) -> Iterator[torch.Tensor]:
         """One hookpoint's activations in stored order, as `[batch_size, d]` float32 pieces."""
@@ -119,6 +149,10 @@ class ActivationCache:
             parts.append(self.load_shard(i, [hookpoint])[hookpoint])
             n += len(parts[-1])
         return torch.cat(parts)[:max_tokens]
+
+
+def _rows_sha256(rows: dict[str, torch.Tensor]) -> str:
+    return hashlib.sha256(b"".join(rows[h].numpy().tobytes() for h in ROWS)).hexdigest()
 
 
 def _manifest_problem(m) -> str | None:
@@ -139,6 +173,8 @@ def _manifest_problem(m) -> str | None:
             return f"bad shard entry {s!r}"
         if "\0" in s["file"] or Path(s["file"]).name != s["file"] or s["file"] in ("", ".", ".."):
             return f"shard file {s['file']!r} is not a file name inside the cache"
+    if "rows" in m and (m["rows"] != list(ROWS) or not all(isinstance(s.get("rows_sha256"), str) for s in shards)):
+        return f"'rows' must be {list(ROWS)} and every shard must have its 'rows_sha256'"
     if not count(m.get("chunks_done", 0), 0) or not isinstance(m.get("complete", False), bool):
         return "'chunks_done' must be a count and 'complete' true or false"
     if m.get("complete") and not (shards and hps):
@@ -154,7 +190,8 @@ def build_cache(
     dtype: str = "float32",
     chunks_done: int = 0,
 ) -> ActivationCache:
-    """Write `chunks` (each `{hookpoint: [n, d]}`) into shards of about `shard_tokens`.
+    """Write `chunks` (each `{hookpoint: [n, d]}`, optionally with the row fields `ROWS`, `[n]`
+    each) into shards of about `shard_tokens`.
 
     `meta` (model, dataset, ...) goes into the manifest. A partly built cache is continued:
     the manifest records how many chunks were consumed, and the caller passes an iterator
@@ -174,13 +211,17 @@ def build_cache(
         nonlocal buf, n_buf
         if n_buf == 0:
             return
-        tensors = {h: torch.cat(v).to(DTYPES[dtype]).contiguous() for h, v in buf.items()}
+        tensors = {h: torch.cat(v).to(DTYPES[dtype]).contiguous() for h, v in buf.items() if h not in ROWS}
+        rows = {h: torch.cat(buf[h]).to(torch.int32).contiguous() for h in ROWS if h in buf}
         for h, t in tensors.items():
             manifest["hookpoints"].setdefault(h, {"d": t.shape[1]})
-        blob = save_bytes(tensors)
+        blob = save_bytes(tensors | rows)
         name = f"shard_{len(manifest['shards']):05d}.safetensors"
         atomic_write(path / name, lambda p: p.write_bytes(blob))
-        manifest["shards"].append({"file": name, "n_tokens": n_buf, "sha256": hashlib.sha256(blob).hexdigest()})
+        shard = {"file": name, "n_tokens": n_buf, "sha256": hashlib.sha256(blob).hexdigest()}
+        if rows:
+            manifest["rows"], shard["rows_sha256"] = list(ROWS), _rows_sha256(rows)
+        manifest["shards"].append(shard)
         manifest["chunks_done"] = n_chunks
         atomic_write(manifest_file, lambda p: p.write_text(json.dumps(manifest, indent=1)))
         buf, n_buf = {}, 0

@@ -42,12 +42,21 @@ def activation_cache(cfg: TrainConfig, model, split: str, tokens, mask, quiet: b
     except SaekitError:
         pass
     done = resume_point(path)
-    start = done * cfg.harvest_batch
-    chunks = lm.harvest(model, tokens[start:], mask[start:], cfg.hookpoints, batch_size=cfg.harvest_batch,
-                        progress=not quiet, desc=f"harvest {split}")
+    start, b = done * cfg.harvest_batch, cfg.harvest_batch
+    acts = lm.harvest(model, tokens[start:], mask[start:], cfg.hookpoints, batch_size=b, progress=not quiet,
+                      desc=f"harvest {split}")
+    firsts = range(start, len(tokens), b)
+    chunks = ({**a, **row_fields(tokens[s : s + b], mask[s : s + b], s)} for a, s in zip(acts, firsts, strict=True))
     meta = {"model": cfg.model, "dataset": cfg.dataset, "split": split, "ctx_len": cfg.ctx_len, "seed": cfg.seed,
             "n_contexts": len(tokens)}
     return build_cache(path, chunks, meta, chunks_done=done)
+
+
+def row_fields(tokens: torch.Tensor, mask: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
+    """The cache's row fields of contexts `first, first + 1, ...`: context index, position and token
+    id of every kept position, row-major as `harvest` keeps them."""
+    context, position = mask.nonzero(as_tuple=True)
+    return {"_context": context + first, "_position": position, "_token": tokens[mask]}
 
 
 def prepare(cfg: TrainConfig, quiet: bool = False):

@@ -134,6 +134,13 @@ def test_corrupt_files_are_named(tmp_path):
     shard.write_bytes(blob[: len(blob) // 2])  # truncated
     with pytest.raises(SaekitError, match=re.escape(f"activation shard {shard} is corrupt")):
         ActivationCache.open(tmp_path / "c").tensor("h")
+    rows = {"_context": torch.zeros(200), "_position": torch.arange(200), "_token": torch.ones(200)}
+    cache = build_cache(tmp_path / "r", ({"h": t, **rows} for t in _data().split(200)), {}, shard_tokens=200)
+    assert cache.hookpoints == ["h"] and torch.equal(cache.rows()["_position"][200:400], torch.arange(200).int())
+    shard = tmp_path / "r" / cache.manifest["shards"][2]["file"]
+    shard.write_bytes(shard.read_bytes().replace(torch.arange(200).int().numpy().tobytes()[-8:], bytes(8)))
+    with pytest.raises(SaekitError, match=re.escape(f"activation shard {shard} is corrupt (its row fields")):
+        cache.rows()
     manifest = tmp_path / "c" / "manifest.json"
     manifest.write_text(manifest.read_text()[:-20])
     with pytest.raises(SaekitError, match=re.escape(f"{manifest} is corrupt")):

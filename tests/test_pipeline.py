@@ -96,6 +96,23 @@ def test_sae_with_wrong_width_for_the_hookpoint(tiny, tmp_path, capsys):
     assert "[batch, 64] to match the SAE's d_in" in capsys.readouterr().err
 
 
+def test_cache_rows_are_the_split_tokens_in_order(tiny, tmp_path):
+    cfg = load_config(None, tiny)
+    _, ctx, caches = pipeline.prepare(cfg, quiet=True)
+    for split, cache in caches.items():
+        tokens, mask = ctx[split]
+        rows = {k: v.long() for k, v in cache.rows().items()}
+        c, p = rows["_context"], rows["_position"]
+        assert torch.equal(rows["_token"], tokens[mask]) and len(c) == cache.n_tokens == int(mask.sum())
+        assert mask[c, p].all() and torch.equal(tokens[c, p], rows["_token"])
+        assert (torch.diff(c * tokens.shape[1] + p) > 0).all()  # row-major: each kept position once, in order
+        assert cache.load_shard(0, [HOOK, "_token"])["_token"].dtype == torch.int32
+    bare = build_cache(tmp_path / "c", iter([{"h": torch.ones(4, 2)}]), {})  # activations without row fields
+    assert bare.hookpoints == ["h"]
+    with pytest.raises(SaekitError, match="records no token ids"):
+        bare.rows()
+
+
 def test_empty_dataset(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     cfg = load_config(None, ["--dataset", str(tmp_path / "empty.jsonl"), "--cache_dir", str(tmp_path)])
