@@ -2,8 +2,8 @@
 often and how strongly it fires, on which contexts, what it writes to the logits, which latents
 it resembles and an offline label (the token it is most characteristic of) with a score.
 
-    build_atlas(run)                 -> RUN/atlas.sqlite, streamed from the SAE codes of the run's
-                                        held-out activation cache (never a dense [tokens, latents])
+    build_atlas(run)                 -> RUN/atlas.sqlite, from the SAE codes of the run's activation
+                                        cache (never a dense [tokens, latents])
     Atlas.open(path).card(latent)    -> one feature's card; .features(), .token(), .search(), .text()
 
 Search (`Atlas.search`) is a Python regular expression registered as SQLite's REGEXP over the
@@ -115,10 +115,7 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     m = sae.n_latents
     codes = encode_all(sae, run.activations(h, split), max_tokens)
     n = codes.n_tokens
-    if n > len(rows["token"]):
-        raise SaekitError(f"the {split} activation cache of {h} has more rows ({n}) than it records tokens for "
-                          f"({len(rows['token'])}); delete the cache to rebuild it")
-    ctx, pos, tok = rows["context"][:n].long(), rows["position"][:n].long(), rows["token"][:n].long()
+    ctx, pos, tok = (rows[f][:n].long() for f in ("_context", "_position", "_token"))
 
     # the nonzero codes, ordered by latent, then activation descending
     flat = codes.values.flatten()
@@ -248,11 +245,11 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
 
 
 def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *, split: str = "train",
-                hookpoints=None, model=None, contexts=None, quiet: bool = True) -> Path:
+                hookpoints=None, model=None, quiet: bool = True) -> Path:
     """Write the atlas of `run` (a Run or its folder) to `out` (default RUN/atlas.sqlite) from the
-    first `tokens` rows of its `split` ("train" or "val") activation cache. `model` (default: the
-    run's, loaded on CPU) gives the tokenizer and the unembedding; `contexts` ((tokens, mask) of
-    the split, default: rebuilt from the run's config) give each cache row its token and context."""
+    first `tokens` rows of its `split` ("train" or "val") activation cache, which records each
+    row's token, context and position. `model` (default: the run's, loaded on CPU) gives the
+    tokenizer and the unembedding; it runs no forward pass."""
     from saekit.run import Run
 
     run = run if isinstance(run, Run) else Run.open(run)
@@ -267,13 +264,7 @@ def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *
         from saekit.model import load_model
 
         model = load_model(run.model_name)
-    if contexts is None:
-        from saekit.pipeline import contexts as make_contexts
-
-        contexts = make_contexts(run.config, model.tokenizer)[split]
-    ctx_tokens, ctx_mask = contexts
-    ctx, pos = ctx_mask.nonzero(as_tuple=True)
-    rows = {"context": ctx, "position": pos, "token": ctx_tokens[ctx_mask]}
+    rows = run.cache(split).rows()
     out = Path(out) if out is not None else run.path / ATLAS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -65,8 +65,10 @@ def planted(tmp_path_factory):
         sae.W_dec.copy_(torch.eye(M, D) + 0.01 * torch.arange(M * D).view(M, D) / (M * D))
         sae.b_enc.fill_(-0.5)
     sae.save(run.path / HOOK)
-    build_cache(cache_path(cfg, "train"), iter([{HOOK: acts}]), {"model": cfg.model})
-    path = build_atlas(run, model=FakeModel(), contexts=(tokens, mask))
+    ctx, pos = mask.nonzero(as_tuple=True)
+    build_cache(cache_path(cfg, "train"), iter([{HOOK: acts, "_context": ctx, "_position": pos, "_token": rows}]),
+                {"model": cfg.model})
+    path = build_atlas(run, model=FakeModel())
     return Atlas.open(path), tokens, mask, acts
 
 
@@ -229,6 +231,14 @@ def test_bad_inputs(planted, tmp_path):
     junk.write_text("not a database")
     with pytest.raises(SaekitError, match="not a saekit atlas"):
         Atlas.open(junk)
+    # a run whose cache records no token ids (bare activations) cannot give an atlas its contexts
+    run = Run.open(atlas.meta["run"])
+    cfg = TrainConfig(**{**vars(run.config), "cache_dir": str(tmp_path / "cache")})
+    bare = Run.create(TrainConfig(**{**vars(cfg), "out": str(tmp_path / "bare_run")}))
+    run.sae().save(bare.path / HOOK)
+    build_cache(cache_path(cfg, "train"), iter([{HOOK: torch.rand(50, D)}]), {"model": cfg.model})
+    with pytest.raises(SaekitError, match="records no token ids"):
+        build_atlas(bare, model=FakeModel())
 
 
 # -- a tiny real run of the offline model ---------------------------------------------------
