@@ -290,9 +290,10 @@ def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *
 
 def add_analyses(atlas_path: str | Path, run=None) -> dict:
     """Add what RUN/analysis holds to an atlas, without rebuilding it: cross-layer matches
-    (RUN/analysis/matches/A__B.json -> table `matches`), geometry lobes and absorption
-    (RUN/analysis/report.json or geometry.json / absorption.json -> feature columns `lobe`,
-    `absorbs`). Returns what was added, per source. Running it again replaces the earlier values."""
+    (RUN/analysis/matches/A__B.json -> table `matches`, both ways), geometry lobes and
+    multi-dimensional clusters, and absorption (RUN/analysis/report.json or geometry.json /
+    absorption.json -> feature columns `lobe`, `cluster`, `absorbs`). Returns what was added,
+    per source. Running it again replaces the earlier values."""
     from saekit.matching import Match
     from saekit.run import Run
 
@@ -300,11 +301,11 @@ def add_analyses(atlas_path: str | Path, run=None) -> dict:
     atlas.db.close()
     run = run if isinstance(run, Run) else Run.open(run if run is not None else atlas.meta["run"])
     hps = set(atlas.hookpoints)
-    added = {"matches": 0, "lobe": 0, "absorbs": 0}
+    added = {"matches": 0, "lobe": 0, "cluster": 0, "absorbs": 0}
     db = sqlite3.connect(atlas.path)
     try:
         cols = {r[1] for r in db.execute("PRAGMA table_info(features)")}
-        for col, typ in (("lobe", "INTEGER"), ("absorbs", "TEXT")):
+        for col, typ in (("lobe", "INTEGER"), ("cluster", "INTEGER"), ("absorbs", "TEXT")):
             if col not in cols:
                 db.execute(f"ALTER TABLE features ADD COLUMN {col} {typ}")
         db.execute("CREATE TABLE IF NOT EXISTS matches (hookpoint TEXT, latent INTEGER, other_hookpoint TEXT, "
@@ -314,12 +315,14 @@ def add_analyses(atlas_path: str | Path, run=None) -> dict:
         folder = run.path / "analysis" / "matches"
         for f in sorted(folder.glob("*__*.json")) if folder.is_dir() else []:
             a, b = f.stem.split("__", 1)
-            if a not in hps:
+            if not {a, b} & hps:
                 continue
             m = Match.load(f)
             ok = (m.b_for_a >= 0).nonzero().flatten()
-            rows = [(a, int(i), b, int(m.b_for_a[i]), None if math.isnan(s) else float(s))
-                    for i, s in zip(ok.tolist(), m.score[ok].tolist(), strict=True)]
+            pairs = [(int(i), int(m.b_for_a[i]), None if math.isnan(s) else float(s))
+                     for i, s in zip(ok.tolist(), m.score[ok].tolist(), strict=True)]
+            rows = [(a, i, b, j, s) for i, j, s in pairs] if a in hps else []  # a's latents: where they go
+            rows += [(b, j, a, i, s) for i, j, s in pairs] if b in hps else []  # b's: where they come from
             db.executemany("INSERT INTO matches VALUES (?,?,?,?,?)", rows)
             added["matches"] += len(rows)
         for name in ("report.json", "geometry.json", "absorption.json"):
@@ -337,6 +340,13 @@ def add_analyses(atlas_path: str | Path, run=None) -> dict:
                     db.executemany("UPDATE features SET lobe = ? WHERE hookpoint = ? AND latent = ?",
                                    [(int(x), h, j) for j, x in enumerate(labels)])
                     added["lobe"] += len(labels)
+                multidim = (entry.get("geometry") or {}).get("multidim")
+                if isinstance(multidim, list):  # multi-dimensional clusters, best first
+                    db.execute("UPDATE features SET cluster = NULL WHERE hookpoint = ?", (h,))
+                    rows = [(r, h, int(j)) for r, c in enumerate(multidim) if isinstance(c, dict)
+                            for j in c.get("latents", [])]
+                    db.executemany("UPDATE features SET cluster = ? WHERE hookpoint = ? AND latent = ?", rows)
+                    added["cluster"] += len(rows)
                 absorbing = (entry.get("absorption") or {}).get("absorbing_latents")
                 if isinstance(absorbing, dict):
                     by_latent: dict[int, list[str]] = {}
@@ -375,6 +385,7 @@ class Card:
     cooccurrence: "object"  # DataFrame: latent, jaccard, label (latents firing on the same tokens)
     matches: "object" = None  # DataFrame: other_hookpoint, other_latent, score (after add_analyses)
     lobe: int | None = None  # geometry co-occurrence lobe (after add_analyses)
+    cluster: int | None = None  # multi-dimensional feature cluster, 0 = best scored (after add_analyses)
     absorbs: str | None = None  # letters this latent absorbs (after add_analyses)
 
     def to_dict(self) -> dict:
@@ -488,8 +499,9 @@ class Atlas:
         if self._has_table("matches"):
             card.matches = self._df("SELECT other_hookpoint, other_latent, score FROM matches WHERE hookpoint = ? "
                                     "AND latent = ? ORDER BY other_hookpoint", (h, int(latent)))
-            card.lobe, card.absorbs = self.db.execute("SELECT lobe, absorbs FROM features WHERE hookpoint = ? AND "
-                                                      "latent = ?", (h, int(latent))).fetchone()
+            card.lobe, card.cluster, card.absorbs = self.db.execute(
+                "SELECT lobe, cluster, absorbs FROM features WHERE hookpoint = ? AND latent = ?", (h, int(latent))
+            ).fetchone()
         return card
 
     def _has_table(self, name: str) -> bool:

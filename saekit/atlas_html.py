@@ -77,7 +77,8 @@ def render_card(atlas: Atlas, latent: int, hookpoint: str | None = None, root: s
         return [c.hookpoint] * len(df)
 
     score = "" if c.label_score is None else f" (score {c.label_score:.3f})"
-    extra = "".join(f", {name} {_e(v)}" for name, v in (("lobe", c.lobe), ("absorbs", c.absorbs)) if v is not None)
+    tags = (("lobe", c.lobe), ("cluster", c.cluster), ("absorbs", c.absorbs))
+    extra = "".join(f", {name} {_e(v)}" for name, v in tags if v is not None)
     charts = _bars(c.hist, 0.0, c.max_act, "activations when firing")
     if c.logit_hist:
         lh = c.logit_hist

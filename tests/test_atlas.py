@@ -129,14 +129,20 @@ def test_add_analyses_without_rebuild(planted, tmp_path):
     (run.analysis_dir / "matches").mkdir()
     Match(torch.tensor([3, 2, 1, 0, -1, -1, -1, -1]), torch.tensor([0.9, 0.8, 0.7, 0.6] + [float("nan")] * 4), M,
           "decoder", "exact").save(run.analysis_dir / "matches" / f"{HOOK}__{other}.json")
-    run.write_json("analysis/report.json", {HOOK: {"geometry": {"lobes": {"labels": [0, 0, 1, 1, -1, -1, -1, -1]}},
+    below = "blocks.-1.hook_resid_post"  # a layer before the atlas's: its matches arrive at HOOK
+    Match(torch.tensor([0, -1, -1, -1, -1, -1, -1, -1]), torch.tensor([0.5] + [float("nan")] * 7), M,
+          "decoder", "exact").save(run.analysis_dir / "matches" / f"{below}__{HOOK}.json")
+    run.write_json("analysis/report.json", {HOOK: {"geometry": {"lobes": {"labels": [0, 0, 1, 1, -1, -1, -1, -1]},
+                                                                "multidim": [{"latents": [2, 3]}, {"latents": [0]}]},
                                                    "absorption": {"absorbing_latents": {"k": [0], "q": [1, 0]}}}})
-    assert add_analyses(copy, run) == {"matches": 4, "lobe": M, "absorbs": 2}
+    assert add_analyses(copy, run) == {"matches": 5, "lobe": M, "cluster": 3, "absorbs": 2}
     card = Atlas.open(copy).card(0)
-    assert card.matches.to_dict("records") == [{"other_hookpoint": other, "other_latent": 3,
-                                                "score": pytest.approx(0.9)}]
-    assert card.lobe == 0 and card.absorbs == "k,q"
-    assert add_analyses(copy, run)["matches"] == 4  # again: replaced, not added twice
+    assert card.matches.sort_values("other_hookpoint").to_dict("records") == [
+        {"other_hookpoint": below, "other_latent": 0, "score": pytest.approx(0.5)},
+        {"other_hookpoint": other, "other_latent": 3, "score": pytest.approx(0.9)}]
+    assert card.lobe == 0 and card.absorbs == "k,q" and card.cluster == 1
+    assert Atlas.open(copy).card(3).cluster == 0 and Atlas.open(copy).card(5).cluster is None
+    assert add_analyses(copy, run)["matches"] == 5  # again: replaced, not added twice
     assert len(Atlas.open(copy).card(1).matches) == 1
 
 
