@@ -113,7 +113,9 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     t0 = time.perf_counter()
     sae = run.sae(h)
     m = sae.n_latents
-    codes = encode_all(sae, run.activations(h, split), max_tokens)
+    total = min(run.cache(split).n_tokens, max_tokens or math.inf)
+    codes = encode_all(sae, run.activations(h, split), max_tokens, progress=None if quiet else f"atlas {h}",
+                       total=total)
     n = codes.n_tokens
     ctx, pos, tok = (rows[f][:n].long() for f in ("_context", "_position", "_token"))
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import sparse as sp
+from tqdm.auto import tqdm
 
 from saekit.activations import Activations, batches
 from saekit.errors import SaekitError
@@ -18,11 +19,15 @@ BATCH = 4096
 
 @torch.no_grad()
 def encode_batches(sae: SAE, activations: Activations, max_tokens: int | None = None,
-                   batch_size: int = BATCH) -> Iterator[SparseCode]:
-    """`sae`'s codes of `activations` (a tensor or a stream of batches), batch by batch, on CPU."""
-    for x in batches(activations, sae.d_in, batch_size, max_tokens):
-        vals, idx = sae.encode(x.to(sae.W_enc.device))
-        yield SparseCode(vals.float().cpu(), idx.cpu())
+                   batch_size: int = BATCH, progress: str | None = None, total: int | None = None
+                   ) -> Iterator[SparseCode]:
+    """`sae`'s codes of `activations` (a tensor or a stream of batches), batch by batch, on CPU;
+    with `progress`, a progress bar of that name over `total` tokens."""
+    with tqdm(total=total, disable=progress is None, desc=progress, unit="tok", unit_scale=True) as bar:
+        for x in batches(activations, sae.d_in, batch_size, max_tokens):
+            vals, idx = sae.encode(x.to(sae.W_enc.device))
+            bar.update(len(x))
+            yield SparseCode(vals.float().cpu(), idx.cpu())
 
 
 @dataclass
@@ -73,9 +78,10 @@ class Codes:
         return mu.numpy(), var.clamp_min(0).sqrt().numpy()
 
 
-def encode_all(sae: SAE, activations: Activations, max_tokens: int | None = None, batch_size: int = BATCH) -> Codes:
-    """`sae`'s codes on every row of `activations`, held as one `Codes`."""
-    parts = list(encode_batches(sae, activations, max_tokens, batch_size))
+def encode_all(sae: SAE, activations: Activations, max_tokens: int | None = None, batch_size: int = BATCH,
+               progress: str | None = None, total: int | None = None) -> Codes:
+    """`sae`'s codes on every row of `activations`, held as one `Codes` (progress: as `encode_batches`)."""
+    parts = list(encode_batches(sae, activations, max_tokens, batch_size, progress, total))
     if not parts:
         raise SaekitError("no activations to encode: the activation stream is empty")
     width = max(v.shape[1] for v, _ in parts)  # BatchTopK rows have different widths
