@@ -263,7 +263,7 @@ _EMPTY = "no activations were produced: the dataset yielded no usable tokens"
 
 def resume_point(path: str | Path, part: int | None = None, meta: dict | None = None) -> int:
     """How many input chunks a partly built cache at `path` (or its part `part`) already holds:
-    0 if none, or if its manifest disagrees with any key of `meta` (a part of another split)."""
+    0 if none, or if its manifest disagrees with any key of `meta` (then the caller starts afresh)."""
     try:
         manifest = _read_manifest(_manifest_file(Path(path), part))
     except SaekitError:
