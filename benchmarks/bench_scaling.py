@@ -18,6 +18,8 @@ the last step: the harvest, start-up, warm-up, the final save and the evaluation
 speedup = (time with 1 process) / (time with 2 processes) for the same
 work, i.e. the ratio of wall-clock times, equal to (steps/s of 2) / (steps/s of 1): 1.0 means
 splitting the two cores over processes gains nothing over threads, 2.0 would be perfect scaling.
+The environment is passed on: e.g. SAEKIT_ENCODER=fp32 fixes the CPU encoder's precision, which
+"auto" otherwise picks by timing in every process (at 1 and at 2 threads it may pick differently).
 
     python3 benchmarks/bench_scaling.py                 # the measurement (a quiet machine: minutes)
     python3 benchmarks/bench_scaling.py --quick         # a smoke test: tiny runs, numbers meaningless
@@ -82,11 +84,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.warmup < 1:
         ap.error("--warmup must be >= 1 (the rate is taken between two logged steps)")
-    # the first command would pay for cold files (the dequantised model, bytecode): load once before
-    subprocess.run([sys.executable, "-c", "from saekit.model import load_model; load_model()"], check=True,
-                   env=command(1, [])[1], cwd=ROOT, capture_output=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
+        # a tiny harvest first: the measured commands find the files warm (model, corpus, bytecode)
+        run(1, ["cache", str(CONFIG), *QUICK, "--cache_dir", str(work / "warm-up"), "--quiet"])
         extra = QUICK if a.quick else []
         rows = []
         for name, cfg_args, variants in [("default", [], [(1, []), (2, [])]),

@@ -235,12 +235,13 @@ def test_cache_harvested_by_two_processes_equals_one_and_is_read_by_any_number(t
     for split in ("train", "val"):
         a, b = one[split], two[split]
         assert {s["file"].split("_")[1] for s in b.manifest["shards"]} == {"r0", "r1"}
-        assert all(torch.equal(a.rows()[k], b.rows()[k]) for k in a.rows())
+        rows_a, rows_b = a.rows(), b.rows()
+        assert all(torch.equal(rows_a[k], rows_b[k]) for k in rows_a)
         torch.testing.assert_close(a.tensor(HOOKS[1]), b.tensor(HOOKS[1]), rtol=1e-4, atol=1e-4)
 
     cache, n = two["train"], two["train"].n_tokens
-    batch_size = next(b for b in range(n // 8, n + 1) if n % b == 0)  # an epoch drops no rows
-    rows = two["train"].rows()
+    batch_size = next(size for size in range(n // 8, n + 1) if n % size == 0)  # an epoch drops no rows
+    rows = cache.rows()
     index = {(int(c), int(p)): i for i, (c, p) in enumerate(zip(rows["_context"], rows["_position"], strict=True))}
     sums = cache.tensor(HOOKS[1]).sum(1)
     for world in (1, 3):
