@@ -1,12 +1,13 @@
 """Scaling over processes on one machine: training from finished caches, and the harvest.
 
 On a 2-core machine the fair comparison is one process using both cores (2 intra-op threads)
-against two processes with one core each (`torchrun --nproc_per_node 2`, 1 thread each): the
-same cores, split by torch threads or by processes. Every variant runs the real CLI in
-subprocesses:
+against two processes with one core each (`torchrun --standalone --nproc_per_node 2`, run as
+`python -m torch.distributed.run`, 1 thread each): the same cores, split by torch threads or by
+processes. Every variant runs the real CLI in subprocesses:
   default      configs/default.yaml (one hookpoint): 1 process, 2 processes data parallel
   3 hookpoints blocks.2/4/6 resid_post of the same model, fewer tokens: 1 process,
-               2 processes data parallel, 2 processes with shard_hookpoints (the first trains two SAEs, the second one)
+               2 processes data parallel, 2 processes with shard_hookpoints (the first process
+               trains two SAEs, the second one)
   harvest      `saekit cache` into an empty cache_dir: 1 process harvesting every context, or 2
                each harvesting its own half (one model forward per process on its own tokens);
                the time of the same command on the finished cache (start-up, model load,
@@ -15,9 +16,9 @@ subprocesses:
 Training steps/s come from the run's metrics.jsonl (logged every step: step s has taken
 s * batch_size / tokens_per_s seconds since the first step began), between step `--warmup` and
 the last step: the harvest, start-up, warm-up, the final save and the evaluation are excluded.
-speedup = (time with 1 process) / (time with 2 processes) for the same
-work, i.e. the ratio of wall-clock times, equal to (steps/s of 2) / (steps/s of 1): 1.0 means
-splitting the two cores over processes gains nothing over threads, 2.0 would be perfect scaling.
+speedup = (time with 1 process) / (time with 2 processes) for the same work, i.e. the ratio of
+wall-clock times, equal to (steps/s of 2) / (steps/s of 1): 1.0 means splitting the two cores over
+processes gains nothing over threads, 2.0 would be perfect scaling.
 The environment is passed on: e.g. SAEKIT_ENCODER=fp32 fixes the CPU encoder's precision, which
 "auto" otherwise picks by timing in every process (at 1 and at 2 threads it may pick differently).
 
@@ -47,16 +48,11 @@ QUICK = ["--n_tokens", "6000", "--val_tokens", "600", "--ctx_len", "64", "--epoc
 COMMON = ["--checkpoint_every", "1000000", "--log_every", "1", "--eval_contexts", "2", "--quiet"]
 
 
-def command(procs: int, args: list[str]) -> tuple[list[str], dict]:
-    """The saekit CLI with `args` in 1 process (2 threads) or under torchrun (2 x 1 thread)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
-    launch = [sys.executable, "-m", "saekit.cli"] if procs == 1 else [*torchrun, "-m", "saekit.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(2 // procs), "PYTHONPATH": str(ROOT)}
-    return launch + args, env
-
-
 def run(procs: int, args: list[str]) -> float:
-    cmd, env = command(procs, args)
+    """Wall seconds of the saekit CLI with `args` in 1 process (2 threads) or under torchrun (2 x 1 thread)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    cmd = [*([sys.executable] if procs == 1 else torchrun), "-m", "saekit.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(2 // procs), "PYTHONPATH": str(ROOT)}
     print("$ OMP_NUM_THREADS=%d %s" % (2 // procs, shlex.join(cmd)), flush=True)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
