@@ -3,7 +3,8 @@
 A cache is a folder of safetensors shards (one tensor per hookpoint, `[tokens, d]`, and the
 int32 row fields `ROWS`: which context, position and token each row is) and a `manifest.json`
 with the model, hookpoints, dims, dtype, token counts and a sha256 per shard. Building is
-resumable shard by shard; reading verifies checksums. The batch order is
+resumable shard by shard, and may be split over processes: each writes its own part (shards and
+progress), then one manifest ties the parts together. Reading verifies checksums. The batch order is
 a pure function of (seed, step), so a resumed run sees exactly the batches it had not seen.
 """
 
@@ -59,17 +60,7 @@ class ActivationCache:
     @classmethod
     def open(cls, path: str | Path, complete: bool = True) -> "ActivationCache":
         path = Path(path)
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (FileNotFoundError, NotADirectoryError):
-            raise SaekitError(f"{path} is not an activation cache (no {MANIFEST})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SaekitError(f"{path / MANIFEST} is corrupt: {e}; delete {path} to rebuild") from None
-        except OSError as e:
-            raise SaekitError(f"{path / MANIFEST} cannot be read: {e}") from None
-        problem = _manifest_problem(manifest)
-        if problem:
-            raise SaekitError(f"{path / MANIFEST} is corrupt: {problem}; delete {path} to rebuild")
+        manifest = _read_manifest(path / MANIFEST)
         if complete and not manifest.get("complete"):
             raise SaekitError(f"activation cache {path} is incomplete; rerun `saekit cache` to finish it")
         return cls(path, manifest)
@@ -151,6 +142,26 @@ class ActivationCache:
         return torch.cat(parts)[:max_tokens]
 
 
+def _read_manifest(file: Path) -> dict:
+    """A cache's manifest (or a part's), checked to be sound."""
+    try:
+        manifest = json.loads(file.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        raise SaekitError(f"{file.parent} is not an activation cache (no {file.name})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SaekitError(f"{file} is corrupt: {e}; delete {file.parent} to rebuild") from None
+    except OSError as e:
+        raise SaekitError(f"{file} cannot be read: {e}") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise SaekitError(f"{file} is corrupt: {problem}; delete {file.parent} to rebuild")
+    return manifest
+
+
+def _manifest_file(path: Path, part: int | None) -> Path:
+    return path / (MANIFEST if part is None else f"part_r{part}.json")
+
+
 def _rows_sha256(rows: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(b"".join(rows[h].numpy().tobytes() for h in ROWS)).hexdigest()
 
@@ -177,7 +188,7 @@ def _manifest_problem(m) -> str | None:
         return f"'rows' must be {list(ROWS)} and every shard must have its 'rows_sha256'"
     if not count(m.get("chunks_done", 0), 0) or not isinstance(m.get("complete", False), bool):
         return "'chunks_done' must be a count and 'complete' true or false"
-    if m.get("complete") and not (shards and hps):
+    if m.get("complete") and not (shards and hps) and "part" not in m:  # a process's part may be empty
         return "a complete cache must list its hookpoints and shards"
     return None
 
@@ -189,21 +200,27 @@ def build_cache(
     shard_tokens: int = 65_536,
     dtype: str = "float32",
     chunks_done: int = 0,
+    part: int | None = None,
 ) -> ActivationCache:
     """Write `chunks` (each `{hookpoint: [n, d]}`, optionally with the row fields `ROWS`, `[n]`
     each) into shards of about `shard_tokens`.
 
     `meta` (model, dataset, ...) goes into the manifest. A partly built cache is continued:
     the manifest records how many chunks were consumed, and the caller passes an iterator
-    that starts at `chunks_done` (see `resume_point`).
+    that starts at `chunks_done` (see `resume_point`; 0 starts afresh). With `part`, this is
+    process `part`'s share of a cache built by several: its own shards (`shard_r{part}_*`) and
+    progress (`part_r{part}.json`, the part's manifest; the part may be empty), which
+    `merge_parts` ties into the cache's manifest.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    manifest_file = path / MANIFEST
-    if manifest_file.exists():
-        manifest = ActivationCache.open(path, complete=False).manifest
+    manifest_file = _manifest_file(path, part)
+    if chunks_done:
+        manifest = _read_manifest(manifest_file)
     else:
         manifest = {**meta, "dtype": dtype, "hookpoints": {}, "shards": [], "chunks_done": 0, "complete": False}
+        if part is not None:
+            manifest["part"] = part
     buf: dict[str, list[torch.Tensor]] = {}
     n_buf, n_chunks = 0, chunks_done
 
@@ -216,7 +233,7 @@ def build_cache(
         for h, t in tensors.items():
             manifest["hookpoints"].setdefault(h, {"d": t.shape[1]})
         blob = save_bytes(tensors | rows)
-        name = f"shard_{len(manifest['shards']):05d}.safetensors"
+        name = f"shard{'' if part is None else f'_r{part}'}_{len(manifest['shards']):05d}.safetensors"
         atomic_write(path / name, lambda p: p.write_bytes(blob))
         shard = {"file": name, "n_tokens": n_buf, "sha256": hashlib.sha256(blob).hexdigest()}
         if rows:
@@ -234,19 +251,47 @@ def build_cache(
         if n_buf >= shard_tokens:
             flush()
     flush()
-    if not manifest["shards"]:
-        raise SaekitError("no activations were produced: the dataset yielded no usable tokens")
+    if not manifest["shards"] and part is None:
+        raise SaekitError(_EMPTY)
     manifest["complete"] = True
     atomic_write(manifest_file, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     return ActivationCache(path, manifest)
 
 
-def resume_point(path: str | Path) -> int:
-    """How many input chunks a partly built cache at `path` already holds (0 if none)."""
+_EMPTY = "no activations were produced: the dataset yielded no usable tokens"
+
+
+def resume_point(path: str | Path, part: int | None = None, meta: dict | None = None) -> int:
+    """How many input chunks a partly built cache at `path` (or its part `part`) already holds:
+    0 if none, or if its manifest disagrees with any key of `meta` (then the caller starts afresh)."""
     try:
-        return ActivationCache.open(path, complete=False).manifest.get("chunks_done", 0)
+        manifest = _read_manifest(_manifest_file(Path(path), part))
     except SaekitError:
         return 0
+    return manifest.get("chunks_done", 0) if all(manifest.get(k) == v for k, v in (meta or {}).items()) else 0
+
+
+def merge_parts(path: str | Path, parts: int, meta: dict) -> ActivationCache:
+    """The cache whose rows are those of the finished parts `0 .. parts-1` (`build_cache(part=...)`)
+    in part order: its manifest lists their shards, with `meta` (model, dataset, ...)."""
+    path, manifests = Path(path), []
+    for r in range(parts):
+        file = _manifest_file(path, r)
+        if not file.exists():
+            raise SaekitError(f"activation cache {path} lacks {file.name}, the part of process {r}; with several "
+                              "nodes, cache_dir must be on a file system every node shares")
+        manifests.append(_read_manifest(file))
+        if not manifests[-1]["complete"]:
+            raise SaekitError(f"{file} is incomplete: process {r} has not finished its part of the harvest")
+    built = [m for m in manifests if m["shards"]]
+    if not built:
+        raise SaekitError(_EMPTY)
+    manifest = {**meta, "dtype": built[0]["dtype"], "hookpoints": built[0]["hookpoints"],
+                "shards": [s for m in built for s in m["shards"]], "complete": True}
+    if all("rows" in m for m in built):
+        manifest["rows"] = list(ROWS)
+    atomic_write(path / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    return ActivationCache(path, manifest)
 
 
 class ShuffledBatches:

@@ -39,11 +39,18 @@ def _train(args, extra):
 
 
 def _cache(args, extra):
+    from saekit import distributed
     from saekit.config import TrainConfig, make_config
     from saekit.pipeline import prepare
 
-    _, _, caches = prepare(make_config(TrainConfig, _values(extra)), quiet=args.quiet)
-    for split, c in caches.items():
+    cfg = make_config(TrainConfig, _values(extra))
+    distributed.init_from_env(cfg.device)
+    try:  # under torchrun every process harvests its own contexts
+        _, _, caches = prepare(cfg, quiet=args.quiet or not distributed.is_main())
+        main = distributed.is_main()
+    finally:
+        distributed.leave()
+    for split, c in caches.items() if main else ():
         print(f"{split}: {c.path} ({c.n_tokens:,} tokens, hookpoints {', '.join(c.hookpoints)})")
 
 

@@ -47,8 +47,8 @@ def init_from_env(device: str = "auto") -> bool:
     cuda = resolve_device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    # The others wait while the main process harvests or evaluates: allow that much longer than
-    # torch's default before a collective gives up.
+    # The others wait while the main process evaluates, and all wait for the slowest harvester:
+    # allow that much longer than torch's default before a collective gives up.
     minutes = float(os.environ.get("SAEKIT_DIST_TIMEOUT_MIN", 120))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=minutes))
     return True
@@ -156,6 +156,28 @@ def main_first(fn):
         raise error
     if message is not None:
         raise SaekitError(f"the main process stopped: {message}")
+    return result
+
+
+def together(fn):
+    """`fn()` on every process, returning its result; a SaekitError raised on any process is raised
+    on all once every one has finished, so none is left waiting."""
+    result, error = None, None
+    try:
+        result = fn()
+    except SaekitError as e:
+        if not active():
+            raise
+        error = e
+    if not active():
+        return result
+    messages = [None] * world()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    if error is not None:
+        raise error
+    failed = next(((r, m) for r, m in enumerate(messages) if m is not None), None)
+    if failed is not None:
+        raise SaekitError(f"process {failed[0]} stopped: {failed[1]}")
     return result
 
 

@@ -12,7 +12,7 @@ import torch
 from saekit import data
 from saekit import distributed as dist
 from saekit import model as lm
-from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_path, resume_point
+from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_path, merge_parts, resume_point
 from saekit.config import TrainConfig
 from saekit.errors import SaekitError
 from saekit.evaluate import downstream_metrics, reconstruction_metrics
@@ -35,21 +35,33 @@ def contexts(cfg: TrainConfig, tokenizer) -> dict[str, tuple[torch.Tensor, torch
 
 
 def activation_cache(cfg: TrainConfig, model, split: str, tokens, mask, quiet: bool = False) -> ActivationCache:
-    """The cached activations of one split, harvested now if no finished cache exists."""
+    """The cached activations of one split, harvested now if no finished cache exists.
+
+    Every process (of a process group, or the only one) harvests its own contiguous slice of the
+    contexts into its own part of the cache, continuing the part a killed harvest left; the main
+    process then ties the parts together in context order. The cache holds the same rows in the
+    same order at any number of processes, and any number can read it."""
     path = cache_path(cfg, split)
     try:
-        return ActivationCache.open(path)
+        cache = ActivationCache.open(path)
     except SaekitError:
-        pass
-    done = resume_point(path)
-    start, b = done * cfg.harvest_batch, cfg.harvest_batch
-    acts = lm.harvest(model, tokens[start:], mask[start:], cfg.hookpoints, batch_size=b, progress=not quiet,
-                      desc=f"harvest {split}")
-    firsts = range(start, len(tokens), b)
-    chunks = ({**a, **row_fields(tokens[s : s + b], mask[s : s + b], s)} for a, s in zip(acts, firsts, strict=True))
+        cache = None
+    if dist.broadcast_object(cache is not None):  # the main process's view: all harvest, or none
+        return cache or ActivationCache.open(path)
+    r, world, b = dist.rank(), dist.world(), cfg.harvest_batch
+    lo, hi = len(tokens) * r // world, len(tokens) * (r + 1) // world
+    share = {"contexts": [lo, hi], "harvest_batch": b}  # a part of other bounds or batches starts afresh
+    done = resume_point(path, r, share)
+    start = lo + done * b
+    toks, m = tokens[start:hi], mask[start:hi]
+    acts = lm.harvest(model, toks, m, cfg.hookpoints, batch_size=b, progress=not quiet, desc=f"harvest {split}")
+    firsts = range(0, len(toks), b)
+    chunks = ({**a, **row_fields(toks[s : s + b], m[s : s + b], start + s)} for a, s in zip(acts, firsts, strict=True))
+    dist.together(lambda: build_cache(path, chunks, share, chunks_done=done, part=r))
     meta = {"model": cfg.model, "dataset": cfg.dataset, "split": split, "ctx_len": cfg.ctx_len, "seed": cfg.seed,
-            "n_contexts": len(tokens)}
-    return build_cache(path, chunks, meta, chunks_done=done)
+            "n_contexts": len(tokens), "processes": world}
+    dist.main_first(lambda: merge_parts(path, world, meta))
+    return ActivationCache.open(path)
 
 
 def row_fields(tokens: torch.Tensor, mask: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
@@ -60,7 +72,8 @@ def row_fields(tokens: torch.Tensor, mask: torch.Tensor, first: int) -> dict[str
 
 
 def prepare(cfg: TrainConfig, quiet: bool = False):
-    """Load the model, check hookpoints, and make sure both activation caches exist."""
+    """Load the model, check hookpoints, and make sure both activation caches exist (in a process
+    group, every process calls this and harvests its share)."""
     device = resolve_device(cfg.device)
     model = lm.load_model(cfg.model, device=str(device))
     lm.check_hookpoints(model, cfg.hookpoints)
@@ -86,28 +99,23 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
 
     Under torchrun (WORLD_SIZE/RANK in the environment) or in an initialised process group, the
     processes train together: data parallel (every process takes a slice of each global batch),
-    or with `shard_hookpoints` each process its own hookpoints. The main process harvests the
-    caches, writes the run folder and evaluates; the others wait for it."""
+    or with `shard_hookpoints` each process its own hookpoints. Missing caches are harvested by all
+    processes, each its own contexts (the model is loaded only then); the main process writes the
+    run folder and evaluates while the others wait."""
     dist.init_from_env(cfg.device)
     main = dist.is_main()
     run = Run.for_resume(cfg.out, asdict(cfg)) if resume else None
     cfg = run.config if run else cfg
     quiet = quiet or not main
 
-    def caches_on_main():
-        nonlocal model, ctx
-        caches = finished_caches(cfg)
-        if caches is None:
-            model, ctx, caches = prepare(cfg, quiet)
-        return caches
-
     model = ctx = None
-    caches = dist.main_first(caches_on_main)
-    if not main:
-        caches = finished_caches(cfg)
-        if caches is None:
-            raise SaekitError(f"the activation caches of {cfg.out} are not readable from process {dist.rank()}; "
-                              "with several nodes, cache_dir must be on a file system every node shares")
+    caches = finished_caches(cfg)
+    if dist.broadcast_object(caches is None):  # the main process's view: all harvest, or none
+        model, ctx, caches = prepare(cfg, quiet)
+        model = model if main else None  # only the main process evaluates
+    elif caches is None:
+        raise SaekitError(f"the activation caches of {cfg.out} are not readable from process {dist.rank()}; "
+                          "with several nodes, cache_dir must be on a file system every node shares")
     sharded = cfg.shard_hookpoints and dist.active()
     hookpoints = cfg.hookpoints[dist.rank() :: dist.world()] if sharded else cfg.hookpoints
     if not hookpoints:

@@ -1,4 +1,5 @@
-"""Data-parallel training over gloo on the CPU: two processes equal one on the same global batches."""
+"""Several processes over gloo on the CPU: data-parallel training equals one process on the same
+global batches; an activation cache harvested by two equals one process's and is read by any number."""
 
 import socket
 
@@ -7,7 +8,10 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from saekit import distributed as dist
-from saekit.config import TrainConfig, make_config
+from saekit import model as lm
+from saekit import pipeline
+from saekit.activations import ActivationCache, ShuffledBatches
+from saekit.config import TrainConfig, load_config, make_config
 from saekit.run import Run
 from saekit.trainer import Trainer, fit
 
@@ -192,3 +196,58 @@ def test_saekit_train_under_torchrun_data_parallel_and_sharded_hookpoints(tiny, 
     assert all((tmp_path / "sh" / h).is_dir() for h in HOOKS)
     metrics = (tmp_path / "sh" / "metrics.jsonl").read_text().splitlines()
     assert all(h in line for h in HOOKS for line in metrics)
+
+
+def _harvest_job(args: list[str]) -> dict:
+    """Both caches harvested by the process group; then the train cache's manifest and the second
+    process's part are lost (killed before its first shard) and the harvest rerun: what each harvests."""
+    cfg = load_config(None, args)
+    model, ctx, caches = pipeline.prepare(cfg, quiet=True)
+    dist.barrier()
+    if dist.is_main():
+        for name in ("manifest.json", "part_r1.json"):
+            (caches["train"].path / name).unlink()
+    dist.barrier()
+    harvested, real = [], lm.harvest
+    lm.harvest = lambda model, tokens, *a, **k: harvested.append(len(tokens)) or real(model, tokens, *a, **k)
+    pipeline.activation_cache(cfg, model, "train", *ctx["train"], quiet=True)
+    return {"harvested": harvested}
+
+
+def _read_job(path: str, batch_size: int) -> dict:
+    """The rows this process trains on over an epoch (its slice of every global batch), and the
+    per-row sums of their activations."""
+    cache = ActivationCache.open(path)
+    batches = ShuffledBatches(cache, [HOOKS[1], "_context", "_position"], batch_size, 0, 2000)
+    parts = [{k: dist.shard(t) for k, t in b.items()} for b in batches.batches()]
+    return {"rows": torch.cat([torch.stack([p["_context"], p["_position"]], 1) for p in parts]),
+            "sums": torch.cat([p[HOOKS[1]].sum(1) for p in parts])}
+
+
+def test_cache_harvested_by_two_processes_equals_one_and_is_read_by_any_number(tiny, tmp_path):
+    args = [*tiny, "--n_tokens", "2000", "--val_tokens", "300"]
+    one = pipeline.prepare(load_config(None, [*args, "--cache_dir", str(tmp_path / "one")]), quiet=True)[2]
+    two_args = [*args, "--cache_dir", str(tmp_path / "two")]
+    harvested = [r["harvested"] for r in spawn(_harvest_job, (two_args,), tmp_path)]
+    n_contexts = one["train"].manifest["n_contexts"]
+    assert harvested == [[0], [n_contexts - n_contexts // 2]]  # only the lost part is harvested again
+    two = pipeline.finished_caches(load_config(None, two_args))
+    for split in ("train", "val"):
+        a, b = one[split], two[split]
+        assert {s["file"].split("_")[1] for s in b.manifest["shards"]} == {"r0", "r1"}
+        rows_a, rows_b = a.rows(), b.rows()
+        assert all(torch.equal(rows_a[k], rows_b[k]) for k in rows_a)
+        torch.testing.assert_close(a.tensor(HOOKS[1]), b.tensor(HOOKS[1]), rtol=1e-4, atol=1e-4)
+
+    cache, n = two["train"], two["train"].n_tokens
+    batch_size = next(size for size in range(n // 8, n + 1) if n % size == 0)  # an epoch drops no rows
+    rows = cache.rows()
+    index = {(int(c), int(p)): i for i, (c, p) in enumerate(zip(rows["_context"], rows["_position"], strict=True))}
+    sums = cache.tensor(HOOKS[1]).sum(1)
+    for world in (1, 3):
+        parts = [_read_job(str(cache.path), batch_size)] if world == 1 else \
+            spawn(_read_job, (str(cache.path), batch_size), tmp_path, world)
+        got = torch.cat([p["rows"] for p in parts])
+        ids = torch.tensor([index[(int(c), int(p))] for c, p in got])
+        assert sorted(ids.tolist()) == list(range(n))  # every row of the cache once
+        torch.testing.assert_close(torch.cat([p["sums"] for p in parts]), sums[ids])

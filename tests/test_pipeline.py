@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saekit import cli, pipeline
-from saekit.activations import build_cache, resume_point
+from saekit.activations import ActivationCache, build_cache, merge_parts, resume_point
 from saekit.config import load_config
 from saekit.errors import SaekitError
 from saekit.sae import SAE
@@ -135,3 +135,21 @@ def test_interrupted_harvest_continues(tmp_path):
     assert done == 6  # two full shards were written before the kill
     cache = build_cache(tmp_path / "c", iter(chunks[done:]), {}, shard_tokens=30, chunks_done=done)
     assert torch.equal(cache.tensor("h")[:, 0], torch.arange(9).repeat_interleave(10).float())
+
+    # the same chunks split over two processes' parts, the second killed and continued
+    build_cache(tmp_path / "p", iter(chunks[:4]), {"contexts": [0, 4]}, shard_tokens=30, part=0)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(tmp_path / "p", (c for i, c in enumerate(dies_after(7)) if i >= 4), {"contexts": [4, 9]},
+                    shard_tokens=30, part=1)
+    assert resume_point(tmp_path / "p", 1, {"contexts": [4, 9]}) == 3
+    assert resume_point(tmp_path / "p", 1, {"contexts": [5, 9]}) == 0  # another split of the contexts
+    with pytest.raises(SaekitError, match="part_r1.json is incomplete"):
+        merge_parts(tmp_path / "p", 2, {})
+    build_cache(tmp_path / "p", iter(chunks[7:]), {}, shard_tokens=30, chunks_done=3, part=1)
+    merged = merge_parts(tmp_path / "p", 2, {"model": "m"})
+    assert [s["file"] for s in merged.manifest["shards"]] == [
+        "shard_r0_00000.safetensors", "shard_r0_00001.safetensors", "shard_r1_00000.safetensors",
+        "shard_r1_00001.safetensors"]
+    assert torch.equal(ActivationCache.open(tmp_path / "p").tensor("h"), cache.tensor("h"))
+    with pytest.raises(SaekitError, match="lacks part_r2.json, the part of process 2"):
+        merge_parts(tmp_path / "p", 3, {})
