@@ -86,21 +86,27 @@ def _label(peaks: np.ndarray, freq: np.ndarray, n_rows: int) -> tuple[int, float
     return int(toks[gain.argmax()]), float(gain.max())
 
 
-def _cooccurrence_neighbours(codes, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cooccurrence_neighbours(codes, n: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each latent's `n` most co-firing latents by Jaccard overlap of their firing tokens:
     (latent, other, jaccard) arrays, best first per latent. From the sparse product FᵀF of the
-    [tokens, latents] firing matrix (never dense)."""
-    F = codes.fires().astype(np.float32).tocsc()
-    C = (F.T @ F).tocoo()
+    [tokens, latents] firing matrix (never dense), `block` latents' rows at a time (memory at most
+    block x latents entries)."""
+    F = codes.fires().astype(np.float32).tocsr()
+    Ft = F.T.tocsr()
     fires = np.asarray(F.sum(0)).ravel()
-    off = C.row != C.col
-    i, j, both = C.row[off], C.col[off], C.data[off]
-    jac = both / (fires[i] + fires[j] - both)
-    o = torch.argsort(torch.from_numpy(2.0 * i - jac)).numpy()  # jaccard in (0, 1]: by latent, then best first
-    i, j, jac = i[o], j[o], jac[o]
-    _, rank = _segments(torch.from_numpy(i.astype(np.int64)), codes.n_latents)
-    keep = (rank < n).numpy()
-    return i[keep], j[keep], jac[keep]
+    out = []
+    for a in range(0, codes.n_latents, block):
+        C = (Ft[a : a + block] @ F).tocoo()
+        i, j, both = C.row + a, C.col, C.data
+        off = i != j
+        i, j, both = i[off], j[off], both[off]
+        jac = both / (fires[i] + fires[j] - both)
+        o = torch.argsort(torch.from_numpy(2.0 * i - jac)).numpy()  # jaccard in (0, 1]: by latent, then best first
+        i, j, jac = i[o], j[o], jac[o]
+        _, rank = _segments(torch.from_numpy(i.astype(np.int64)), codes.n_latents)
+        keep = (rank < n).numpy()
+        out.append((i[keep], j[keep], jac[keep]))
+    return tuple(np.concatenate(x) for x in zip(*out, strict=True))
 
 
 @torch.no_grad()
