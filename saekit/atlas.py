@@ -86,9 +86,9 @@ def _label(peaks: np.ndarray, freq: np.ndarray, n_rows: int) -> tuple[int, float
     return int(toks[gain.argmax()]), float(gain.max())
 
 
-def _cooccurrence_neighbours(codes, n: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cooccurrence_neighbours(codes, n: int, block: int = 2048) -> tuple[np.ndarray, ...]:
     """Each latent's `n` most co-firing latents by Jaccard overlap of their firing tokens:
-    (latent, other, jaccard) arrays, best first per latent. From the sparse product FᵀF of the
+    (latent, rank, other, jaccard) arrays, best first per latent. From the sparse product FᵀF of the
     [tokens, latents] firing matrix (never dense), `block` latents' rows at a time (memory at most
     block x latents entries)."""
     F = codes.fires().astype(np.float32).tocsr()
@@ -105,7 +105,7 @@ def _cooccurrence_neighbours(codes, n: int, block: int = 2048) -> tuple[np.ndarr
         i, j, jac = i[o], j[o], jac[o]
         _, rank = _segments(torch.from_numpy(i.astype(np.int64)), codes.n_latents)
         keep = (rank < n).numpy()
-        out.append((i[keep], j[keep], jac[keep]))
+        out.append((i[keep], rank[keep].numpy(), j[keep], jac[keep]))
     return tuple(np.concatenate(x) for x in zip(*out, strict=True))
 
 
@@ -186,8 +186,12 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     wrow = torch.where(inside, rowmap[ctx[row[ex]].unsqueeze(1), wpos.clamp(0, ctx_len - 1)], -1)
     present = wrow >= 0
     wr = wrow.clamp_min(0)
-    hit = codes.indices[wr] == lat[ex].view(-1, 1, 1)
-    wact = (codes.values[wr] * hit).sum(-1) * present
+    wact = torch.zeros(wr.shape)
+    for a in range(0, len(ex), 16384):  # [examples, window, k] pieces of the codes, a block at a time
+        w = wr[a : a + 16384]
+        hit = codes.indices[w] == lat[ex[a : a + 16384]].view(-1, 1, 1)
+        wact[a : a + 16384] = (codes.values[w] * hit).sum(-1)
+    wact *= present
     wtok = tok[wr]
 
     # logit effects (top, bottom and a histogram over the vocabulary) and decoder neighbours
@@ -213,10 +217,8 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
         cos, ids = top_neighbours(W, N_NEIGHBOURS)
         for j, (cs, js) in enumerate(zip(cos.tolist(), ids.tolist(), strict=True)):
             neigh_rows += [(h, j, "decoder", r, o, c) for r, (o, c) in enumerate(zip(js, cs, strict=True))]
-        ci, cj, cv = _cooccurrence_neighbours(codes, N_NEIGHBOURS)
-        _, crank = _segments(torch.from_numpy(ci.astype(np.int64)), m)
-        neigh_rows += [(h, int(i), "cooccurrence", int(r), int(j), float(v))
-                       for i, r, j, v in zip(ci.tolist(), crank.tolist(), cj.tolist(), cv.tolist(), strict=True)]
+        neigh_rows += [(h, i, "cooccurrence", r, j, v) for i, r, j, v in
+                       zip(*(x.tolist() for x in _cooccurrence_neighbours(codes, N_NEIGHBOURS)), strict=True)]
 
     # write
     ex_rows = []
