@@ -12,6 +12,7 @@ processes. Every variant runs the real CLI in subprocesses:
                each harvesting its own half (one model forward per process on its own tokens);
                the time of the same command on the finished cache (start-up, model load,
                tokenising) is subtracted
+  all-reduce   one gloo all-reduce of the default SAE's gradients over 2 processes
 
 Training steps/s come from the run's metrics.jsonl (logged every step: step s has taken
 s * batch_size / tokens_per_s seconds since the first step began), between step `--warmup` and
@@ -72,7 +73,35 @@ def steps_per_s(out: Path, warmup: int) -> tuple[int, float]:
     return last - warmup, (last - warmup) / (elapsed[last] - elapsed[warmup])
 
 
+def allreduce_ms(n_floats: int) -> float:
+    """Median ms of one gloo all-reduce of `n_floats` floats over 2 processes (1 thread each): the
+    gradient exchange of one data-parallel step."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*torchrun, __file__, "--allreduce-worker", str(n_floats)], env=env, capture_output=True,
+                          text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def _allreduce_worker(n_floats: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    x, times = torch.randn(n_floats), []
+    for _ in range(23):
+        dist.barrier()
+        t = time.perf_counter()
+        dist.all_reduce(x)
+        times.append(time.perf_counter() - t)
+    if dist.get_rank() == 0:
+        print(sorted(times[3:])[10] * 1e3)
+    dist.destroy_process_group()
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--allreduce-worker"]:
+        return _allreduce_worker(int(sys.argv[2]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the rate (default 5)")
     ap.add_argument("--quick", action="store_true", help="tiny runs: a smoke test of the script")
@@ -106,6 +135,9 @@ def main() -> None:
                 single = single or rate
                 rows.append({"variant": f"{name}: train, {label}", "processes x threads": f"{procs} x {2 // procs}",
                              "steps": steps, "steps/s": rate, "seconds": steps / rate, "speedup": rate / single})
+    m, d = 16 * 576, 576  # the default SAE: W_enc, W_dec, b_enc, b_dec
+    print(f"gradient all-reduce of the default SAE ({2 * m * d + m + d:,} floats, gloo, 2 x 1 thread): "
+          f"median {allreduce_ms(2 * m * d + m + d):.1f} ms")
     print(f"\n{md_table(rows)}\n\nspeedup: time with 1 process / time with 2 processes for the same work "
           "(train: the steps after warm-up; harvest: `saekit cache` less its start-up)")
     print(f"command: python3 {shlex.join(sys.argv)}")
