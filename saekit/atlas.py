@@ -428,16 +428,18 @@ class Atlas:
         self._vocab, self._model, self._saes, self._labels = None, None, {}, {}
 
     @classmethod
-    def open(cls, path: str | Path) -> "Atlas":
+    def open(cls, path: str | Path, shared: bool = False) -> "Atlas":
+        """The atlas at `path` (a file or the run folder holding one), read-only. `shared`: usable
+        from several threads, one at a time (the caller holds a lock)."""
         path = Path(path)
         if path.is_dir():
             path = path / ATLAS_FILE
         if not path.is_file():
             raise SaekitError(f"no atlas at {path}; build one with `saekit atlas build RUN`")
         try:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=not shared)
             version = db.execute("SELECT version FROM schema_version").fetchone()
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, ValueError) as e:  # ValueError: text that is not UTF-8
             raise SaekitError(f"{path} is not a saekit atlas ({e}); rebuild it with `saekit atlas build RUN`") from None
         if version is None or version[0] != SCHEMA_VERSION:
             got = None if version is None else version[0]

@@ -153,21 +153,9 @@ def export_html(atlas_path: str | Path, out: str | Path, hookpoint: str | None =
 
 
 class _Handler(BaseHTTPRequestHandler):
-    atlas_path: Path
-    _model = None
-    _model_lock = threading.Lock()
-
-    @classmethod
-    def model(cls):
-        """The atlas's model, loaded once, on the first text query."""
-        with cls._model_lock:
-            if cls._model is None:
-                from saekit.model import load_model
-
-                atlas = Atlas.open(cls.atlas_path)
-                atlas.db.close()
-                cls._model = load_model(atlas.meta["model"])
-            return cls._model
+    atlas: Atlas  # one open atlas for every request (it keeps its vocabulary, SAEs and model), used
+    lock: threading.Lock  # by one request at a time
+    model = None  # answers text queries; None: the atlas's own model, loaded on the first one
 
     def log_message(self, *args):  # quiet
         pass
@@ -183,33 +171,36 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):  # noqa: N802 (http.server's name)
-        atlas = Atlas.open(self.atlas_path)  # one connection per request: sqlite objects stay in their thread
-        try:
-            url = urlparse(self.path)
-            if url.path in ("/", "/index.html"):
-                return self._send(200, render_index(atlas, serve=True))
-            if url.path == "/text.html":
-                q = parse_qs(url.query).get("q", [""])[0]
-                return self._send(200, render_text(atlas, q, self.model()))
-            m = re.fullmatch(r"/feature/([^/]+)/(\d+)\.html", url.path)
-            if m:
-                return self._send(200, render_card(atlas, int(m.group(2)), unquote(m.group(1))))
-            if url.path == "/search.json":
-                q = parse_qs(url.query).get("q", [""])[0]
-                return self._send(200, atlas.search(q).to_json(orient="records"), "application/json")
-            return self._send(404, _page("not found", f"<p>nothing at {_e(url.path)}</p>"))
-        except SaekitError as e:
-            return self._send(400 if url.path == "/text.html" else 404, _page("cannot answer", f"<p>{_e(e)}</p>"))
-        finally:
-            atlas.db.close()
+        url, kind = urlparse(self.path), "text/html; charset=utf-8"
+        with self.lock:
+            try:
+                code, body = 200, self._answer(url)
+                if url.path == "/search.json":
+                    kind = "application/json"
+                elif body is None:
+                    code, body = 404, _page("not found", f"<p>nothing at {_e(url.path)}</p>")
+            except SaekitError as e:
+                code, body = 400 if url.path == "/text.html" else 404, _page("cannot answer", f"<p>{_e(e)}</p>")
+        self._send(code, body, kind)
+
+    def _answer(self, url) -> str | None:
+        """The body for `url` (None: nothing there)."""
+        q = parse_qs(url.query).get("q", [""])[0]
+        if url.path in ("/", "/index.html"):
+            return render_index(self.atlas, serve=True)
+        if url.path == "/text.html":
+            return render_text(self.atlas, q, self.model)
+        if url.path == "/search.json":
+            return self.atlas.search(q).to_json(orient="records")
+        m = re.fullmatch(r"/feature/([^/]+)/(\d+)\.html", url.path)
+        return render_card(self.atlas, int(m.group(2)), unquote(m.group(1))) if m else None
 
 
 def make_server(atlas_path: str | Path, port: int = 8000, model=None) -> ThreadingHTTPServer:
     """A read-only server of the atlas on 127.0.0.1:`port` (0: any free port); call serve_forever().
     `model` answers text queries (default: the atlas's model, loaded on the first one)."""
-    Atlas.open(atlas_path).db.close()  # fail now on a missing or old atlas
-    handler = type("AtlasHandler", (_Handler,), {"atlas_path": Path(atlas_path), "_model": model,
-                                                 "_model_lock": threading.Lock()})
+    handler = type("AtlasHandler", (_Handler,), {"atlas": Atlas.open(atlas_path, shared=True),  # fails now if bad
+                                                 "lock": threading.Lock(), "model": model})
     return ThreadingHTTPServer(("127.0.0.1", port), handler)
 
 
