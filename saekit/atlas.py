@@ -111,8 +111,9 @@ def _cooccurrence_neighbours(codes, n: int, block: int = 2048) -> tuple[np.ndarr
 
 @torch.no_grad()
 def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
-    """One hookpoint's rows of every table. The codes of all read tokens are held in memory (12
-    bytes per token and code slot); every statistic is a sort or a scatter over their nonzeros."""
+    """One hookpoint's rows of every table; returns the encoder path its codes took. The codes of
+    all read tokens are held in memory (12 bytes per token and code slot); every statistic is a
+    sort or a scatter over their nonzeros."""
     from saekit.analyze.geometry import top_neighbours
     from saekit.codes import encode_all
 
@@ -252,6 +253,7 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     db.execute("INSERT INTO hookpoints VALUES (?,?,?,?,?)", (h, m, sae.d_in, n, secs))
     if not quiet:
         print(f"atlas: {h}: {m} latents on {n:,} tokens in {secs:.1f} s", flush=True)
+    return sae.encoder_path
 
 
 def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *, split: str = "train",
@@ -289,8 +291,8 @@ def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *
                 "window": WINDOW}
         db.executemany("INSERT INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in meta.items()])
         db.executemany("INSERT INTO vocab VALUES (?,?)", list(enumerate(vocab)))
-        for h in hps:
-            _build_hookpoint(db, run, h, split, rows, model, vocab, tokens, quiet)
+        paths = {h: _build_hookpoint(db, run, h, split, rows, model, vocab, tokens, quiet) for h in hps}
+        db.execute("INSERT INTO meta VALUES (?,?)", ("encoder_path", json.dumps(paths)))
         db.commit()
     finally:
         db.close()

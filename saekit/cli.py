@@ -81,15 +81,21 @@ def _match(args, extra):
         return
     if args.b is None:
         raise SaekitError("give two SAEs to match (SAE folders, or RUN/<hookpoint>), or one run with --chain")
-    (a, acts_a), (b, acts_b) = _match_side(args.a, args.activations_a), _match_side(args.b, args.activations_b)
+    (run_a, ha, a), (run_b, hb, b) = _match_side(args.a), _match_side(args.b)
+    # A's run's analysis folder, named by both sides: B's run and hookpoint (just the hookpoint within A's run)
+    b_name = hb if run_b.path.resolve() == run_a.path.resolve() else f"{run_b.path.resolve().name}@{hb}"
+    out = Path(args.out) if args.out else run_a.analysis_dir / "matches" / f"{ha}__{b_name}.json"
+    if out.exists() and not args.force:
+        raise SaekitError(f"{out} exists; pass --force to overwrite it or --out PATH to write elsewhere")
     codes = None
     if args.method == "activations":
+        acts_a, acts_b = (run.activations(h, path=p) if p or not run.bare else None
+                          for run, h, p in ((run_a, ha, args.activations_a), (run_b, hb, args.activations_b)))
         if acts_a is None or acts_b is None:
             raise SaekitError("--method activations needs both SAEs' activations on the same tokens: SAEs of one run "
                               "(its held-out cache), or --activations-a and --activations-b")
         codes = (encode_all(a, acts_a, args.tokens), encode_all(b, acts_b, args.tokens))
     m = match(a, b, args.method, args.solver, args.candidates, codes=codes, min_score=args.min_score)
-    out = Path(args.out) if args.out else Path(args.a) / "matches" / f"{Path(args.b).name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     m.save(out)
     print(md_table([{"A": args.a, "B": args.b, "method": m.method, "solver": m.solver, **m.summary(),
@@ -98,9 +104,9 @@ def _match(args, extra):
     print(f"\nsaekit: match written to {out}")
 
 
-def _match_side(spec: str, activations: str | None):
-    """An SAE to match and, where known, its held-out activations: an SAE folder (inside a run
-    folder, the run's cache), or a run folder with one hookpoint."""
+def _match_side(spec: str):
+    """(run, hookpoint, SAE) of one side of a match: an SAE folder (inside a run folder, that
+    run's), or a run folder with one hookpoint."""
     from saekit.run import Run, is_sae_folder
 
     path = Path(spec)
@@ -109,8 +115,7 @@ def _match_side(spec: str, activations: str | None):
     else:
         run = Run.open(path)
         h = run.hookpoint()
-    acts = run.activations(h, path=activations) if activations or not run.bare else None
-    return run.sae(h), acts
+    return run, h, run.sae(h)
 
 
 def _export(args, extra):
@@ -267,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(default: the run's eval_contexts; 0 skips it)")
     mt.add_argument("--activations-a", default=None, help=ACTIVATIONS_HELP)
     mt.add_argument("--activations-b", default=None, help=ACTIVATIONS_HELP)
-    mt.add_argument("--out", default=None, help="match file, .json or .parquet (default: A/matches/<B>.json)")
+    mt.add_argument("--out", default=None, help="match file, .json or .parquet (default: "
+                                                "A_RUN/analysis/matches/<A hookpoint>__<B run>@<B hookpoint>.json)")
+    mt.add_argument("--force", action="store_true", help="overwrite an existing match file")
     mt.add_argument("--show", type=int, default=10, help="best pairs to print")
     mt.set_defaults(func=_match, strict=True)
 

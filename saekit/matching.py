@@ -11,8 +11,8 @@
 
 Solvers: `exact` is `scipy.optimize.linear_sum_assignment` on the full cost matrix (O(m³),
 m² memory: practical to ~16k latents); `sparse` keeps each row's and each column's top
-`candidates` neighbours (two blocked passes, never the m×m matrix; bf16 where this CPU multiplies
-faster in it, exact fp32 costs on the kept edges), removes duplicate edges and
+`candidates` neighbours (two blocked passes, never the m×m matrix; bf16 where A's encoder path
+is bf16 (saekit.runtime), exact fp32 costs on the kept edges), removes duplicate edges and
 runs `scipy.sparse.csgraph.min_weight_full_bipartite_matching`, with a costly private dummy
 edge per row so that a full matching always exists: the result is the cheapest matching of
 most latents the candidate graph allows, and the latents it leaves out are matched exactly
@@ -39,7 +39,7 @@ from saekit.activations import Activations
 from saekit.codes import Codes, encode_all
 from saekit.errors import SaekitError
 from saekit.io import atomic_write
-from saekit.runtime import cpu_encoder_bf16
+from saekit.runtime import FP32, cpu_encoder_path
 from saekit.sae import SAE
 
 Method = Literal["decoder", "activations"]
@@ -126,8 +126,8 @@ class _Decoder:
 
         self.x = rows(fa), rows(fb)
         self.n = tuple((x**2).sum(1) for x in self.x)
-        # bf16 where this CPU multiplies faster in it (see saekit.runtime): candidates only
-        fast = torch.bfloat16 if cpu_encoder_bf16() else torch.float32
+        # bf16 candidates only where A's encoder path is bf16 (its run's, or this CPU's: saekit.runtime)
+        fast = torch.float32 if cpu_encoder_path(fa.sae.cfg.encoder_path) == FP32 else torch.bfloat16
         self.x_fast = tuple(x.to(fast) for x in self.x)
         self.da, self.db = (torch.nn.functional.normalize(f.W_dec.float().cpu(), dim=1) for f in (fa, fb))
         self.m_a, self.m_b = (len(x) for x in self.x)

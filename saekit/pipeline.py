@@ -195,6 +195,7 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
         if model is not None:
             tokens, mask = ctx["val"]
             results[h] |= downstream_metrics(model, sae, h, tokens[:n_ctx], mask[:n_ctx])
+        results[h]["encoder_path"] = sae.encoder_path
     run.write_json(EVAL, results)
     print(md_table([{"metric": k, **{h: r[k] for h, r in results.items()}} for k in next(iter(results.values()))]))
     return results

@@ -3,10 +3,8 @@ the allocator tuning that only the CLI applies. Library calls change nothing pro
 
 import contextlib
 import ctypes
-import functools
 import os
 import re
-import time
 
 import torch
 
@@ -50,35 +48,28 @@ def keep_freed_memory() -> None:
 
 
 ENCODER_CHOICES = ("auto", "fp32", "bf16")
+# The numeric paths of a CPU fp32 SAE's encoder: an fp32 matmul, or a bf16 matmul whose top
+# k + sae.RESCORE_MARGIN candidates per row are rescored in fp32. Each SAE records the path its run
+# used (cfg.json `encoder_path`), and so do eval.json, metrics.jsonl and the atlas.
+FP32, BF16_RESCORE = "fp32", "bf16+fp32-rescore"
+ENCODER_PATHS = (FP32, BF16_RESCORE)
 
 
-def cpu_encoder_bf16() -> bool:
-    """Whether CPU encoder matmuls run in bf16: `SAEKIT_ENCODER` = fp32 | bf16 | auto (default).
+def machine_encoder_path() -> str:
+    """This CPU's encoder path, from its capabilities: bf16 where it has native bf16 dot
+    products (AVX512-BF16; AMX CPUs have them too), fp32 elsewhere, where torch emulates bf16
+    and runs it slower than fp32. A flag, not a timing: a timed probe flips under load, and the
+    same command must give the same numbers (measurements: benchmarks/RESULTS.md)."""
+    return BF16_RESCORE if torch.cpu._is_avx512_bf16_supported() else FP32
 
-    "auto" measures once per process (`bf16_matmul_pays`) rather than trusting CPU flags:
-    without native bf16 dot products (AVX512-BF16, AMX) torch emulates bf16 and runs slower.
-    """
+
+def cpu_encoder_path(recorded: str | None = None) -> str:
+    """The path a CPU fp32 encoder takes: `SAEKIT_ENCODER` = fp32 | bf16 when set, else
+    `recorded` (the path the SAE's run used, so later commands on a run reproduce its numbers),
+    else this machine's (`machine_encoder_path`)."""
     choice = os.environ.get("SAEKIT_ENCODER", "auto")
     if choice not in ENCODER_CHOICES:
         raise SaekitError(f"SAEKIT_ENCODER must be one of {ENCODER_CHOICES}, got {choice!r}")
-    return choice == "bf16" or (choice == "auto" and bf16_matmul_pays())
-
-
-@functools.cache
-def bf16_matmul_pays(min_speedup: float = 1.5) -> bool:
-    """Time a [256, 576] @ [576, 4096] matmul in fp32 and bf16 (best of 3, ~0.1 s in all) and
-    say whether bf16 is at least `min_speedup` times faster on this CPU."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(256, 576, generator=g), torch.randn(4096, 576, generator=g)
-
-    def best(dt: torch.dtype) -> float:
-        a, b = x.to(dt), w.to(dt).T
-        a @ b  # warm-up (first call allocates and may pick a kernel)
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return best(torch.bfloat16) * min_speedup <= best(torch.float32)
+    if choice != "auto":
+        return BF16_RESCORE if choice == "bf16" else FP32
+    return recorded or machine_encoder_path()

@@ -24,7 +24,7 @@ from saekit.errors import SaekitError
 from saekit.formats import detect, export
 from saekit.io import atomic_write
 from saekit.kernels import backend, row_topk, selected_preacts, sparse_decode
-from saekit.runtime import cpu_encoder_bf16
+from saekit.runtime import BF16_RESCORE, ENCODER_PATHS, cpu_encoder_path
 
 ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
 TRAINABLE = ("topk", "batchtopk")  # relu / jumprelu SAEs are loaded for inference only
@@ -45,6 +45,8 @@ class SAEConfig:
     model: str | None = None
     # where the weights came from when not saekit (e.g. "SAELens jumprelu"); see saekit.formats
     source_format: str | None = None
+    # the CPU encoder path of the SAE's run (saekit.runtime.ENCODER_PATHS); None: this machine's
+    encoder_path: str | None = None
 
     def __post_init__(self):
         if self.d_in < 1:
@@ -53,6 +55,8 @@ class SAEConfig:
             raise SaekitError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if not 0 < self.k <= self.n_latents:
             raise SaekitError(f"k must be in [1, n_latents={self.n_latents}], got {self.k}")
+        if self.encoder_path not in (None, *ENCODER_PATHS):
+            raise SaekitError(f"encoder_path must be one of {ENCODER_PATHS}, got {self.encoder_path!r}")
 
 
 class SparseCode(NamedTuple):
@@ -98,12 +102,23 @@ class SAE(nn.Module):
     # -- encoding -------------------------------------------------------------------------
     def _matmul_dtype(self) -> torch.dtype:
         """The encoder matmul's dtype: `matmul_dtype` when set (bf16 on GPU), else bf16 for an
-        fp32 SAE on a CPU where bf16 matmuls measure faster (`runtime.cpu_encoder_bf16`)."""
+        fp32 SAE on CPU when its path is bf16 (`runtime.cpu_encoder_path`: the run's recorded
+        path, or this CPU's)."""
         if self.matmul_dtype is not None:
             return self.matmul_dtype
-        if self.W_enc.dtype == torch.float32 and not self.W_enc.is_cuda and cpu_encoder_bf16():
+        if (self.W_enc.dtype == torch.float32 and not self.W_enc.is_cuda
+                and cpu_encoder_path(self.cfg.encoder_path) == BF16_RESCORE):
             return torch.bfloat16
         return self.W_enc.dtype
+
+    @property
+    def encoder_path(self) -> str:
+        """The numeric path `encode` takes now, as runs record it: "bf16+fp32-rescore" or "fp32"
+        on CPU; the matmul dtype elsewhere (e.g. "bf16" on GPU)."""
+        dt = self._matmul_dtype()
+        if dt != self.W_enc.dtype and not self.W_enc.is_cuda:
+            return BF16_RESCORE
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, str(dt))
 
     def _preacts(self, xc: torch.Tensor, dt: torch.dtype):
         """Yield (row slice, dense pre-activations [rows, m] in `dt`) over chunks of centred

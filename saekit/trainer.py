@@ -24,7 +24,7 @@ from saekit.init import init_sae
 from saekit.kernels import selected_preacts, sparse_decode
 from saekit.ortho import ortho_loss
 from saekit.run import Run
-from saekit.runtime import resolve_device
+from saekit.runtime import cpu_encoder_path, resolve_device
 from saekit.sae import SAE, SAEConfig
 
 INIT_SAMPLE = 16_384  # tokens for b_dec's geometric median and the input scale
@@ -72,9 +72,14 @@ class Trainer:
         # drifts while the lr is high, and a lagging average would under-fire at inference.
         self.threshold_start = min(1000, int(cfg.decay_start * total_steps) if total_steps else 1000)
         g = torch.Generator().manual_seed(cfg.seed)
+        # the CPU encoder path, fixed for the run (a resume takes the stored one; see saekit.runtime)
+        path = cpu_encoder_path()
+        if self.parallel:
+            path = dist.broadcast_object(path)
         for h, d in dims.items():
             m = cfg.n_latents or cfg.expansion * d
-            sae = SAE(SAEConfig(d, m, cfg.k, cfg.architecture, hookpoint=h, model=cfg.model), device=device)
+            sae = SAE(SAEConfig(d, m, cfg.k, cfg.architecture, hookpoint=h, model=cfg.model, encoder_path=path),
+                      device=device)
             if device.type == "cuda":
                 sae.matmul_dtype = torch.bfloat16
             x = sample[h].float()
@@ -230,6 +235,11 @@ class Trainer:
         if not self.parallel or dist.is_main():  # data parallel: every process skips; one says so
             print(f"saekit: {where}: batch skipped, no update", file=sys.stderr)
 
+    @property
+    def encoder_path(self) -> str:
+        """The numeric path the encoders take (the same for every hookpoint; see SAE.encoder_path)."""
+        return next(iter(self.saes.values())).encoder_path
+
     # -- results and checkpoints ------------------------------------------------------------
     def final_sae(self, hookpoint: str) -> SAE:
         """A copy of the SAE acting on raw (unscaled) activations, in eval mode."""
@@ -260,7 +270,8 @@ class Trainer:
     def state(self, run: Run) -> tuple[dict[str, torch.Tensor], dict]:
         """The training state (tensors by name, metadata); refuses one holding NaN or Inf."""
         tensors = {}
-        meta = {"step": self.step, "scales": self.scales, "tokens": self.tokens, "skipped": self.skipped}
+        meta = {"step": self.step, "scales": self.scales, "tokens": self.tokens, "skipped": self.skipped,
+                "encoder_path": next(iter(self.saes.values())).cfg.encoder_path}
         for h, sae in self.saes.items():
             for n, p in sae.named_parameters():
                 tensors[f"{h}/param/{n}"] = p.detach()
@@ -313,7 +324,9 @@ class Trainer:
         self.skipped = skipped if isinstance(skipped, int) else 0
         for p, (h, state) in adam.items():
             self.opts[h].state[p] = state
+        path = cpu_encoder_path(meta.get("encoder_path"))  # SAEKIT_ENCODER may still override it
         for h, sae in self.saes.items():
+            sae.cfg.encoder_path = path
             with torch.no_grad():
                 for n, p in sae.named_parameters():
                     p.copy_(tensors[f"{h}/param/{n}"])
@@ -355,7 +368,8 @@ def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quie
                                 dead=f"{100 * first['dead_fraction']:.1f}%")
             if on_log:
                 on_log(trainer.step, {"tokens_per_s": speed, "tokens": trainer.tokens,
-                                      "skipped_batches": trainer.skipped, **metrics})
+                                      "skipped_batches": trainer.skipped, "encoder_path": trainer.encoder_path,
+                                      **metrics})
         if on_checkpoint and trainer.step % cfg.checkpoint_every == 0:
             on_checkpoint()
     bar.close()
@@ -378,7 +392,7 @@ def _rebatch(tensors: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch
 
 
 def fit(activations: torch.Tensor | Iterable[torch.Tensor], n_latents: int, k: int, seed: int = 0,
-        quiet: bool = True, **options) -> SAE:
+        quiet: bool = True, model: str | None = None, hookpoint: str | None = None, **options) -> SAE:
     """Train an SAE on activations you bring and return it (acting on raw activations).
 
     `activations` is an `[N, d_in]` tensor, shuffled each epoch, `epochs` passes (the
@@ -388,7 +402,8 @@ def fit(activations: torch.Tensor | Iterable[torch.Tensor], n_latents: int, k: i
     Training runs on `device` (default: CUDA when present); the SAE comes back on the
     activations' device. Called in every process of an initialised process group, with the same
     activations in each, training is data parallel (each process takes a slice of every batch)
-    and every process gets the same SAE.
+    and every process gets the same SAE. `model` and `hookpoint` say where the activations came
+    from; the SAE records them (None when not given: analyses that need a model then ask for one).
     """
     cfg = make_config(TrainConfig, {"n_latents": n_latents, "k": k, "seed": seed, "hookpoints": ["x"],
                                     "log_every": 10**9, **options})
@@ -420,4 +435,6 @@ def fit(activations: torch.Tensor | Iterable[torch.Tensor], n_latents: int, k: i
 
     trainer = Trainer(cfg, {"x": sample.shape[1]}, {"x": sample}, total, device)
     run_steps(trainer, ({"x": x} for x in stream()), quiet=quiet)
-    return trainer.final_sae("x").to(sample.device)
+    sae = trainer.final_sae("x").to(sample.device)
+    sae.cfg.model, sae.cfg.hookpoint = model, hookpoint
+    return sae

@@ -255,3 +255,32 @@ def test_report_without_matplotlib_gives_a_note(monkeypatch, tmp_path):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert "matplotlib is not installed" in plots({"run": "r", "wall_time_s": {}}, tmp_path)[0]
+
+
+def test_a_fit_sae_names_no_model_and_analyze_all_skips_absorption(tmp_path, capsys):
+    """`saekit.fit` records the model and hookpoint only when given; `analyze all` on an SAE that
+    names no model skips absorption with a note, asked alone it is refused, and a model whose
+    hookpoints do not include the SAE's is refused by name (not a KeyError from the model)."""
+    from safetensors.torch import save_file
+
+    import saekit
+
+    x = torch.randn(1024, 16, generator=torch.Generator().manual_seed(0))
+    sae = saekit.fit(x, n_latents=32, k=4, epochs=1, batch_size=256)
+    assert (sae.cfg.model, sae.cfg.hookpoint) == (None, None)
+    named = saekit.fit(x, n_latents=32, k=4, epochs=1, batch_size=256, model="m", hookpoint="blocks.0.hook_resid_post")
+    assert (named.cfg.model, named.cfg.hookpoint) == ("m", "blocks.0.hook_resid_post")
+    folder = tmp_path / "fit"
+    sae.save(folder)
+    save_file({"x": x}, tmp_path / "acts.safetensors")
+    acts = str(tmp_path / "acts.safetensors")
+    assert cli.main(["analyze", "all", str(folder), "--activations", acts, "--quiet"]) == 0
+    report = json.loads((folder / "analysis" / "report.json").read_text())
+    assert "absorption" in report["skipped"] and "absorption" not in report["fit"]
+    assert "dead" in report["fit"] and "geometry" in report["fit"]
+    assert "Skipped absorption:" in (folder / "analysis" / "report.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["analyze", "absorption", str(folder), "--quiet"]) == 2
+    assert "names no model" in capsys.readouterr().err
+    assert cli.main(["analyze", "absorption", str(folder), "--model", "smollm2-135m", "--quiet"]) == 2
+    assert "unknown hookpoint 'fit'" in capsys.readouterr().err

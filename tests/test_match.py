@@ -224,7 +224,7 @@ def test_cli_matches_two_layers_of_a_real_run(act_cache_dir, tmp_path, capsys):
     assert m.m_a == 1152 and (m.b_for_a >= 0).all() and m.solver == "sparse"
     assert "latent_a" in capsys.readouterr().out
     assert cli.main(["match", a, b, "--method", "activations", "--min-score", "0.1"]) == 0
-    assert (run / hooks[0] / "matches" / f"{hooks[1]}.json").is_file()
+    assert (run / "analysis" / "matches" / f"{hooks[0]}__{hooks[1]}.json").is_file()
     assert cli.main(["match", str(run), "--chain", "--contexts", "1", "--quiet"]) == 0
     out = json.loads((run / "analysis" / "matching.json").read_text())
     row = out["layers"][0]
@@ -235,3 +235,28 @@ def test_cli_matches_two_layers_of_a_real_run(act_cache_dir, tmp_path, capsys):
     assert cli.main(["match", a]) == 2
     assert cli.main(["match", a, str(tmp_path / "nowhere")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_cli_match_names_outputs_by_b_and_never_overwrites_silently(tmp_path, capsys):
+    """A matched against the same hookpoint of two other runs writes two files in A's run's
+    analysis folder (none in the SAE folder); a second time is refused unless --force."""
+    from saekit.config import TrainConfig
+    from saekit.run import Run
+
+    hook = "blocks.6.hook_resid_post"
+    a, b, _ = sae_pair(m=64, d=16)
+    for name, sae in (("a", a), ("b1", b), ("b2", a)):
+        Run.create(TrainConfig(hookpoints=[hook], out=str(tmp_path / name)))
+        sae.save(tmp_path / name / hook)
+    sides = [str(tmp_path / n / hook) for n in ("a", "b1", "b2")]
+    outs = [tmp_path / "a" / "analysis" / "matches" / f"{hook}__{n}@{hook}.json" for n in ("b1", "b2")]
+    for b_side, out in zip(sides[1:], outs, strict=True):
+        assert cli.main(["match", sides[0], b_side, "--quiet"]) == 0
+        assert f"match written to {out}" in capsys.readouterr().out
+    assert Match.load(outs[0]).b_for_a.tolist() != Match.load(outs[1]).b_for_a.tolist()
+    assert sorted(p.name for p in (tmp_path / "a" / hook).iterdir()) == ["cfg.json", "sae.safetensors"]
+    before = outs[0].read_text()
+    assert cli.main(["match", sides[0], sides[1], "--solver", "argmax", "--quiet"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and outs[0].read_text() == before
+    assert cli.main(["match", sides[0], sides[1], "--solver", "argmax", "--force", "--quiet"]) == 0
+    assert Match.load(outs[0]).solver == "argmax"

@@ -7,7 +7,8 @@ covariance spectrum with its power-law fit, the lobe map, the top multi-dimensio
 they need the optional `plots` extra, matplotlib). A single analysis writes
 `RUN/analysis/<name>.json`. Activations come from `--activations` (a cache folder or a
 .safetensors file) or the run's own held-out activation cache; absorption loads the run's model
-(or `--model`). Geometry needs no activations for its decoder-only part: without any (a bare SAE
+(or `--model`), and `all` skips it, with a note in the report, for an SAE that names no model
+(e.g. one from `saekit.fit`). Geometry needs no activations for its decoder-only part: without any (a bare SAE
 folder and no `--activations`) it skips lobes and multi-dimensional features.
 """
 
@@ -25,6 +26,7 @@ from saekit.run import Run
 from saekit.sae import SAE
 
 ANALYSES = ("dead", "collapse", "absorption", "geometry")
+RESULT_KEYS = ("run", "wall_time_s", "skipped")  # the report's keys that are not hookpoints
 
 
 def _analyse(name: str, run: Run, h: str, sae: SAE, acts, model, tokens: int | None, quiet: bool,
@@ -60,17 +62,22 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
     run = run if isinstance(run, Run) else Run.open(run)
     hooks = run.hookpoints if hookpoint is None else [run.hookpoint(hookpoint)]
     acts = {h: _activations(run, h, activations, tuple(analyses)) for h in hooks}
-    lm = None
+    full, lm, skipped = tuple(analyses) == ANALYSES, None, {}
     if "absorption" in analyses:
-        from saekit.model import load_model
+        from saekit.model import check_hookpoints, load_model
 
         name = model or run.model_name
         if not name:
-            raise SaekitError(f"{run.path} names no model; pass --model NAME (e.g. smollm2-135m or a local HF folder) "
-                              "so absorption can run it")
-        lm = load_model(name)
+            why = f"{run.path} names no model; pass --model NAME (e.g. smollm2-135m or a local HF folder)"
+            if not full:
+                raise SaekitError(f"{why} so absorption can run it")
+            skipped["absorption"] = f"{why} to run it"
+            analyses = tuple(a for a in analyses if a != "absorption")
+        else:
+            lm = load_model(name)
+            check_hookpoints(lm, hooks)
     say = (lambda *a: None) if quiet else print
-    results: dict = {"run": str(run.path), "wall_time_s": {}}
+    results: dict = {"run": str(run.path), "wall_time_s": {}, "skipped": skipped}
     for h in hooks:
         sae = run.sae(h)
         results[h], results["wall_time_s"][h] = {}, {}
@@ -82,7 +89,7 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
             results["wall_time_s"][h][name] = round(time.perf_counter() - t0, 2)
             say(f"{h} {name}: {results['wall_time_s'][h][name]:.1f} s")
     out = run.analysis_dir
-    name = "report" if tuple(analyses) == ANALYSES else "_".join(analyses)
+    name = "report" if full else "_".join(analyses)
     run.write_json(f"analysis/{name}.json", results)
     md = markdown(results, plots(results, out) if name == "report" else None)
     if name == "report":
@@ -95,7 +102,7 @@ def markdown(results: dict, plot_note: list[str] | None = None) -> str:
     """The report: headline tables per hookpoint, the per-letter table, wall times, plots."""
     lines = [f"# saekit analysis of `{results['run']}`", ""]
     for h, res in results.items():
-        if h in ("run", "wall_time_s"):
+        if h in RESULT_KEYS:
             continue
         lines += [f"## {h}", ""]
         if d := res.get("dead"):
@@ -131,6 +138,8 @@ def markdown(results: dict, plot_note: list[str] | None = None) -> str:
                                for r in a["table"]]), ""]
         if g := res.get("geometry"):
             lines += _geometry_markdown(g)
+    skipped = [f"Skipped {a}: {why}." for a, why in results.get("skipped", {}).items()]
+    lines += skipped + ([""] if skipped else [])
     lines += ["## Wall time (s)", "", md_table([{"hookpoint": h, **t} for h, t in results["wall_time_s"].items()]), ""]
     if plot_note:
         lines += ["## Plots", "", *plot_note, ""]
@@ -178,7 +187,7 @@ def plots(results: dict, out: Path) -> list[str]:
         return ["Plots skipped: matplotlib is not installed (`pip install 'saekit[plots]'`)."]
     lines = []
     for h, res in results.items():
-        if h in ("run", "wall_time_s"):
+        if h in RESULT_KEYS:
             continue
         stem = h.replace("/", "_")
         figs = []
