@@ -44,6 +44,7 @@ class Loaded(NamedTuple):
 # The SAELens config layout that `export` writes and `load_sae_lens` reads (SAELens 6).
 SAE_LENS_LAYOUT_VERSION = "6.0.0"
 EXPORT_FORMATS = ("sae-lens",)
+UNIT_NORM_TOL = 1e-5  # decoder rows this close to norm 1 count as unit-norm (fp32 renormalisation: ~1e-7)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -217,13 +218,19 @@ def load_sae_lens(path: Path) -> Loaded:
 
 def export_sae_lens(cfg: dict, tensors: dict[str, torch.Tensor], path: Path) -> Path:
     """Write an SAE (saekit's SAEConfig fields and tensors) as SAELens writes an inference SAE:
-    cfg.json + sae_weights.safetensors."""
+    cfg.json + sae_weights.safetensors.
+
+    A TopK SAE with unit-norm decoder rows (every SAE saekit trains) is written with
+    `rescale_acts_by_decoder_norm: true`, which then changes no output and lets SAELens fold the
+    decoder norms (`fold_W_dec_norm`, as SAEDashboard does); with other row norms SAELens would
+    select latents by pre-activation times norm, so it stays false (and not foldable)."""
     c = SimpleNamespace(**cfg)
     t = {n: v.to(torch.float32) for n, v in tensors.items()}
     weights = {"W_enc": t["W_enc"].T.contiguous(), "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
     extra = {}
     if c.architecture == "topk":
-        arch, extra = "topk", {"k": c.k, "rescale_acts_by_decoder_norm": False}
+        unit = bool(((t["W_dec"].norm(dim=1) - 1).abs() <= UNIT_NORM_TOL).all())
+        arch, extra = "topk", {"k": c.k, "rescale_acts_by_decoder_norm": unit}
     elif c.architecture == "relu":
         arch = "standard"
     elif c.architecture == "jumprelu":

@@ -254,10 +254,17 @@ def test_relu_and_jumprelu_save_and_load_in_saekit_format(tmp_path):
 def test_sae_lens_export_is_what_sae_lens_loaded(tmp_path):
     """The committed export is what saekit writes now, and SAELens's loader agreed with it."""
     done = json.loads((FIXTURES / "saekit_export" / "roundtrip.json").read_text())
-    classes = {"topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "relu": "StandardSAE", "jumprelu": "JumpReLUSAE"}
+    classes = {"topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "relu": "StandardSAE", "jumprelu": "JumpReLUSAE",
+               "topk_unit": "TopKSAE"}
     assert {k: v["sae_lens_class"] for k, v in done.items()} == classes
     for arch, r in done.items():
         assert r["acts_max_abs_diff"] < 1e-5 and r["recon_max_abs_diff"] < 1e-5, arch
+        assert r["fold_W_dec_norm"] == "ran" or arch == "topk", arch
+    # SAEDashboard's first step: a TopK SAE with unit-norm decoder rows (as saekit trains them) folds
+    # in SAELens with the same outputs; other row norms cannot be rescaled exactly, so SAELens refuses
+    unit = done["topk_unit"]
+    assert unit["folded_acts_max_abs_diff"] < 1e-5 and unit["folded_recon_max_abs_diff"] < 1e-5
+    assert done["topk"]["fold_W_dec_norm"].startswith("refused")
     for arch, sae in saekit_saes().items():
         out = sae.save(tmp_path / arch, format="sae-lens")
         committed = FIXTURES / "saekit_export" / arch
