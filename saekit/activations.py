@@ -40,14 +40,52 @@ def cache_key(**fields) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def cache_root(cfg) -> Path:
+    """Where a TrainConfig's activation caches live: `cache_dir`, or $SAEKIT_CACHE/activations."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else saekit_cache() / "activations"
+
+
 def cache_path(cfg, split: str) -> Path:
     """Folder of the activation cache of one split of a TrainConfig (no model needed to find it):
-    `cache_dir` or $SAEKIT_CACHE/activations, then a hash of what determines the content."""
-    root = Path(cfg.cache_dir) if cfg.cache_dir else saekit_cache() / "activations"
+    `cache_root`, then a hash of what determines the content."""
+    root = cache_root(cfg)
     key = cache_key(model=cfg.model, dataset=cfg.dataset, text_field=cfg.text_field, ctx_len=cfg.ctx_len,
                     n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.seed,
                     hookpoints=sorted(cfg.hookpoints), split=split, format=FORMAT)
     return root / key
+
+
+def list_caches(root: Path) -> list[dict]:
+    """Every activation cache folder under `root` (named by its key): size on disk, tokens, split,
+    hookpoints and model; a cache still being built (or whose harvest was killed) shows as incomplete."""
+    out = []
+    for path in sorted(p for p in root.iterdir() if _is_cache_key(p)) if root.is_dir() else []:
+        row = {"key": path.name, "MB": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20}
+        try:
+            c = ActivationCache.open(path)
+            row |= {"tokens": c.n_tokens, "split": c.manifest.get("split"), "hookpoints": ", ".join(c.hookpoints),
+                    "model": c.manifest.get("model")}
+        except SaekitError:
+            row |= {"tokens": None, "split": None, "hookpoints": "(incomplete)", "model": None}
+        out.append(row)
+    return out
+
+
+def remove_caches(root: Path, key: str) -> list[Path]:
+    """Delete the cache folder `key` under `root`, or every one with key "all"; returns what went."""
+    import shutil
+
+    targets = [p for p in root.iterdir() if _is_cache_key(p)] if key == "all" and root.is_dir() else [root / key]
+    if key != "all" and not _is_cache_key(targets[0]):
+        raise SaekitError(f"no activation cache {key!r} in {root} (`saekit cache --list` shows the keys)")
+    for path in targets:
+        shutil.rmtree(path)
+    return targets
+
+
+def _is_cache_key(path: Path) -> bool:
+    """A folder named as `cache_key` names caches (16 hex digits): nothing else in a root is touched."""
+    return path.is_dir() and len(path.name) == 16 and all(ch in "0123456789abcdef" for ch in path.name)
 
 
 @dataclass
@@ -297,17 +335,19 @@ def merge_parts(path: str | Path, parts: int, meta: dict) -> ActivationCache:
 class ShuffledBatches:
     """Fixed-size batches over a cache, shuffled across contexts, resumable at any step.
 
-    Each epoch permutes the shards, groups them into buffers of about `buffer_tokens`,
-    and permutes the tokens inside each buffer (one buffer = a full shuffle). The epoch's
-    token order is the concatenation of the buffers; batch s takes positions
-    [s*B, (s+1)*B). The remainder of an epoch (< B tokens) is dropped.
+    Each epoch permutes the shards, groups them into buffers, and permutes the tokens inside
+    each buffer (one buffer = a full shuffle). A buffer holds about `buffer_tokens` activation
+    rows counted over all `hookpoints` (buffer_tokens / len(hookpoints) tokens of each, at least
+    one shard), so its memory does not grow with the number of hookpoints. The epoch's token
+    order is the concatenation of the buffers; batch s takes positions [s*B, (s+1)*B). The
+    remainder of an epoch (< B tokens) is dropped.
     """
 
     def __init__(self, cache: ActivationCache, hookpoints: list[str], batch_size: int, seed: int, buffer_tokens: int):
         self.cache, self.hookpoints, self.B, self.seed = cache, hookpoints, batch_size, seed
         sizes = [s["n_tokens"] for s in cache.manifest["shards"]]
         self.sizes = sizes
-        self.per_buffer = max(1, math.ceil(buffer_tokens / max(sizes)))
+        self.per_buffer = max(1, math.ceil(buffer_tokens / (len(hookpoints) * max(sizes))))  # shards per buffer
         self.steps_per_epoch = sum(sizes) // batch_size
         if self.steps_per_epoch == 0:
             raise SaekitError(f"the cache holds {sum(sizes)} tokens, fewer than one batch of {batch_size}")
@@ -327,7 +367,9 @@ class ShuffledBatches:
                 offset += n
                 continue
             shards = [self.cache.load_shard(i, self.hookpoints) for i in group]
-            data = {h: torch.cat([s[h] for s in shards])[perm[max(0, skip - offset) :]] for h in self.hookpoints}
+            keep = perm[max(0, skip - offset) :]
+            # one hookpoint at a time, its shard tensors dropped as it is permuted: a buffer and one copy at most
+            data = {h: torch.cat([s.pop(h) for s in shards])[keep] for h in self.hookpoints}
             offset += n
             if carry is not None:
                 data = {h: torch.cat([carry[h], data[h]]) for h in data}

@@ -138,10 +138,11 @@ def render_index(atlas: Atlas, hookpoint: str | None = None, root: str = "", ser
     return _page("Feature atlas", body, FILTER_JS)
 
 
-def export_html(atlas_path: str | Path, out: str | Path, hookpoint: str | None = None) -> Path:
-    """Write a static site: OUT/index.html and OUT/feature/<hookpoint>/<latent>.html."""
+def export_html(atlas_path: str | Path, out: str | Path | None = None, hookpoint: str | None = None) -> Path:
+    """Write a static site: OUT/index.html and OUT/feature/<hookpoint>/<latent>.html. OUT defaults
+    to `site/` beside the atlas file (inside its run folder, not wherever the command ran)."""
     atlas = Atlas.open(atlas_path)
-    out = Path(out)
+    out = Path(out) if out is not None else atlas.path.parent / "site"
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.html").write_text(render_index(atlas, hookpoint), encoding="utf-8")
     f = atlas.features(hookpoint)

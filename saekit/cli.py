@@ -1,4 +1,4 @@
-"""The `saekit` command line: one verb per stage (train, cache, eval, analyze, match, export)."""
+"""The `saekit` command line: one verb per stage (train, cache, eval, analyze, match, export, atlas)."""
 
 import argparse
 import sys
@@ -40,10 +40,20 @@ def _train(args, extra):
 
 def _cache(args, extra):
     from saekit import distributed
+    from saekit.activations import cache_root, list_caches, remove_caches
     from saekit.config import TrainConfig, make_config
+    from saekit.io import md_table
     from saekit.pipeline import prepare
 
     cfg = make_config(TrainConfig, _values(extra))
+    if args.list:
+        rows = list_caches(cache_root(cfg))
+        print(md_table(rows) if rows else f"no activation caches in {cache_root(cfg)}")
+        return
+    if args.remove:
+        for path in remove_caches(cache_root(cfg), args.remove):
+            print(f"saekit: removed {path}")
+        return
     distributed.init_from_env(cfg.device)
     try:  # under torchrun every process harvests its own contexts
         _, _, caches = prepare(cfg, quiet=args.quiet or not distributed.is_main())
@@ -144,8 +154,6 @@ def _atlas(args, extra):
         from saekit.atlas_html import export_html, make_server
 
         if args.action == "export":
-            if args.target is None:
-                raise SaekitError("give the folder to export to: saekit atlas export ATLAS DIR")
             out = export_html(args.path, args.target, args.hookpoint)
             print(f"saekit: static atlas written to {out}/index.html")
             return
@@ -215,6 +223,20 @@ ACTIVATIONS_HELP = ("activation cache folder or .safetensors file with one [N, d
                     "(default: the run's held-out cache; needed for a bare SAE folder)")
 
 
+ANALYSES_HELP = """analyses:
+  dead        latents that never fire on the activations (and, from the training state, when they
+              died), dense ones (firing on > 10 % / > 1 % of tokens), a density histogram
+  collapse    effective rank and participation ratio of the decoder, near-duplicate latent pairs
+              (decoder cosine > 0.9), effective rank of the codes on the activations
+  absorption  first-letter feature absorption (Chanin et al. 2024): probes for each word's first
+              letter, the SAE latents that carry it, and the share absorbed by token-specific
+              latents; runs the model (the run's, or --model)
+  geometry    the decoder's covariance spectrum and its power law, co-occurrence lobes, multi-
+              dimensional features and crystals (Li et al. 2024, "The Geometry of Concepts")
+  all         every one of them, plus RUN/analysis/report.md and PNG plots (absorption is skipped,
+              with a note, for an SAE that names no model)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from saekit.config import config_help
 
@@ -232,8 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last checkpoint, with its stored config")
     t.set_defaults(func=_train)
 
-    c = sub.add_parser("cache", usage="saekit cache [CONFIG.yaml] [--quiet] [--KEY VALUE ...]",
-                       help="harvest and cache the activations a config needs (reused by train)")
+    c = sub.add_parser("cache", usage="saekit cache [CONFIG.yaml] [--quiet] [--KEY VALUE ...] | saekit cache --list | "
+                                      "saekit cache --remove KEY|all [--cache_dir DIR]",
+                       help="harvest and cache the activations a config needs (reused by train); list or remove caches",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Harvests the activations of the config's train and held-out splits into "
+                                   "cache_dir (default $SAEKIT_CACHE/activations, i.e. ~/.cache/saekit/activations), "
+                                   "one folder per content hash; `saekit train` with the same data keys reuses them.",
+                       epilog="config keys (default, meaning):\n" + config_help())
+    c.add_argument("--list", action="store_true", help="list the caches in cache_dir: key, size, tokens, split, "
+                                                       "hookpoints, model")
+    c.add_argument("--remove", metavar="KEY|all", default=None, help="delete one cache (its key from --list) or all")
     c.set_defaults(func=_cache)
 
     e = sub.add_parser("eval", help="evaluate a run's SAEs on its held-out text (writes RUN/eval.json)")
@@ -244,8 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     a = sub.add_parser("analyze", help="dead/dense latents, collapse, absorption, feature geometry of a run's SAEs "
-                                       "(writes RUN/analysis/)")
-    a.add_argument("analysis", choices=["dead", "collapse", "absorption", "geometry", "all"])
+                                       "(writes RUN/analysis/)", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=ANALYSES_HELP)
+    a.add_argument("analysis", choices=["dead", "collapse", "absorption", "geometry", "all"],
+                   help="which analysis (each is described below)")
     a.add_argument("run", help="a run folder or a bare SAE folder")
     a.add_argument("--hookpoint", default=None, help="analyse only this hookpoint of the run")
     a.add_argument("--activations", default=None, help=ACTIVATIONS_HELP)
@@ -289,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_export)
 
     at = sub.add_parser("atlas", usage="saekit atlas build RUN [--tokens N] [--split S] [--out PATH] | "
-                                       "saekit atlas add ATLAS [--run RUN] | saekit atlas export ATLAS DIR | "
+                                       "saekit atlas add ATLAS [--run RUN] | saekit atlas export ATLAS [DIR] | "
                                        "saekit atlas serve ATLAS [--port P] | saekit atlas query ATLAS "
                                        "(--feature N | --text T | --similar N | --token T | --search REGEX | --dead | "
                                        "--dense | --top-by COL) [--hookpoint H] [--json]",
@@ -298,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="build an atlas; add RUN/analysis results to one (no rebuild); query one; export it as "
                          "static HTML; serve it on 127.0.0.1")
     at.add_argument("path", help="build: a run folder; add, query: an atlas file (or the run folder holding one)")
-    at.add_argument("target", nargs="?", default=None, help="export: the folder to write")
+    at.add_argument("target", nargs="?", default=None, help="export: the folder to write (default: site/ beside "
+                                                            "the atlas file, e.g. RUN/site/)")
     at.add_argument("--port", type=int, default=8000, help="serve: the port on 127.0.0.1")
     at.add_argument("--run", default=None, help="add: the run whose analyses to add (default: the atlas's run)")
     at.add_argument("--tokens", type=int, default=None, help="build: cached tokens to read (default: all)")

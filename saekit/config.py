@@ -57,7 +57,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
     out: str = "runs/default"
     cache_dir: str | None = None  # activation cache root; None: $SAEKIT_CACHE/activations
-    buffer_tokens: int = 1_048_576  # tokens shuffled together in memory (per hookpoint)
+    buffer_tokens: int = 1_048_576  # activation rows shuffled together in memory, all hookpoints together
     harvest_batch: int = 16  # contexts per model forward while harvesting
     checkpoint_every: int = 50  # steps
     log_every: int = 5  # steps

@@ -84,6 +84,8 @@ class Run:
         from saekit.formats import sae_format
 
         path = Path(path)
+        if not path.exists():
+            raise SaekitError(f"{path} does not exist")
         fmt = sae_format(path)
         if (path / CONFIG).is_file() and fmt != "dictionary_learning":  # its SAE folders hold a config.json
             try:

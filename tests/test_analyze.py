@@ -233,6 +233,7 @@ def test_analyze_bad_inputs(tiny_run, tmp_path, capsys):
         assert match in capsys.readouterr().err
 
     fails("dead", str(tmp_path), match="neither a saekit run folder")
+    fails("dead", str(tmp_path / "nowhere"), match="nowhere does not exist")
     fails("dead", str(tiny_run), "--hookpoint", "blocks.3.hook_resid_post", match="is not in")
     from safetensors.torch import save_file
 

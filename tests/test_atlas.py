@@ -72,6 +72,53 @@ def planted(tmp_path_factory):
     return Atlas.open(path), tokens, mask, acts
 
 
+def _content(path) -> dict:
+    """Every table of an atlas file, sorted, without build times and the build's date."""
+    db = sqlite3.connect(path)
+    out = {t: sorted(db.execute(f"SELECT * FROM {t}").fetchall(), key=repr)
+           for t in ("features", "examples", "logits", "neighbours", "vocab")}
+    out["meta"] = {k: v for k, v in db.execute("SELECT key, value FROM meta") if k != "built"}
+    out["hookpoints"] = db.execute("SELECT name, n_latents, d_in, n_tokens FROM hookpoints").fetchall()
+    db.close()
+    return out
+
+
+def test_builds_under_either_cpu_decision_agree_when_the_run_records_its_encoder_path(tmp_path, monkeypatch):
+    """The CPU encoder path comes from the run (the SAE's cfg.json), not from how this CPU looks
+    now: two builds with the bf16 capability check forced each way give the same atlas, which
+    records the path. Without a recorded path the two builds differ (the test can tell)."""
+    monkeypatch.delenv("SAEKIT_ENCODER", raising=False)
+    d, m, n_ctx = 64, 256, 64
+    cfg = TrainConfig(hookpoints=[HOOK], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), n_tokens=1000,
+                      val_tokens=100, ctx_len=CTX)
+    run = Run.create(cfg)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, V, (n_ctx, CTX), generator=g)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    ctx, pos = mask.nonzero(as_tuple=True)
+    acts = torch.randn(int(mask.sum()), d, generator=g) * 3
+    build_cache(cache_path(cfg, "train"), iter([{HOOK: acts, "_context": ctx, "_position": pos,
+                                                  "_token": tokens[mask]}]), {"model": cfg.model})
+    model = FakeModel()
+    model.W_U = torch.randn(d, V, generator=g)
+    sae = SAE(SAEConfig(d_in=d, n_latents=m, k=8, hookpoint=HOOK))
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(m, generator=g))
+    contents = {}
+    for path in (None, "bf16+fp32-rescore", "fp32"):
+        sae.cfg.encoder_path = path
+        sae.save(run.path / HOOK)
+        for bf16 in (True, False):
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=bf16: bf16)
+            contents[path, bf16] = _content(build_atlas(run, model=model, out=tmp_path / f"{path}{bf16}.sqlite"))
+    assert contents[None, True] != contents[None, False]
+    assert json.loads(contents[None, True]["meta"]["encoder_path"]) == {HOOK: "bf16+fp32-rescore"}
+    assert json.loads(contents[None, False]["meta"]["encoder_path"]) == {HOOK: "fp32"}
+    for recorded in ("bf16+fp32-rescore", "fp32"):
+        assert contents[recorded, True] == contents[recorded, False]
+        assert json.loads(contents[recorded, True]["meta"]["encoder_path"]) == {HOOK: recorded}
+
+
 def test_planted_labels_and_features(planted):
     atlas, *_ = planted
     f = atlas.features()

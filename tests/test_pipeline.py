@@ -31,6 +31,9 @@ def test_train_writes_a_loadable_evaluated_run(tiny, tmp_path, capsys):
     fvus = [m[HOOK]["fvu"] for m in metrics]
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
     assert sum(fvus[-3:]) < 0.9 * sum(fvus[:3])  # FVU falls on real activations
+    path = sae.cfg.encoder_path  # the run's CPU encoder path, recorded with everything it produced
+    assert path in ("fp32", "bf16+fp32-rescore") and results["encoder_path"] == path
+    assert {m["encoder_path"] for m in metrics} == {path}
     out = capsys.readouterr().out
     assert "| fvu |" in out and f"run written to {run}" in out
     assert cli.main(["eval", str(run), "--quiet"]) == 0  # re-evaluation from the folder alone
@@ -49,10 +52,14 @@ def test_killed_run_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", dies_at_step_10)
     assert run_cli(*tiny, "--out", str(tmp_path / "cut")) == 130
     monkeypatch.setattr(Trainer, "train_step", real_step)
+    path = SAE.load(tmp_path / "full" / HOOK).cfg.encoder_path
+    flipped = path == "fp32"  # the resume runs where this CPU would choose the other path: the run's stays
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flipped)
     cut = ["--out", str(tmp_path / "cut"), "--resume"]
     assert run_cli(*cut, "--k", "8") == 2  # a flag given again must agree with the stored config
     assert run_cli(*cut, "--log_every", "2") == 0  # the stored config; resumes at step 8
     a, b = SAE.load(tmp_path / "full" / HOOK), SAE.load(tmp_path / "cut" / HOOK)
+    assert b.cfg.encoder_path == path
     for n, p in a.named_parameters():
         torch.testing.assert_close(p, getattr(b, n), rtol=1e-4, atol=1e-5, msg=n)
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
@@ -153,3 +160,25 @@ def test_interrupted_harvest_continues(tmp_path):
     assert torch.equal(ActivationCache.open(tmp_path / "p").tensor("h"), cache.tensor("h"))
     with pytest.raises(SaekitError, match="lacks part_r2.json, the part of process 2"):
         merge_parts(tmp_path / "p", 3, {})
+
+
+def test_cache_list_and_remove(tmp_path, capsys):
+    """`saekit cache --list` shows each cache under cache_dir (size, tokens, split, hookpoints,
+    model; a partial one as incomplete); `--remove KEY|all` deletes only cache folders."""
+    root = tmp_path / "caches"
+    rows = {"_context": torch.zeros(50, dtype=torch.int32), "_position": torch.arange(50, dtype=torch.int32),
+            "_token": torch.ones(50, dtype=torch.int32)}
+    build_cache(root / "0123456789abcdef", iter([{"h": torch.randn(50, 8), **rows}]), {"model": "m", "split": "val"})
+    (root / "fedcba9876543210").mkdir()  # a harvest killed before its first shard
+    (root / "notes").mkdir()  # not a cache: never listed or removed
+    assert cli.main(["cache", "--list", "--cache_dir", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "| 0123456789abcdef |" in out and "| 50 | val | h | m |" in out and "(incomplete)" in out
+    assert "notes" not in out
+    assert cli.main(["cache", "--remove", "notes", "--cache_dir", str(root)]) == 2
+    assert cli.main(["cache", "--remove", "0123456789abcdef", "--cache_dir", str(root)]) == 0
+    assert sorted(p.name for p in root.iterdir()) == ["fedcba9876543210", "notes"]
+    assert cli.main(["cache", "--remove", "all", "--cache_dir", str(root)]) == 0
+    assert [p.name for p in root.iterdir()] == ["notes"]
+    assert cli.main(["cache", "--list", "--cache_dir", str(root)]) == 0
+    assert "no activation caches" in capsys.readouterr().out

@@ -133,6 +133,10 @@ def test_encoder_dtype_dispatch(monkeypatch):
     for choice, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         monkeypatch.setenv("SAEKIT_ENCODER", choice)
         assert sae._matmul_dtype() == want
+        sae.cfg.encoder_path = "fp32" if choice == "bf16" else "bf16+fp32-rescore"  # the variable wins
+        assert sae._matmul_dtype() == want
+        assert sae.encoder_path == {"fp32": "fp32", "bf16": "bf16+fp32-rescore"}[choice]
+        sae.cfg.encoder_path = None
     assert random_sae(dtype=torch.float64)._matmul_dtype() == torch.float64  # bf16 only replaces fp32
     sae.matmul_dtype = torch.float32  # an explicit choice wins
     assert sae._matmul_dtype() == torch.float32
@@ -160,3 +164,32 @@ def test_bf16_encoder_rescores_to_fp32_choices_except_near_ties(monkeypatch):
     # and without the fp32 rescoring (margin 0, bf16 values) the values would be off
     b16 = torch.addmm(sae.b_enc.bfloat16(), xc.bfloat16(), sae.W_enc.bfloat16().T).detach()
     assert (b16.gather(1, idx).float() - vals).abs().max() > 1e-4
+
+
+def test_recorded_encoder_path_decides_not_the_cpu(monkeypatch, tmp_path):
+    """Without SAEKIT_ENCODER, an SAE that records its run's encoder path encodes the same way
+    whatever this CPU's capabilities say; one that records none follows the CPU (bf16 with
+    native bf16 dot products), and the two paths give different bits."""
+    from saekit import runtime
+
+    monkeypatch.delenv("SAEKIT_ENCODER", raising=False)
+    sae = random_sae(d=64, m=1024, k=8, dtype=torch.float32).eval()
+    x = torch.randn(500, 64)
+    codes = {}
+    for recorded in (None, runtime.FP32, runtime.BF16_RESCORE):
+        sae.cfg.encoder_path = recorded
+        sae.save(tmp_path / str(recorded))
+        back = SAE.load(tmp_path / str(recorded))
+        assert back.cfg.encoder_path == recorded
+        for bf16 in (True, False):
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=bf16: bf16)
+            assert back.encoder_path == recorded or (runtime.BF16_RESCORE if bf16 else runtime.FP32)
+            with torch.no_grad():
+                codes[recorded, bf16] = back.encode(x)
+    same = lambda a, b: all(torch.equal(u, v) for u, v in zip(a, b, strict=True))  # noqa: E731
+    assert not same(codes[None, True], codes[None, False])
+    for recorded in (runtime.FP32, runtime.BF16_RESCORE):
+        assert same(codes[recorded, True], codes[recorded, False])
+        assert same(codes[recorded, True], codes[None, recorded == runtime.BF16_RESCORE])
+    with pytest.raises(SaekitError, match="encoder_path"):
+        SAEConfig(d_in=4, n_latents=8, k=2, encoder_path="bf16")

@@ -144,6 +144,22 @@ def test_cli_version_and_help_list_the_config_keys(capsys):
     assert "--ortho_every 1" in out and "--architecture" in out and "k*B per batch" in out
 
 
+def test_help_names_every_verb_cache_keys_and_each_analysis(capsys):
+    parser = cli.build_parser()
+    verbs = parser._subparsers._group_actions[0].choices
+    assert all(v in parser.description for v in verbs)  # the one-line summary names every verb
+    with pytest.raises(SystemExit):
+        cli.main(["cache", "--help"])
+    out = capsys.readouterr().out
+    assert "--cache_dir None" in out and "--hookpoints" in out and "--list" in out and "--remove" in out
+    with pytest.raises(SystemExit):
+        cli.main(["analyze", "--help"])
+    out = capsys.readouterr().out
+    for name, says in (("dead", "never fire"), ("collapse", "effective rank"), ("absorption", "first-letter"),
+                       ("geometry", "power law"), ("all", "report.md")):
+        assert f"\n  {name} " in out and says in out, name
+
+
 def test_sae_repr_names_its_shape():
     sae = SAE(SAEConfig(d_in=8, n_latents=32, k=4, hookpoint="blocks.1.hook_resid_post"))
     assert "d_in=8, n_latents=32, k=4, architecture='topk', hookpoint='blocks.1.hook_resid_post'" in repr(sae)

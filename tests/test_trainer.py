@@ -155,3 +155,22 @@ def test_cache_detects_corruption_and_resumes_build(tmp_path):
         ActivationCache.open(tmp_path / "c").load_shard(1)
     with pytest.raises(SaekitError, match="no activations"):
         build_cache(tmp_path / "empty", iter([]), {})
+
+
+def test_shuffle_buffer_is_bounded_over_all_hookpoints(tmp_path):
+    """A buffer holds about `buffer_tokens` rows over all hookpoints (not per hookpoint), the
+    hookpoints' rows stay aligned, and a resume from any step sees exactly the remaining batches."""
+    x, _ = planted(n=12_000, d=16, n_feat=64)
+    hooks = ["a", "b", "c"]
+    cache = build_cache(tmp_path / "c", ({h: x[i : i + 1000] for h in hooks} for i in range(0, 12_000, 1000)),
+                        {"model": "synthetic"}, shard_tokens=1000)
+    loaded, real = [], cache.load_shard
+    cache.load_shard = lambda i, hps=None: loaded.append(i) or real(i, hps)
+    batches = ShuffledBatches(cache, hooks, 500, 0, buffer_tokens=6000)
+    next(batches.batches())
+    assert len(loaded) * 1000 * len(hooks) <= 6000  # 2 shards of 3 hookpoints, not 6
+    assert ShuffledBatches(cache, ["a"], 500, 0, buffer_tokens=6000).per_buffer == 6
+    full = list(batches.batches(0, 2))
+    assert all(torch.equal(b["a"], b["b"]) and torch.equal(b["a"], b["c"]) for b in full)
+    assert len(full) == 48 and all(torch.equal(u["a"], v["a"]) for u, v in zip(full[29:], batches.batches(29, 2),
+                                                                                 strict=True))
