@@ -193,6 +193,17 @@ def test_add_analyses_without_rebuild(planted, tmp_path):
     assert len(Atlas.open(copy).card(1).matches) == 1
 
 
+def test_export_defaults_beside_the_atlas(planted, tmp_path, capsys):
+    import shutil
+
+    atlas, *_ = planted
+    (tmp_path / "run").mkdir()
+    shutil.copy(atlas.path, tmp_path / "run" / "atlas.sqlite")
+    assert cli.main(["atlas", "export", str(tmp_path / "run" / "atlas.sqlite")]) == 0
+    assert (tmp_path / "run" / "site" / "index.html").is_file()
+    assert f"written to {tmp_path / 'run' / 'site'}/index.html" in capsys.readouterr().out
+
+
 def test_export_and_serve_escape_everything(planted, tmp_path):
     import urllib.error
     import urllib.request

@@ -12,6 +12,7 @@ from saekit.kernels import selected_preacts, sparse_decode, torch_ops
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1 (conftest sets it)", allow_module_level=True)
+pytest.importorskip("triton", reason="triton is an extra (saekit[gpu], and in saekit[dev] for these tests)")
 
 from saekit.kernels import triton_ops  # noqa: E402  (after the interpreter check)
 

@@ -163,3 +163,22 @@ def test_help_names_every_verb_cache_keys_and_each_analysis(capsys):
 def test_sae_repr_names_its_shape():
     sae = SAE(SAEConfig(d_in=8, n_latents=32, k=4, hookpoint="blocks.1.hook_resid_post"))
     assert "d_in=8, n_latents=32, k=4, architecture='topk', hookpoint='blocks.1.hook_resid_post'" in repr(sae)
+
+
+def test_triton_is_an_extra_the_cpu_path_never_imports(monkeypatch):
+    """triton (about 1 GB) comes with `saekit[gpu]` (and `[dev]`, for the interpreter tests), not
+    the base install: CPU training runs without it, and CUDA without it says what to install."""
+    from types import SimpleNamespace
+
+    from saekit import kernels
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((PKG.parent / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("triton") for d in project["dependencies"])
+    assert all(any(d.startswith("triton") for d in project["optional-dependencies"][x]) for x in ("gpu", "dev"))
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed: importing it raises
+    monkeypatch.delitem(sys.modules, "saekit.kernels.triton_ops", raising=False)
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    assert saekit.fit(x, n_latents=16, k=2, epochs=1, batch_size=128).n_latents == 16
+    with pytest.raises(SaekitError, match=r"saekit\[gpu\]"):
+        kernels.backend(SimpleNamespace(is_cuda=True))

@@ -1,4 +1,5 @@
 """Sparse-code products with autograd, dispatched to Triton on CUDA and to torch elsewhere.
+Triton is an optional extra (`saekit[gpu]`): nothing on the CPU path imports it.
 
 `sparse_decode` and `selected_preacts` are the only places a training step touches the
 latent dimension after the encoder matmul: both cost O(B * k * d), never O(B * m * d).
@@ -23,8 +24,11 @@ def backend(t: torch.Tensor) -> ModuleType:
     if choice not in ("auto", "torch"):
         raise SaekitError(f"SAEKIT_KERNELS must be 'auto' or 'torch', got {choice!r}")
     if t.is_cuda and choice == "auto":
-        from saekit.kernels import triton_ops
-
+        try:
+            from saekit.kernels import triton_ops
+        except ImportError:
+            raise SaekitError("CUDA tensors use saekit's Triton kernels, and triton is not installed: "
+                              "pip install 'saekit[gpu]' (or set SAEKIT_KERNELS=torch)") from None
         return triton_ops
     return torch_ops
 
