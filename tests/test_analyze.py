@@ -285,3 +285,38 @@ def test_a_fit_sae_names_no_model_and_analyze_all_skips_absorption(tmp_path, cap
     assert "names no model" in capsys.readouterr().err
     assert cli.main(["analyze", "absorption", str(folder), "--model", "smollm2-135m", "--quiet"]) == 2
     assert "unknown hookpoint 'fit'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_clusters", [1, 3])
+def test_geometry_plots_fit_their_titles_and_label_their_axes(n_clusters):
+    """Every title and axis label of the lobe map and the multi-dimensional panels lies inside its
+    figure (a long hookpoint name included); the panels name their PCs and their latents."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from saekit.analyze.report import _geometry_plots
+
+    h = "blocks.16.hook_resid_post"
+    r = torch.arange(1.0, 41.0)
+    g = {"galaxy": {"eigenvalues": (r ** -1.2).tolist(), "rank_window": [2, 30], "power_law_intercept": 0.0,
+                    "power_law_alpha": 1.2},
+         "lobes": {"ami": 0.123456},
+         "lobe_map": {"x": torch.randn(50).tolist(), "y": torch.randn(50).tolist(), "lobe": [i % 3 for i in range(50)]},
+         "multidim": [{"score": 0.5, "pcs": [0, 1]}, {"score": 0.4, "pcs": [1, 2]}, {"score": 0.3, "pcs": [0, 1]}],
+         "cluster_points": [{"latents": [9000 + i, 1234, 5678, 42, 7], "x": torch.randn(30).tolist(),
+                             "y": torch.randn(30).tolist()} for i in range(n_clusters)]}
+    figs = dict(_geometry_plots(plt, h, g))
+    for kind, fig in figs.items():
+        fig.tight_layout()
+        fig.canvas.draw()
+        box = fig.bbox
+        texts = [fig._suptitle] if fig._suptitle else []
+        for ax in fig.axes:
+            texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+        for t in texts:
+            if t.get_text():
+                e = t.get_window_extent()
+                assert box.x0 <= e.x0 and e.x1 <= box.x1 and box.y0 <= e.y0 and e.y1 <= box.y1, (kind, t.get_text())
+        plt.close(fig)
+    assert "AMI with geometry 0.123" in figs["lobes"].axes[0].get_title()
+    panels = figs["multidim"].axes
+    assert len(panels) == n_clusters and panels[-1].get_xlabel() == f"PC {g['multidim'][n_clusters - 1]['pcs'][0] + 1}"
+    assert all(ax.get_ylabel().startswith("PC ") and "1234" in ax.get_title() for ax in panels)

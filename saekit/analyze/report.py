@@ -243,18 +243,22 @@ def _geometry_plots(plt, h: str, g: dict) -> list:
     ax.legend(fontsize=8)
     figs.append(("geometry_spectrum", fig))
     if (lm := g.get("lobe_map")) and lm["x"]:
-        fig, ax = plt.subplots(figsize=(5, 4.5))
+        fig, ax = plt.subplots(figsize=(5.5, 5))
         sc = ax.scatter(lm["x"], lm["y"], c=lm["lobe"], s=4, cmap="tab10")
         ax.legend(*sc.legend_elements(), title="lobe", fontsize=8)
         lb = g["lobes"]
         ax.set(xlabel="PC 1 of unit decoder rows", ylabel="PC 2",
-               title=f"{h}: co-occurrence lobes (AMI with geometry {lb['ami']:.3f})")
+               title=f"{h}\nco-occurrence lobes, AMI with geometry {lb['ami']:.3f}")
         figs.append(("lobes", fig))
     if cp := g.get("cluster_points"):
-        fig, axes = plt.subplots(1, len(cp), figsize=(3.3 * len(cp), 3.3), squeeze=False)
+        fig, axes = plt.subplots(1, len(cp), figsize=(max(3.6 * len(cp), 4.5), 3.8), squeeze=False)
         for ax, c, row in zip(axes[0], cp, g["multidim"], strict=False):
             ax.scatter(c["x"], c["y"], s=3, alpha=0.5)
-            ax.set(title=f"{len(c['latents'])} latents, score {row['score']:.2f}", xticks=[], yticks=[])
-        fig.suptitle(f"{h}: multi-dimensional features (best PC pair)")
+            ids = ", ".join(map(str, c["latents"][:4])) + (", ..." if len(c["latents"]) > 4 else "")
+            p, q = (i + 1 for i in row["pcs"])
+            ax.set(title=f"latents {ids}\n({len(c['latents'])} latents, score {row['score']:.2f})", xlabel=f"PC {p}",
+                   ylabel=f"PC {q}")
+            ax.title.set_fontsize(9)
+        fig.suptitle(f"{h}\nmulti-dimensional features: each cluster's reconstructions", fontsize=9)
         figs.append(("multidim", fig))
     return figs
