@@ -60,7 +60,7 @@ def list_caches(root: Path) -> list[dict]:
     hookpoints and model; a cache still being built (or whose harvest was killed) shows as incomplete."""
     out = []
     for path in sorted(p for p in root.iterdir() if _is_cache_key(p)) if root.is_dir() else []:
-        row = {"key": path.name, "MB": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20}
+        row = {"key": path.name, "MiB": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20}
         try:
             c = ActivationCache.open(path)
             row |= {"tokens": c.n_tokens, "split": c.manifest.get("split"), "hookpoints": ", ".join(c.hookpoints),
