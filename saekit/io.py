@@ -15,11 +15,10 @@ def saekit_cache() -> Path:
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)`, flush it to disk, then rename onto `path`: readers (and a run
-    killed mid-write) never see a partial file, and two processes writing one file at once each
-    write their own temporary file (the last rename wins). A failed write (a full disk, no
-    permission) leaves `path` as it was, removes the temporary file and raises SaekitError naming `path`."""
+    killed mid-write) never see a partial file. A failed write (a full disk, no permission)
+    leaves `path` as it was, removes the temporary file and raises SaekitError naming `path`."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
