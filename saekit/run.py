@@ -28,6 +28,7 @@ from saekit.activations import ActivationCache, cache_path, open_activations
 from saekit.config import TrainConfig, make_config
 from saekit.errors import SaekitError
 from saekit.io import atomic_write
+from saekit.lock import FileLock
 from saekit.sae import SAE
 
 CONFIG, METRICS, STATE, EVAL, ANALYSIS = "config.json", "metrics.jsonl", "state.safetensors", "eval.json", "analysis"
@@ -164,6 +165,11 @@ class Run:
         out = self.path / ANALYSIS
         out.mkdir(exist_ok=True)
         return out
+
+    def writing_analysis(self) -> FileLock:
+        """The lock an analysis holds while it writes its files to RUN/analysis/: two commands
+        writing there at once leave one's set of files or the other's, never a mix."""
+        return FileLock(self.path / f"{ANALYSIS}.lock", f"{self.path / ANALYSIS} is being written")
 
     # -- activations ----------------------------------------------------------------------
     def cache(self, split: str = "val") -> ActivationCache:

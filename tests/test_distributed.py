@@ -1,7 +1,11 @@
 """Several processes over gloo on the CPU: data-parallel training equals one process on the same
 global batches; an activation cache harvested by two equals one process's and is read by any number."""
 
+import contextlib
+import os
 import socket
+import threading
+import time
 
 import torch
 import torch.distributed as tdist
@@ -10,8 +14,9 @@ import torch.multiprocessing as mp
 from saekit import distributed as dist
 from saekit import model as lm
 from saekit import pipeline
-from saekit.activations import ActivationCache, ShuffledBatches
+from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_path
 from saekit.config import TrainConfig, load_config, make_config
+from saekit.lock import FileLock
 from saekit.run import Run
 from saekit.trainer import Trainer, fit
 
@@ -251,3 +256,38 @@ def test_cache_harvested_by_two_processes_equals_one_and_is_read_by_any_number(t
         ids = torch.tensor([index[(int(c), int(p))] for c, p in got])
         assert sorted(ids.tolist()) == list(range(n))  # every row of the cache once
         torch.testing.assert_close(torch.cat([p["sums"] for p in parts]), sums[ids])
+
+
+def _waiting_job(args: list[str], log: str) -> dict:
+    """Both caches of `args` prepared by the process group, rank 0's stderr in `log`: what each harvests."""
+    harvested, real = [], lm.harvest
+    lm.harvest = lambda model, tokens, *a, **k: harvested.append(len(tokens)) or real(model, tokens, *a, **k)
+    with open(log, "w") as f, contextlib.redirect_stderr(f) if dist.is_main() else contextlib.nullcontext():
+        pipeline.prepare(load_config(None, args), quiet=True)
+    return {"harvested": harvested}
+
+
+def test_process_group_waits_for_another_command_harvesting_its_cache(tiny, tmp_path):
+    args = [*tiny, "--n_tokens", "2000", "--val_tokens", "300", "--cache_dir", str(tmp_path / "cache")]
+    train = cache_path(load_config(None, args), "train")
+    held = FileLock(train.with_name(train.name + ".lock"), "the test holds it")
+    assert held.acquire(timeout=0)
+    log, group_done = tmp_path / "rank0.err", threading.Event()
+
+    def other_command():  # finishes the train cache once the group waits for it (in rounds of collectives)
+        while "waiting for it" not in (log.read_text() if log.exists() else "") and not group_done.is_set():
+            time.sleep(0.05)
+        time.sleep(2 * pipeline.POLL_S)  # a few rounds
+        build_cache(train, iter([{HOOKS[1]: torch.ones(5, 576)}]), {})
+        held.release()
+
+    thread = threading.Thread(target=other_command)
+    thread.start()
+    try:
+        harvested = [r["harvested"] for r in spawn(_waiting_job, (args, str(log)), tmp_path)]
+    finally:
+        group_done.set()
+        thread.join()
+    assert f"being harvested by {os.getpid()}@" in log.read_text()
+    n_val = ActivationCache.open(cache_path(load_config(None, args), "val")).manifest["n_contexts"]
+    assert harvested == [[n_val // 2], [n_val - n_val // 2]]  # the val cache only: train was finished meanwhile

@@ -152,13 +152,10 @@ def chain_report(run: str | Path | Run, max_tokens: int | None = 32768, n_contex
     codes = [encode_all(s, x, max_tokens) for s, x in zip(saes, acts, strict=True)]
     pairs = [(t, u) for t in range(len(hooks)) for u in range(t + 1, len(hooks)) if direct or u == t + 1]
     matches = {}
-    mdir = run.analysis_dir / "matches"
-    mdir.mkdir(exist_ok=True)
     for t, u in pairs:
         # distances >= 2 only feed the decay curve: the sparse solver is a few times faster there
         how = {"solver": solver} if u == t + 1 else {"solver": "sparse", "candidates": candidates}
         matches[(t, u)] = m = match(saes[t], saes[u], codes=(codes[t], codes[u]), **how)
-        m.save(mdir / f"{hooks[t]}__{hooks[u]}.json")
         say(f"matched {hooks[t]} -> {hooks[u]}: mean cosine {m.score.nanmean():.3f} ({m.info['seconds']} s)")
     model = ctx = None
     n_ctx = run.config.eval_contexts if n_contexts is None and run.config else (n_contexts or 0)
@@ -197,9 +194,14 @@ def chain_report(run: str | Path | Run, max_tokens: int | None = 32768, n_contex
     out = {"run": str(run.path), "hookpoints": hooks, "tokens": codes[0].n_tokens, "contexts": n_ctx,
            "decay": similarity_decay(saes, matches), "shuffled_cosine": floor, "layers": layers,
            "matches": {f"{hooks[t]}__{hooks[u]}": m.summary() for (t, u), m in matches.items()}}
-    run.write_json("analysis/matching.json", out)
-    md = markdown(out, _plot(out, run.analysis_dir / "matching.png"))
-    atomic_write(run.analysis_dir / "matching.md", lambda p: p.write_text(md))
+    with run.writing_analysis():
+        mdir = run.analysis_dir / "matches"
+        mdir.mkdir(exist_ok=True)
+        for (t, u), m in matches.items():
+            m.save(mdir / f"{hooks[t]}__{hooks[u]}.json")
+        run.write_json("analysis/matching.json", out)
+        md = markdown(out, _plot(out, run.analysis_dir / "matching.png"))
+        atomic_write(run.analysis_dir / "matching.md", lambda p: p.write_text(md))
     if not quiet:
         print(md)
     return out

@@ -90,10 +90,11 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
             say(f"{h} {name}: {results['wall_time_s'][h][name]:.1f} s")
     out = run.analysis_dir
     name = "report" if full else "_".join(analyses)
-    run.write_json(f"analysis/{name}.json", results)
-    md = markdown(results, plots(results, out) if name == "report" else None)
-    if name == "report":
-        atomic_write(out / "report.md", lambda p: p.write_text(md))
+    with run.writing_analysis():
+        run.write_json(f"analysis/{name}.json", results)
+        md = markdown(results, plots(results, out) if name == "report" else None)
+        if name == "report":
+            atomic_write(out / "report.md", lambda p: p.write_text(md))
     print(md)
     return results
 
