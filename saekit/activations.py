@@ -42,10 +42,12 @@ def cache_key(**fields) -> str:
 
 def cache_path(cfg, split: str) -> Path:
     """Folder of the activation cache of one split of a TrainConfig (no model needed to find it):
-    `cache_dir` or $SAEKIT_CACHE/activations, then a hash of what determines the content."""
+    `cache_dir` or $SAEKIT_CACHE/activations, then a hash of what determines the content. The data
+    seed is hashed under the name `seed` (what it was called when it also seeded the SAE), so caches
+    built then keep their key; the training seed is not in the key."""
     root = Path(cfg.cache_dir) if cfg.cache_dir else saekit_cache() / "activations"
     key = cache_key(model=cfg.model, dataset=cfg.dataset, text_field=cfg.text_field, ctx_len=cfg.ctx_len,
-                    n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.seed,
+                    n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.data_seed,
                     hookpoints=sorted(cfg.hookpoints), split=split, format=FORMAT)
     return root / key
 
