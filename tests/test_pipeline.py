@@ -60,7 +60,7 @@ def test_killed_run_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
     assert steps == sorted(set(steps))  # no step logged twice
 
 
-def test_a_second_seed_reuses_the_cache(tiny, tmp_path, monkeypatch):
+def test_a_second_seed_reuses_the_cache(tiny, tmp_path, monkeypatch, capsys):
     assert run_cli(*tiny, "--out", str(tmp_path / "s0")) == 0
 
     def harvest(*args, **kwargs):
@@ -70,6 +70,14 @@ def test_a_second_seed_reuses_the_cache(tiny, tmp_path, monkeypatch):
     assert run_cli(*tiny, "--seed", "1", "--out", str(tmp_path / "s1")) == 0
     a, b = SAE.load(tmp_path / "s0" / HOOK), SAE.load(tmp_path / "s1" / HOOK)
     assert not torch.equal(a.W_dec, b.W_dec)  # the seed still starts the SAE elsewhere
+    # the two seeds' stability, as a verb and in `analyze` (the SAEs are young: little is shared)
+    s0, s1 = str(tmp_path / "s0"), str(tmp_path / "s1")
+    assert cli.main(["stability", s0, s1, "--json"]) == 0
+    res = json.loads((tmp_path / "s0" / "analysis" / "stability_s1.json").read_text())
+    assert 0 <= res["shared_0.9"] <= res["shared_0.7"] < 0.5 and res["cofiring"]["n_tokens"] > 500
+    assert cli.main(["analyze", "dead", s0, "--against", s1, "--quiet"]) == 0
+    assert "Seed stability against" in capsys.readouterr().out
+    assert cli.main(["stability", s0, s1, "--hookpoint", "blocks.3.hook_resid_post"]) == 2
     with pytest.raises(AssertionError, match="harvested"):  # another data seed is other data
         run_cli(*tiny, "--data_seed", "1", "--out", str(tmp_path / "d1"))
 
