@@ -47,10 +47,12 @@ def cache_root(cfg) -> Path:
 
 def cache_path(cfg, split: str) -> Path:
     """Folder of the activation cache of one split of a TrainConfig (no model needed to find it):
-    `cache_root`, then a hash of what determines the content."""
+    `cache_root`, then a hash of what determines the content. The data seed is hashed under the name
+    `seed` (what it was called when it also seeded the SAE), so caches built then keep their key; the
+    training seed is not in the key."""
     root = cache_root(cfg)
     key = cache_key(model=cfg.model, dataset=cfg.dataset, text_field=cfg.text_field, ctx_len=cfg.ctx_len,
-                    n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.seed,
+                    n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.data_seed,
                     hookpoints=sorted(cfg.hookpoints), split=split, format=FORMAT)
     return root / key
 

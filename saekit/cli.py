@@ -1,4 +1,5 @@
-"""The `saekit` command line: one verb per stage (train, cache, eval, analyze, match, export, atlas)."""
+"""The `saekit` command line: one verb per stage (train, cache, eval, analyze, match, stability, export,
+atlas)."""
 
 import argparse
 import sys
@@ -76,7 +77,24 @@ def _analyze(args, extra):
 
     analyze_run(args.run, ANALYSES if args.analysis == "all" else (args.analysis,), hookpoint=args.hookpoint,
                 activations=args.activations, tokens=args.tokens, words=args.words, f1_threshold=args.f1_threshold,
-                min_letters=args.min_letters, model=args.model, quiet=args.quiet)
+                min_letters=args.min_letters, model=args.model, quiet=args.quiet, against=args.against)
+
+
+def _stability(args, extra):
+    import json
+
+    from saekit.analyze.stability import markdown, run_stability
+    from saekit.io import atomic_write
+    from saekit.run import Run
+
+    run = Run.open(args.a)
+    h = run.hookpoint(args.hookpoint)
+    res = run_stability(run, args.b, h, args.activations, args.tokens).to_dict()
+    out = run.analysis_dir / f"stability_{Path(args.b).resolve().name}.json"
+    atomic_write(out, lambda p: p.write_text(json.dumps(res, indent=1)))
+    print(json.dumps(res, indent=1) if args.json else "\n".join(markdown(args.b, res)))
+    if not args.json:
+        print(f"saekit: stability written to {out}")
 
 
 def _match(args, extra):
@@ -287,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--words", type=int, default=3000, help="vocabulary words for absorption")
     a.add_argument("--f1-threshold", type=float, default=0.6, help="absorption: keep letters whose probe F1 >= this")
     a.add_argument("--min-letters", type=int, default=20, help="absorption: letters that must pass the probe")
+    a.add_argument("--against", default=None, help="another run of the same config (e.g. --seed 1): add the seed "
+                                                   "stability of each hookpoint against it")
     a.set_defaults(func=_analyze)
 
     mt = sub.add_parser("match", usage="saekit match A B [options] | saekit match RUN --chain [options]",
@@ -311,6 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--show", type=int, default=10, help="best pairs to print")
     mt.set_defaults(func=_match, strict=True)
 
+
+    st = sub.add_parser("stability", help="how much two runs' SAEs of one hookpoint agree (two seeds): matched "
+                                          "decoder/encoder cosines, shares >= 0.7 and 0.9, co-firing")
+    st.add_argument("a", help="run folder (or SAE folder) A; its held-out cache gives the co-firing tokens")
+    st.add_argument("b", help="run folder (or SAE folder) B")
+    st.add_argument("--hookpoint", default=None, help="the hookpoint to compare (needed when A has several)")
+    st.add_argument("--activations", default=None, help=ACTIVATIONS_HELP)
+    st.add_argument("--tokens", type=int, default=32768, help="held-out tokens for co-firing")
+    st.add_argument("--json", action="store_true", help="print the result as JSON")
+    st.set_defaults(func=_stability, strict=True)
 
     x = sub.add_parser("export", help="write a run's SAEs (or any SAE folder saekit loads) in another tool's format")
     x.add_argument("run", help="a run folder or an SAE folder (saekit, SAELens, sparsify, dictionary_learning, "
@@ -353,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--json", action="store_true", help="JSON instead of a table")
     at.set_defaults(func=_atlas, strict=True)
 
-    for s in (t, c, e, a, mt, x, at):
+    for s in (t, c, e, a, mt, st, x, at):
         s.add_argument("--quiet", action="store_true", help="no progress bars")
     for s in (e, a, x):
         s.set_defaults(strict=True)

@@ -33,12 +33,14 @@ class TrainConfig:
     n_tokens: int = 350_000  # training tokens harvested once, then reused for every epoch
     epochs: int = 3
     val_tokens: int = 32_768  # held-out tokens for evaluation (never trained on)
+    data_seed: int = 0  # which contexts, and the train/held-out split (part of the activation cache's key)
     # -- the SAE -------------------------------------------------------------------------
     architecture: Literal["topk", "batchtopk"] = "topk"  # k per token | k*B per batch (Bussmann et al. 2024)
     expansion: int = 16  # n_latents = expansion * d_in unless n_latents is set
     n_latents: int | None = None
     k: int = 32
-    init: Literal["tied", "subspace"] = "tied"  # random directions | inside the data's principal subspace
+    # random directions | inside the data's principal subspace | normalised centred activation samples
+    init: Literal["tied", "subspace", "data"] = "tied"
     subspace_rank: int | None = None  # fixed r for subspace init; None: smallest r with subspace_variance
     subspace_variance: float = 0.99
     ortho_penalty: float = 0.0  # OrtSAE weight gamma (0.25 in the paper); 0 = off
@@ -53,7 +55,7 @@ class TrainConfig:
     dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
     on_nonfinite: Literal["skip", "stop"] = "stop"  # NaN/Inf in a batch or loss: skip it (no update) | stop
     # -- run -----------------------------------------------------------------------------
-    seed: int = 0
+    seed: int = 0  # initialisation and batch order (not the data: runs of several seeds share one cache)
     device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
     out: str = "runs/default"
     cache_dir: str | None = None  # activation cache root; None: $SAEKIT_CACHE/activations

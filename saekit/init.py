@@ -1,6 +1,6 @@
-"""SAE initialisation from a sample of (scaled) activations: random (tied) decoder directions, or
-directions inside the activations' principal subspace (Wang et al. 2025); b_dec at their
-geometric median."""
+"""SAE initialisation from a sample of (scaled) activations: random (tied) decoder directions,
+directions inside the activations' principal subspace (Wang et al. 2025), or the sample's own
+centred directions (data); b_dec at their geometric median."""
 
 import torch
 
@@ -8,7 +8,7 @@ from saekit.errors import SaekitError
 from saekit.linalg import effective_dimension
 from saekit.sae import SAE
 
-INITS = ("tied", "subspace")
+INITS = ("tied", "subspace", "data")
 
 
 @torch.no_grad()
@@ -52,6 +52,8 @@ def init_sae(sae: SAE, sample: torch.Tensor, init: str = "tied", generator: torc
     (`W_enc = W_dec`), unit decoder rows (Gao et al. 2024). "tied": random decoder
     directions. "subspace": random directions inside the sample's principal subspace, so
     no latent starts outside the low-rank span the activations live in (Wang et al. 2025).
+    "data": each row the direction of a distinct sample row minus the geometric median, so every
+    latent starts on a direction the data takes (rows beyond the sample's size stay random).
     """
     if init not in INITS:
         raise SaekitError(f"init must be one of {INITS}, got {init!r}")
@@ -64,8 +66,13 @@ def init_sae(sae: SAE, sample: torch.Tensor, init: str = "tied", generator: torc
         report["subspace_rank"] = P.shape[1]
     else:
         W = torch.randn(m, d, generator=generator)
-    sae.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
+    median = geometric_median(sample.to(sae.b_dec))
+    if init == "data":
+        rows = torch.randperm(len(sample), generator=generator)[:m]
+        W[: len(rows)] = sample[rows] - median.to(sample)
+        report["data_rows"] = len(rows)
+    sae.W_dec.copy_(W / W.norm(dim=1, keepdim=True).clamp_min(1e-12))
     sae.W_enc.copy_(sae.W_dec)
     sae.b_enc.zero_()
-    sae.b_dec.copy_(geometric_median(sample.to(sae.b_dec)))
+    sae.b_dec.copy_(median)
     return report

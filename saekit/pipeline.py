@@ -24,14 +24,15 @@ from saekit.trainer import INIT_SAMPLE, Trainer, run_steps
 
 
 def contexts(cfg: TrainConfig, tokenizer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Packed token contexts and masks: {"train": ..., "val": ...}, disjoint and seeded."""
+    """Packed token contexts and masks: {"train": ..., "val": ...}, disjoint and seeded by `data_seed`."""
     texts = data.load_texts(cfg.dataset, text_field=cfg.text_field)
-    tokens, mask = data.pack_contexts(texts, tokenizer, cfg.ctx_len, cfg.n_tokens + cfg.val_tokens, cfg.seed)
+    tokens, mask = data.pack_contexts(texts, tokenizer, cfg.ctx_len, cfg.n_tokens + cfg.val_tokens,
+                                      cfg.data_seed)
     n_val = max(1, math.ceil(cfg.val_tokens / max(1.0, float(mask.sum()) / len(mask))))
     if n_val >= len(tokens):
         raise SaekitError(f"dataset {cfg.dataset!r} is too small: {int(mask.sum())} tokens for "
                           f"n_tokens={cfg.n_tokens} plus val_tokens={cfg.val_tokens}")
-    (tt, tm), (vt, vm) = data.split_contexts(tokens, mask, n_val, cfg.seed)
+    (tt, tm), (vt, vm) = data.split_contexts(tokens, mask, n_val, cfg.data_seed)
     return {"train": (tt, tm), "val": (vt, vm)}
 
 
@@ -86,8 +87,8 @@ def _harvest(cfg: TrainConfig, model, split: str, tokens, mask, path: Path, quie
     firsts = range(0, len(toks), b)
     chunks = ({**a, **row_fields(toks[s : s + b], m[s : s + b], start + s)} for a, s in zip(acts, firsts, strict=True))
     dist.together(lambda: build_cache(path, chunks, share, chunks_done=done, part=r))
-    meta = {"model": cfg.model, "dataset": cfg.dataset, "split": split, "ctx_len": cfg.ctx_len, "seed": cfg.seed,
-            "n_contexts": len(tokens), "processes": world}
+    meta = {"model": cfg.model, "dataset": cfg.dataset, "split": split, "ctx_len": cfg.ctx_len,
+            "data_seed": cfg.data_seed, "n_contexts": len(tokens), "processes": world}
     dist.main_first(lambda: merge_parts(path, world, meta))
     return ActivationCache.open(path)
 

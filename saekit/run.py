@@ -95,6 +95,8 @@ class Run:
                 raise SaekitError(f"{path / CONFIG} is corrupt: {e}") from None
             if not isinstance(values, dict):
                 raise SaekitError(f"{path / CONFIG} is corrupt: expected a JSON object")
+            # runs saved before data_seed existed drew their data with their one seed
+            values.setdefault("data_seed", values.get("seed", 0))
             try:
                 cfg = make_config(TrainConfig, values)
             except SaekitError as e:

@@ -8,7 +8,7 @@ import torch
 
 import saekit
 from saekit import cli
-from saekit.analyze import universality
+from saekit.analyze import stability, universality
 from saekit.analyze.crosslayer import cofiring, layer_skip, similarity_decay
 from saekit.codes import encode_all
 from saekit.errors import SaekitError
@@ -76,6 +76,30 @@ def test_planted_permutation_is_recovered(solver):
     assert m.score.min() > 0.8 and len(set(m.b_for_a.tolist())) == 1024  # one-to-one
     assert list(m.table.columns) == ["latent_a", "latent_b", "score"] and len(m.table) == 1024
     torch.testing.assert_close(m.a_for_b[m.b_for_a], torch.arange(1024))
+
+
+def test_stability_of_a_permuted_noised_copy_and_of_independent_dictionaries():
+    a, b, _ = sae_pair(m=1024, d=64, noise=0.02)  # B: a permuted copy of A, decoder rows noised
+    with torch.no_grad():
+        b.W_enc.add_(0.02 * torch.randn(b.W_enc.shape, generator=torch.Generator().manual_seed(5)))
+    x = torch.randn(4000, 64, generator=torch.Generator().manual_seed(6))
+    same = stability(a, b, activations=x).to_dict()
+    assert same["shared_0.7"] >= 0.99 and same["shared_0.9"] >= 0.99
+    assert same["encoder"]["shared_0.9"] >= 0.99 and same["shared_both"] >= 0.99
+    assert same["decoder"]["p10"] > 0.95 and same["null_mean"] < 0.45  # a random dictionary matches far worse
+    assert same["cofiring"]["n_tokens"] == 4000 and same["cofiring"]["mean_jaccard"] > 0.5
+
+    other, _, _ = sae_pair(m=1024, d=64, seed=9)  # an independent random dictionary
+    indep = stability(a, other, activations=x).to_dict()
+    assert indep["shared_0.7"] <= 0.002 and indep["encoder"]["shared_0.7"] <= 0.002
+    assert abs(indep["decoder"]["mean"] - indep["null_mean"]) < 0.02  # no better than chance
+    assert indep["cofiring"]["mean_jaccard"] < 0.1
+
+    _, sub, _ = sae_pair(m=1024, d=64, noise=0.02, m_b=512)  # half of A: fractions are of the smaller SAE
+    half = stability(a, sub, solver="sparse").to_dict()
+    assert half["solver"] == "sparse" and half["n_latents_b"] == 512 and half["shared_0.9"] >= 0.99
+    with pytest.raises(SaekitError, match="d_in differs"):
+        stability(a, SAE(SAEConfig(32, 64, 4)))
 
 
 def test_sparse_agrees_with_exact_where_matches_are_not_obvious():

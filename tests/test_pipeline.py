@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from saekit import cli, pipeline
-from saekit.activations import ActivationCache, build_cache, merge_parts, resume_point
-from saekit.config import load_config
+from saekit.activations import ActivationCache, build_cache, cache_path, merge_parts, resume_point
+from saekit.config import TrainConfig, load_config
 from saekit.errors import SaekitError
+from saekit.run import Run
 from saekit.sae import SAE
 from saekit.trainer import Trainer
 
@@ -64,6 +65,39 @@ def test_killed_run_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
         torch.testing.assert_close(p, getattr(b, n), rtol=1e-4, atol=1e-5, msg=n)
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # no step logged twice
+
+
+def test_a_second_seed_reuses_the_cache(tiny, tmp_path, monkeypatch, capsys):
+    assert run_cli(*tiny, "--out", str(tmp_path / "s0")) == 0
+
+    def harvest(*args, **kwargs):
+        raise AssertionError("a second seed harvested again")
+
+    monkeypatch.setattr(pipeline.lm, "harvest", harvest)
+    assert run_cli(*tiny, "--seed", "1", "--out", str(tmp_path / "s1")) == 0
+    a, b = SAE.load(tmp_path / "s0" / HOOK), SAE.load(tmp_path / "s1" / HOOK)
+    assert not torch.equal(a.W_dec, b.W_dec)  # the seed still starts the SAE elsewhere
+    # the two seeds' stability, as a verb and in `analyze` (the SAEs are young: little is shared)
+    s0, s1 = str(tmp_path / "s0"), str(tmp_path / "s1")
+    assert cli.main(["stability", s0, s1, "--json"]) == 0
+    res = json.loads((tmp_path / "s0" / "analysis" / "stability_s1.json").read_text())
+    assert 0 <= res["shared_0.9"] <= res["shared_0.7"] < 0.5 and res["cofiring"]["n_tokens"] > 500
+    assert cli.main(["analyze", "dead", s0, "--against", s1, "--quiet"]) == 0
+    assert "Seed stability against" in capsys.readouterr().out
+    assert cli.main(["stability", s0, s1, "--hookpoint", "blocks.3.hook_resid_post"]) == 2
+    with pytest.raises(AssertionError, match="harvested"):  # another data seed is other data
+        run_cli(*tiny, "--data_seed", "1", "--out", str(tmp_path / "d1"))
+
+    # the default data seed keeps the key caches had when one seed picked data and init (pinned)
+    assert [cache_path(TrainConfig(cache_dir="c"), s).name for s in ("train", "val")] == [
+        "598da2f8cee7ef1d", "5e72516521ae41ee"]
+    assert cache_path(TrainConfig(cache_dir="c", data_seed=1, seed=1), "train").name == "8e793e9e0ce3c87d"
+    # a run saved before data_seed existed drew its data with its seed, and finds that cache
+    old = json.loads((tmp_path / "s1" / "config.json").read_text())
+    del old["data_seed"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    assert Run.open(tmp_path / "old").config.data_seed == 1
 
 
 def test_bad_inputs_exit_cleanly(tiny, tmp_path, capsys):

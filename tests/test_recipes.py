@@ -121,3 +121,15 @@ def test_batchtopk_l0_and_threshold_inference():
     vals, _ = sae.encode(x[24_000:])
     l0 = float((vals > 0).sum(1).double().mean())
     assert abs(l0 - 6) / 6 <= 0.10, l0
+
+
+def test_data_init_starts_each_row_on_a_distinct_centred_sample():
+    g = torch.Generator().manual_seed(2)
+    sample = torch.randn(300, 16, generator=g) + 5
+    sae = SAE(SAEConfig(d_in=16, n_latents=400, k=4))
+    assert init_sae(sae, sample, "data", g)["data_rows"] == 300
+    cos = sae.W_dec[:300] @ unit(sample - sae.b_dec).T
+    best = cos.max(1)
+    assert (best.values > 1 - 1e-5).all() and len(best.indices.unique()) == 300
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(400))  # the rest: random unit rows
+    torch.testing.assert_close(sae.W_enc, sae.W_dec)

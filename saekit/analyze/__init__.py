@@ -13,8 +13,9 @@ from saekit.analyze.geometry import (
     lobes,
     multidim_features,
 )
+from saekit.analyze.stability import StabilityResult, stability
 from saekit.analyze.universality import UniversalityResult, universality
 
-__all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult", "UniversalityResult",
-           "absorption", "collapse", "crystals", "dead", "decoder_collapse", "geometry", "geometry_bundle", "lobes",
-           "multidim_features", "universality"]
+__all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult", "StabilityResult",
+           "UniversalityResult", "absorption", "collapse", "crystals", "dead", "decoder_collapse", "geometry",
+           "geometry_bundle", "lobes", "multidim_features", "stability", "universality"]

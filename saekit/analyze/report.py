@@ -9,7 +9,9 @@ they need the optional `plots` extra, matplotlib). A single analysis writes
 .safetensors file) or the run's own held-out activation cache; absorption loads the run's model
 (or `--model`), and `all` skips it, with a note in the report, for an SAE that names no model
 (e.g. one from `saekit.fit`). Geometry needs no activations for its decoder-only part: without any (a bare SAE
-folder and no `--activations`) it skips lobes and multi-dimensional features.
+folder and no `--activations`) it skips lobes and multi-dimensional features. With `--against
+RUN_B` (another seed of the same config) the report adds each hookpoint's seed stability against
+RUN_B (`saekit.analyze.stability`).
 """
 
 import time
@@ -20,6 +22,8 @@ from saekit.analyze.collapse import collapse
 from saekit.analyze.common import Result
 from saekit.analyze.dead import dead
 from saekit.analyze.geometry import geometry_bundle
+from saekit.analyze.stability import markdown as stability_markdown
+from saekit.analyze.stability import run_stability
 from saekit.errors import SaekitError
 from saekit.io import atomic_write, md_table
 from saekit.run import Run
@@ -56,9 +60,10 @@ def _activations(run: Run, h: str, path: str | None, analyses: tuple[str, ...]):
 def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hookpoint: str | None = None,
                 activations: str | None = None, tokens: int | None = None, words: int = 3000,
                 f1_threshold: float = 0.6, min_letters: int = 20, model: str | None = None,
-                quiet: bool = False) -> dict:
+                quiet: bool = False, against: str | Path | None = None) -> dict:
     """Run `analyses` on every hookpoint of `run` (or just `hookpoint`); returns every number
-    as `{hookpoint: {analysis: dict}}` plus `wall_time_s`, and writes RUN/analysis/."""
+    as `{hookpoint: {analysis: dict}}` plus `wall_time_s`, and writes RUN/analysis/. With
+    `against` (another run of the same hookpoints), each hookpoint's `stability` too."""
     run = run if isinstance(run, Run) else Run.open(run)
     hooks = run.hookpoints if hookpoint is None else [run.hookpoint(hookpoint)]
     acts = {h: _activations(run, h, activations, tuple(analyses)) for h in hooks}
@@ -88,6 +93,12 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
             results[h][name] = res if isinstance(res, dict) else res.to_dict()
             results["wall_time_s"][h][name] = round(time.perf_counter() - t0, 2)
             say(f"{h} {name}: {results['wall_time_s'][h][name]:.1f} s")
+        if against is not None:
+            t0 = time.perf_counter()
+            results[h]["stability"] = {"against": str(against),
+                                       **run_stability(run, against, h, activations, tokens).to_dict()}
+            results["wall_time_s"][h]["stability"] = round(time.perf_counter() - t0, 2)
+            say(f"{h} stability: {results['wall_time_s'][h]['stability']:.1f} s")
     out = run.analysis_dir
     name = "report" if full else "_".join(analyses)
     with run.writing_analysis():
@@ -139,6 +150,8 @@ def markdown(results: dict, plot_note: list[str] | None = None) -> str:
                                for r in a["table"]]), ""]
         if g := res.get("geometry"):
             lines += _geometry_markdown(g)
+        if st := res.get("stability"):
+            lines += stability_markdown(st["against"], st)
     skipped = [f"Skipped {a}: {why}." for a, why in results.get("skipped", {}).items()]
     lines += skipped + ([""] if skipped else [])
     lines += ["## Wall time (s)", "", md_table([{"hookpoint": h, **t} for h, t in results["wall_time_s"].items()]), ""]

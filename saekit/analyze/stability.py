@@ -1,0 +1,113 @@
+"""How much two SAEs trained on the same activations agree (Paulo & Belrose 2025, "Sparse
+Autoencoders Trained on the Same Data Learn Different Features").
+
+The latents are matched one-to-one (`saekit.matching.match`, exact or sparse-candidate
+assignment) on their decoder rows, and separately on their encoder rows; a latent is *shared* at
+threshold t when its matched partner's row has cosine >= t with its own. Shared fractions are of
+the smaller SAE's latents, the most that can be matched. On held-out tokens, each decoder-matched
+pair's co-firing is the Jaccard index of the two latents' firing sets (over the pairs where
+either fires). The null is A matched
+against a random unit dictionary of B's size: what matching alone gives with nothing shared.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saekit.analyze.common import Activations, Result
+from saekit.analyze.crosslayer import cofiring
+from saekit.codes import encode_all
+from saekit.errors import SaekitError
+from saekit.io import md_table
+from saekit.matching import Match, match
+from saekit.run import Run
+from saekit.sae import SAE, SAEConfig
+
+THRESHOLDS = (0.7, 0.9)
+
+
+@dataclass
+class StabilityResult(Result):
+    n_latents_a: int
+    n_latents_b: int
+    solver: str  # the matching's solver ("exact" or "sparse" under "auto")
+    decoder: dict  # matched decoder cosines: mean, quantiles, shared_0.7, shared_0.9
+    encoder: dict  # the same for encoder rows, matched on their own
+    shared_both: float = math.nan  # share of decoder-matched pairs with decoder and encoder cosine >= 0.7
+    null_mean: float = math.nan  # mean matched decoder cosine of A against a random unit dictionary
+    cofiring: dict | None = None  # Jaccard of the decoder-matched pairs' firing sets (crosslayer.cofiring)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        return {"shared_0.7": self.decoder["shared_0.7"], "shared_0.9": self.decoder["shared_0.9"], **d}
+
+
+def _rows_sae(rows: torch.Tensor, k: int) -> SAE:
+    """An SAE whose decoder rows are `rows [m, d]`, so the decoder matching pairs any set of rows."""
+    sae = SAE(SAEConfig(rows.shape[1], rows.shape[0], min(k, rows.shape[0])))
+    with torch.no_grad():
+        sae.W_dec.copy_(rows)
+    return sae
+
+
+def _summary(m: Match, n_min: int) -> dict:
+    s = m.score[m.b_for_a >= 0].double()
+    q = s.quantile(torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)).tolist()
+    return {"mean": float(s.mean()), "p10": q[0], "p25": q[1], "median": q[2], "p75": q[3], "p90": q[4],
+            **{f"shared_{t}": float((s >= t).sum()) / n_min for t in THRESHOLDS}}
+
+
+def stability(sae_a: SAE, sae_b: SAE, activations: Activations | None = None, max_tokens: int | None = None,
+              solver: str = "auto", candidates: int = 16, seed: int = 0) -> StabilityResult:
+    """Agreement of two SAEs of one hookpoint (see the module docstring). `activations` (a tensor,
+    or a stream that can be read twice: both SAEs read the same tokens) adds co-firing."""
+    if sae_a.d_in != sae_b.d_in:
+        raise SaekitError(f"stability compares two SAEs of one hookpoint, but d_in differs ({sae_a.d_in} vs "
+                          f"{sae_b.d_in}); saekit.match(..., method='activations') compares across widths")
+    n_min = min(sae_a.n_latents, sae_b.n_latents)
+    dec = match(sae_a, sae_b, "decoder", solver, candidates, fold="norm")
+    enc_a, enc_b = (_rows_sae(s.W_enc.detach().float().cpu(), s.k) for s in (sae_a, sae_b))
+    enc = match(enc_a, enc_b, "decoder", solver, candidates, fold="norm")
+    ok = dec.b_for_a >= 0
+    wa, wb = (torch.nn.functional.normalize(s.W_enc.detach().float().cpu(), dim=1) for s in (sae_a, sae_b))
+    enc_of_dec = (wa[ok] * wb[dec.b_for_a[ok]]).sum(1)
+    both = float(((dec.score[ok] >= 0.7) & (enc_of_dec >= 0.7)).sum()) / n_min
+    g = torch.Generator().manual_seed(1_000_003 + seed)  # not the stream of a plain seed-0 generator
+    rand = _rows_sae(torch.randn(sae_b.n_latents, sae_b.d_in, generator=g), sae_b.k)
+    null = match(sae_a, rand, "decoder", solver, candidates, fold="norm")
+    cofire = None
+    if activations is not None:
+        ca, cb = encode_all(sae_a, activations, max_tokens), encode_all(sae_b, activations, max_tokens)
+        if ca.n_tokens != cb.n_tokens:
+            raise SaekitError("the activation stream gave the two SAEs different tokens; pass a tensor or a "
+                              "stream that can be read twice")
+        cofire = {"n_tokens": ca.n_tokens, **cofiring(ca, cb, dec.b_for_a)}
+    return StabilityResult(sae_a.n_latents, sae_b.n_latents, dec.solver, _summary(dec, n_min), _summary(enc, n_min),
+                           both, float(null.score[null.b_for_a >= 0].mean()), cofire)
+
+
+def run_stability(run_a: Run | str | Path, run_b: Run | str | Path, hookpoint: str | None = None,
+                  activations: str | None = None, max_tokens: int | None = None) -> StabilityResult:
+    """`stability` of the SAEs of one hookpoint in two runs (e.g. two seeds of one config), with
+    co-firing on `activations` (a cache folder or .safetensors file) or run A's held-out cache."""
+    a, b = (r if isinstance(r, Run) else Run.open(r) for r in (run_a, run_b))
+    h = a.hookpoint(hookpoint)
+    sae_b = b.sae(None if b.bare else h)
+    acts = a.activations(h, path=activations) if activations or not a.bare else None
+    return stability(a.sae(h), sae_b, acts, max_tokens)
+
+
+def markdown(name_b: str, s: dict) -> list[str]:
+    """Report lines for a `StabilityResult.to_dict()` against run `name_b`."""
+    rows = [{"rows": part, **{k: s[part][k] for k in ("mean", "p10", "median", "p90", "shared_0.7", "shared_0.9")}}
+            for part in ("decoder", "encoder")]
+    lines = [f"### Seed stability against `{name_b}`", "", md_table(rows), "",
+             f"Shared at decoder and encoder cosine >= 0.7: {s['shared_both']:.4g} of the smaller SAE's "
+             f"{min(s['n_latents_a'], s['n_latents_b'])} latents; matched against a random unit dictionary the "
+             f"mean decoder cosine is {s['null_mean']:.4g} ({s['solver']} matching)."]
+    if c := s.get("cofiring"):
+        lines.append(f"Co-firing on {c['n_tokens']} held-out tokens: mean Jaccard {c['mean_jaccard']:.4g} over "
+                     f"{c['pairs']} pairs that fire, {c['share_jaccard_ge_0.5']:.4g} of them >= 0.5.")
+    return lines + [""]
