@@ -405,6 +405,9 @@ class SAE(nn.Module):
     def save(self, path: str | os.PathLike, extra: dict | None = None, format: str = "saekit") -> Path:
         """Write `path/cfg.json` and `path/sae.safetensors` (each atomically); `format="sae-lens"`
         writes SAELens's layout instead (cfg.json + sae_weights.safetensors, see saekit.formats)."""
+        if format != "saekit" and self.cfg.sources:
+            raise SaekitError("SAELens has no crosscoder or transcoder format; saekit's own folder (format saekit: "
+                              "cfg.json + sae.safetensors with sources, targets and dims) is this dictionary's export")
         if format != "saekit":
             return export(asdict(self.cfg), self.tensors(), path, format)
         path = Path(path)
