@@ -195,7 +195,8 @@ class Trainer:
                                   "NaN or Inf" if len(parts) > 1 else f"every activation of hookpoint {name!r} in the "
                                   "initialisation sample is NaN or Inf")
             xs = {n: t[ok] for n, t in xs.items()}
-            for n, t in xs.items():
+            for n, t in xs.items():  # unit RMS; with several parts, of each one's deviations from its mean,
+                t = t - t.mean(0) if len(parts) > 1 else t  # so a large offset does not shrink one part's features
                 self.scales[n] = float(t.pow(2).sum(1).mean().div(dims[n]).sqrt().clamp_min(1e-8))
             m = cfg.n_latents or cfg.expansion * max(dims[n] for n in sources)
             groups = matryoshka_ends(cfg.matryoshka_groups, m) if cfg.architecture == "matryoshka" else None

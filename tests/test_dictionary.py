@@ -2,6 +2,7 @@
 (bit for bit against the pre-generalisation trainer), crosscoders, transcoders, Matryoshka and
 JumpReLU; config refusals; saving, loading and resuming every family."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -261,3 +262,26 @@ def test_every_family_resumes_exactly(tmp_path, values):
     assert run.hookpoints == [name]
     model = run.sae(name)
     assert isinstance(model, Crosscoder) == ("sources" in values)
+
+
+def test_cli_trains_and_evaluates_a_transcoder_from_cached_activations(tmp_path, capsys):
+    """`saekit train` with sources/targets on finished caches (no model needed): one transcoder
+    folder, its evaluation per target, and the run opens with it."""
+    from saekit import cli
+    from saekit.activations import cache_path
+
+    values = {"sources": ["a"], "targets": ["b"], "n_latents": 32, "k": 3, "batch_size": 500, "epochs": 1,
+              "n_tokens": 6000, "val_tokens": 1000, "cache_dir": str(tmp_path / "cache"), "out": str(tmp_path / "run"),
+              "dead_tokens": 1000}
+    cfg = make_config(TrainConfig, dict(values))
+    for split in ("train", "val"):
+        _family_cache(cache_path(cfg, split))
+    args = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
+    assert cli.main(["train", *args, "--quiet"]) == 0
+    run = Run.open(tmp_path / "run")
+    assert run.hookpoints == ["transcoder"]
+    tc = run.sae("transcoder")
+    assert isinstance(tc, Crosscoder) and (tc.sources, tc.targets) == (["a"], ["b"])
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())["transcoder"]
+    assert 0 < ev["fvu/b"] == ev["fvu"] < 1
+    assert {tuple(x.shape[1:]) for x in run.activations("transcoder")} == {(12,)}  # what its encode reads
