@@ -48,7 +48,7 @@ def fvu(x_hat, x):
 def test_one_source_is_the_sae_bit_for_bit(arch, monkeypatch):
     """fit on a tensor (an SAE) and on {"x": tensor} (a one-source crosscoder) give exactly what
     the trainer gave before the SAE became the dictionary's one-source case."""
-    monkeypatch.setattr("saekit.sae.cpu_encoder_bf16", lambda: False)  # the fixture's fp32 encoder
+    monkeypatch.setenv("SAEKIT_ENCODER", "fp32")  # the fixture's fp32 encoder
     ref = load_file(FIXTURES / "fit_reference.safetensors")
     x = reference_data()
     sae = fit(x, architecture=arch, **REFERENCE_FIT)
