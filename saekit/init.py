@@ -53,7 +53,8 @@ def init_sae(sae: SAE, sample: torch.Tensor, init: str = "tied", generator: torc
     directions. "subspace": random directions inside the sample's principal subspace, so
     no latent starts outside the low-rank span the activations live in (Wang et al. 2025).
     "data": each row the direction of a distinct sample row minus the geometric median, so every
-    latent starts on a direction the data takes (rows beyond the sample's size stay random).
+    latent starts on a direction the data takes (rows beyond the sample's size stay random), and
+    the encoder scaled by the factor that best reconstructs the sample.
     """
     if init not in INITS:
         raise SaekitError(f"init must be one of {INITS}, got {init!r}")
@@ -75,4 +76,11 @@ def init_sae(sae: SAE, sample: torch.Tensor, init: str = "tied", generator: torc
     sae.W_enc.copy_(sae.W_dec)
     sae.b_enc.zero_()
     sae.b_dec.copy_(median)
+    if init == "data":  # rows on data directions all fire strongly together: scale the codes by the
+        # least-squares factor on the sample (TopK's choice is scale-free), else x_hat starts k times too long
+        x = sample.to(sae.b_dec) - median
+        x_hat = sae.decode(*sae.encode(sample.to(sae.b_dec))) - median
+        scale = float((x * x_hat).sum() / x_hat.pow(2).sum().clamp_min(1e-12))
+        sae.W_enc.mul_(max(scale, 1e-6))
+        report["encoder_scale"] = scale
     return report
