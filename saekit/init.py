@@ -75,7 +75,8 @@ def init_sae(sae: SAE, sample: torch.Tensor, init: str = "tied", generator: torc
     directions. "subspace": random directions inside the sample's principal subspace, so no
     latent starts outside the low-rank span the activations live in (Wang et al. 2025).
     "data": each row the direction of a distinct sample row minus the geometric median, so every
-    latent starts on a direction the data takes.
+    latent starts on a direction the data takes, and the encoder scaled by the factor that best
+    reconstructs the sample.
     """
     if init not in INITS:
         raise SaekitError(f"init must be one of {INITS}, got {init!r}")
@@ -95,6 +96,13 @@ def init_sae(sae: SAE, sample: torch.Tensor, init: str = "tied", generator: torc
     if hasattr(sae, "b_in"):
         inputs = [sample[:, sae.part_slice(s, False)] for s in sae.cfg.source_names if s not in sae.cfg.target_names]
         sae.b_in.copy_(geometric_median(torch.cat(inputs, 1).to(sae.b_in)))
+    if init == "data":  # rows on data directions all fire strongly together: scale the codes by the
+        # least-squares factor on the sample (TopK's choice is scale-free), else x_hat starts k times too long
+        x = target.to(sae.b_dec) - median
+        x_hat = sae.decode(*sae.encode(sample.to(sae.b_dec))) - median
+        scale = float((x * x_hat).sum() / x_hat.pow(2).sum().clamp_min(1e-12))
+        sae.W_enc.mul_(max(scale, 1e-6))
+        report["encoder_scale"] = scale
     return report
 
 

@@ -127,9 +127,13 @@ def test_data_init_starts_each_row_on_a_distinct_centred_sample():
     g = torch.Generator().manual_seed(2)
     sample = torch.randn(300, 16, generator=g) + 5
     sae = SAE(SAEConfig(d_in=16, n_latents=400, k=4))
-    assert init_sae(sae, sample, "data", g)["data_rows"] == 300
+    report = init_sae(sae, sample, "data", g)
+    assert report["data_rows"] == 300
     cos = sae.W_dec[:300] @ unit(sample - sae.b_dec).T
     best = cos.max(1)
     assert (best.values > 1 - 1e-5).all() and len(best.indices.unique()) == 300
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(400))  # the rest: random unit rows
-    torch.testing.assert_close(sae.W_enc, sae.W_dec)
+    torch.testing.assert_close(sae.W_enc, report["encoder_scale"] * sae.W_dec)
+    with torch.no_grad():  # the scaled codes reconstruct the sample better than its median alone
+        err = (sae(sample) - sample).pow(2).sum() / (sample - sae.b_dec).pow(2).sum()
+    assert 0 < report["encoder_scale"] < 1 and err < 1
