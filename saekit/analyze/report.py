@@ -20,7 +20,7 @@ from saekit.analyze.common import Result
 from saekit.analyze.dead import dead
 from saekit.analyze.geometry import geometry_bundle
 from saekit.errors import SaekitError
-from saekit.io import atomic_write, md_table
+from saekit.io import Phases, atomic_write, md_table
 from saekit.run import Run
 from saekit.sae import SAE
 
@@ -68,19 +68,21 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
         if not name:
             raise SaekitError(f"{run.path} names no model; pass --model NAME (e.g. smollm2-135m or a local HF folder) "
                               "so absorption can run it")
-        lm = load_model(name)
-    say = (lambda *a: None) if quiet else print
+        with Phases("analyze", quiet) as say:
+            say.step(f"loading {name}")
+            lm = load_model(name)
     results: dict = {"run": str(run.path), "wall_time_s": {}}
     for h in hooks:
         sae = run.sae(h)
         results[h], results["wall_time_s"][h] = {}, {}
         for name in analyses:
-            t0 = time.perf_counter()
-            res = _analyse(name, run, h, sae, acts[h], lm, tokens, quiet, n_words=words,
-                           f1_threshold=f1_threshold, min_letters=min_letters)
+            with Phases(h, quiet) as say:  # absorption adds a bar and lines of its own
+                say.step(name)
+                t0 = time.perf_counter()
+                res = _analyse(name, run, h, sae, acts[h], lm, tokens, quiet, n_words=words,
+                               f1_threshold=f1_threshold, min_letters=min_letters)
             results[h][name] = res if isinstance(res, dict) else res.to_dict()
             results["wall_time_s"][h][name] = round(time.perf_counter() - t0, 2)
-            say(f"{h} {name}: {results['wall_time_s'][h][name]:.1f} s")
     out = run.analysis_dir
     name = "report" if tuple(analyses) == ANALYSES else "_".join(analyses)
     run.write_json(f"analysis/{name}.json", results)
