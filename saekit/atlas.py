@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from saekit.errors import SaekitError
+from saekit.io import Phases
 from saekit.lock import FileLock
 from saekit.run import choose_hookpoint
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ATLAS_FILE = "atlas.sqlite"
 TOP, QUANTILES, HIST_BINS, WINDOW, N_LOGITS, N_NEIGHBOURS = 20, 5, 10, 8, 10, 10
 
@@ -40,7 +41,8 @@ CREATE TABLE hookpoints (name TEXT PRIMARY KEY, n_latents INTEGER, d_in INTEGER,
 CREATE TABLE vocab (id INTEGER PRIMARY KEY, text TEXT);
 CREATE TABLE features (hookpoint TEXT, latent INTEGER, n_fires INTEGER, density REAL, mean_act REAL, max_act REAL,
                        hist TEXT, logit_hist TEXT, label TEXT, label_token INTEGER, label_score REAL,
-                       label_precision REAL, label_recall REAL, top_text TEXT, PRIMARY KEY (hookpoint, latent));
+                       label_precision REAL, label_recall REAL, label_top_share REAL, label_quantile_share TEXT,
+                       top_text TEXT, PRIMARY KEY (hookpoint, latent));
 CREATE TABLE examples (hookpoint TEXT, latent INTEGER, kind TEXT, rank INTEGER, row INTEGER, max_act REAL,
                        peak INTEGER, peak_token INTEGER, tokens TEXT, acts TEXT);
 CREATE INDEX examples_latent ON examples (hookpoint, latent, kind);
@@ -126,6 +128,8 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
                        total=total)
     n = codes.n_tokens
     ctx, pos, tok = (rows[f][:n].long() for f in ("_context", "_position", "_token"))
+    say = Phases(f"atlas {h}", quiet)  # the steps after the encoding bar, each a few seconds to a minute
+    say.step("sorting the codes, top contexts, labels")
 
     # the nonzero codes, ordered by latent, then activation descending
     flat = codes.values.flatten()
@@ -175,7 +179,14 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     pick = torch.full((m * QUANTILES,), torch.iinfo(torch.long).max).scatter_reduce_(
         0, lat * QUANTILES + qbin, qkey, "amin", include_self=True)
     quant = pick[pick != torch.iinfo(torch.long).max] % (1 << 32)
+    # how far the label holds: its share of the top contexts' peaks and of each slice's firing tokens
+    on_label = tok[row] == label_tok[lat]
+    top_share = torch.bincount(lat[top], on_label[top].double(), minlength=m) / torch.bincount(lat[top], minlength=m)
+    q_fires = torch.bincount(lat * QUANTILES + qbin, minlength=m * QUANTILES).view(m, QUANTILES)
+    q_share = torch.bincount(lat * QUANTILES + qbin, on_label.double(), minlength=m * QUANTILES).view(m, QUANTILES)
+    q_share = torch.where(q_fires > 0, q_share / q_fires.clamp_min(1), torch.nan).tolist()
 
+    say.step("context windows")
     # context windows: the tokens ±WINDOW around each example's row and the latent's value on each
     ex = torch.cat([top, quant])
     ex_kind = ["top"] * len(top) + ["quantile"] * len(quant)
@@ -197,6 +208,7 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     wtok = tok[wr]
 
     # logit effects (top, bottom and a histogram over the vocabulary) and decoder neighbours
+    say.step("logit effects, decoder and co-occurrence neighbours")
     W = sae.W_dec.detach().float().cpu()
     W_U = _unembed(model) if model is not None else None
     logit_rows, logit_hist = [], [None] * m
@@ -222,7 +234,7 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
         neigh_rows += [(h, i, "cooccurrence", r, j, v) for i, r, j, v in
                        zip(*(x.tolist() for x in _cooccurrence_neighbours(codes, N_NEIGHBOURS)), strict=True)]
 
-    # write
+    say.step("writing the tables")
     ex_rows = []
     lists = zip(ex_kind, ex_rank.tolist(), lat[ex].tolist(), row[ex].tolist(), val[ex].tolist(), wtok.tolist(),
                 wact.tolist(), present.tolist(), strict=True)
@@ -243,13 +255,16 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
         rec = hits / int(odd_freq[lb[0]]) if lb and odd_freq[lb[0]] else None
         f1 = 2 * prec * rec / (prec + rec) if prec and rec else (0.0 if lb else None)
         cnt = int(n_fires[j])
+        shares = (float(top_share[j]), json.dumps([None if x != x else round(x, 4) for x in q_share[j]])) if lb \
+            else (None, None)
         feat_rows.append((h, j, cnt, cnt / n, sums[j].item() / max(cnt, 1), float(max_act[j]), json.dumps(hist_l[j]),
-                          logit_hist[j], vocab[lb[0]] if lb else None, lb[0] if lb else None, f1, prec, rec,
+                          logit_hist[j], vocab[lb[0]] if lb else None, lb[0] if lb else None, f1, prec, rec, *shares,
                           "\x1f".join(top_text[j])))
-    db.executemany("INSERT INTO features VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", feat_rows)
+    db.executemany("INSERT INTO features VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", feat_rows)
     db.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?,?)", ex_rows)
     db.executemany("INSERT INTO logits VALUES (?,?,?,?,?,?)", logit_rows)
     db.executemany("INSERT INTO neighbours VALUES (?,?,?,?,?,?)", neigh_rows)
+    say.end()
     secs = time.perf_counter() - t0
     db.execute("INSERT INTO hookpoints VALUES (?,?,?,?,?)", (h, m, sae.d_in, n, secs))
     if not quiet:
@@ -273,16 +288,20 @@ def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *
     if split not in ("train", "val"):
         raise SaekitError(f"--split must be train or val, got {split!r}")
     hps = [run.hookpoint(h) for h in hookpoints] if hookpoints else list(run.hookpoints)
+    say = Phases("atlas", quiet)
     if model is None:
         from saekit.model import load_model
 
+        say.step(f"loading {run.model_name} (tokenizer and unembedding)")
         model = load_model(run.model_name)
+    say.step(f"reading the {split} cache's token positions")
     rows = run.cache(split).rows()
     out = Path(out) if out is not None else run.path / ATLAS_FILE
     # built in a temporary file, then renamed onto `out`: a reader that opens `out` gets the old
     # atlas or the new one, and one that holds it open keeps reading the old file
     tmp = out.with_name(out.name + ".tmp")
     vocab = _vocab(model.tokenizer)
+    say.end()
     with _writing(out):  # one writer at a time (this creates out's folder)
         tmp.unlink(missing_ok=True)
         db = sqlite3.connect(tmp)
@@ -296,10 +315,12 @@ def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *
             db.executemany("INSERT INTO vocab VALUES (?,?)", list(enumerate(vocab)))
             paths = {h: _build_hookpoint(db, run, h, split, rows, model, vocab, tokens, quiet) for h in hps}
             db.execute("INSERT INTO meta VALUES (?,?)", ("encoder_path", json.dumps(paths)))
+            say.step(f"writing {out}")
             db.commit()
         finally:
             db.close()
         tmp.replace(out)
+    say.end()
     return out
 
 
@@ -399,7 +420,12 @@ class Card:
     hist: list[int]  # activations in HIST_BINS equal bins of [0, max_act]
     logit_hist: dict | None  # {"lo", "hi", "counts"}: W_dec[i] @ W_U over the vocabulary
     label: str | None
-    label_score: float | None
+    label_score: float | None  # F1 of "fires" against "the label token is here" (odd contexts)
+    # how far the label holds, from the top down: its share of the top contexts' peak tokens, and
+    # of the firing tokens in each of QUANTILES equal-count slices of the activations, strongest
+    # first. A label can describe the bulk of the firing while the top contexts are about else.
+    label_top_share: float | None
+    label_quantile_share: list[float] | None
     top_examples: "object"  # DataFrame: tokens, acts, peak, max_act, row (of the held-out cache)
     quantile_examples: "object"
     logits_top: "object"  # DataFrame: token, value
@@ -410,6 +436,17 @@ class Card:
     lobe: int | None = None  # geometry co-occurrence lobe (after add_analyses)
     cluster: int | None = None  # multi-dimensional feature cluster, 0 = best scored (after add_analyses)
     absorbs: str | None = None  # letters this latent absorbs (after add_analyses)
+
+    def label_note(self) -> str:
+        """Where the label holds, in words: its share of the top contexts and of each activation slice."""
+        if self.label is None:
+            return "no label (the latent fired in none of the contexts labels are chosen from)"
+        n_top = len(self.top_examples)
+        slices = ", ".join("-" if x is None else f"{100 * x:.0f} %" for x in self.label_quantile_share)
+        hits = round(self.label_top_share * n_top)
+        return (f"{self.label!r} is the peak token of {hits} of the {n_top} top contexts, and of {slices} of the "
+                f"firing tokens in {len(self.label_quantile_share)} equal-count slices of the activations (strongest "
+                "first)")
 
     def to_dict(self) -> dict:
         out = {}
@@ -493,8 +530,9 @@ class Atlas:
     @_readable
     def card(self, latent: int, hookpoint: str | None = None) -> Card:
         h = self._hp(hookpoint)
-        row = self.db.execute("SELECT density, mean_act, max_act, hist, logit_hist, label, label_score FROM features "
-                              "WHERE hookpoint = ? AND latent = ?", (h, int(latent))).fetchone()
+        row = self.db.execute("SELECT density, mean_act, max_act, hist, logit_hist, label, label_score, "
+                              "label_top_share, label_quantile_share FROM features WHERE hookpoint = ? AND latent = ?",
+                              (h, int(latent))).fetchone()
         if row is None:
             n = self.db.execute("SELECT n_latents FROM hookpoints WHERE name = ?", (h,)).fetchone()[0]
             raise SaekitError(f"latent {latent} is not in {h} (it has latents 0..{n - 1})")
@@ -519,8 +557,8 @@ class Atlas:
                             "n.latent = ? AND n.kind = ? ORDER BY n.rank", (h, int(latent), kind))
 
         card = Card(h, int(latent), row[0], row[1], row[2], json.loads(row[3]), row[4] and json.loads(row[4]), row[5],
-                    row[6], examples("top"), examples("quantile"), logits(1), logits(-1),
-                    neighbours("decoder", "cosine"), neighbours("cooccurrence", "jaccard"))
+                    row[6], row[7], row[8] and json.loads(row[8]), examples("top"), examples("quantile"), logits(1),
+                    logits(-1), neighbours("decoder", "cosine"), neighbours("cooccurrence", "jaccard"))
         if self._has_table("matches"):
             card.matches = self._df("SELECT other_hookpoint, other_latent, score FROM matches WHERE hookpoint = ? "
                                     "AND latent = ? ORDER BY other_hookpoint", (h, int(latent)))

@@ -92,7 +92,8 @@ def render_card(atlas: Atlas, latent: int, hookpoint: str | None = None, root: s
     body = (f"<p><a href='{root}index.html'>all features</a></p>"
             f"<h1>{_e(c.hookpoint)} latent {c.latent}</h1>"
             f"<p>label <code>{_e(repr(c.label))}</code>{_e(score)}; density {c.density:.4g}, mean activation "
-            f"{c.mean_act:.4g}, max {c.max_act:.4g}{extra}</p><div class='charts'>{charts}</div>"
+            f"{c.mean_act:.4g}, max {c.max_act:.4g}{extra}</p><p>{_e(c.label_note())}</p>"
+            f"<div class='charts'>{charts}</div>"
             f"<h2>Top contexts</h2>{contexts(c.top_examples)}"
             f"<h2>Across the activation range</h2>{contexts(c.quantile_examples)}"
             f"<h2>Logit effects</h2><p>promotes: {tokens(c.logits_top)}</p><p>suppresses: {tokens(c.logits_bottom)}</p>"
@@ -138,15 +139,20 @@ def render_index(atlas: Atlas, hookpoint: str | None = None, root: str = "", ser
     return _page("Feature atlas", body, FILTER_JS)
 
 
-def export_html(atlas_path: str | Path, out: str | Path | None = None, hookpoint: str | None = None) -> Path:
-    """Write a static site: OUT/index.html and OUT/feature/<hookpoint>/<latent>.html. OUT defaults
-    to `site/` beside the atlas file (inside its run folder, not wherever the command ran)."""
+def export_html(atlas_path: str | Path, out: str | Path | None = None, hookpoint: str | None = None,
+                quiet: bool = True) -> Path:
+    """Write a static site: OUT/index.html and OUT/feature/<hookpoint>/<latent>.html (a progress
+    bar over the pages unless `quiet`). OUT defaults to `site/` beside the atlas file (inside its
+    run folder, not wherever the command ran)."""
+    from tqdm.auto import tqdm
+
     atlas = Atlas.open(atlas_path)
     out = Path(out) if out is not None else atlas.path.parent / "site"
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.html").write_text(render_index(atlas, hookpoint), encoding="utf-8")
     f = atlas.features(hookpoint)
-    for h, j in zip(f.hookpoint, f.latent, strict=True):
+    for h, j in tqdm(zip(f.hookpoint, f.latent, strict=True), total=len(f), disable=quiet, desc="atlas pages",
+                     unit="page"):
         file = out / card_path(h, j)
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text(render_card(atlas, int(j), h), encoding="utf-8")

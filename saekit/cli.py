@@ -2,6 +2,7 @@
 atlas)."""
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def _train(args, extra):
     from saekit.run import Run
     from saekit.runtime import keep_freed_memory
 
+    command = shlex.join(["saekit", "train", *extra, *["--resume"] * args.resume, *["--quiet"] * args.quiet])
     values = _values(extra)
     if args.resume:  # the stored config; what is given again must agree with it
         cfg = Run.for_resume(values.get("out", TrainConfig.out), values).config
@@ -33,10 +35,29 @@ def _train(args, extra):
     try:  # under torchrun every process runs this; they train together (saekit.distributed)
         run = train(cfg, resume=args.resume, quiet=args.quiet)
         main = distributed.is_main()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_resume_hint(Path(cfg.out), command)) from None
     finally:
         distributed.leave()
     if main:
-        print(f"saekit: run written to {run} (SAEs in {run}/<hookpoint>/, eval.json, metrics.jsonl)")
+        print(f"saekit: the run is in {run} (SAEs in {run}/<hookpoint>/, eval.json, metrics.jsonl)")
+
+
+def _resume_hint(out: Path, command: str) -> str:
+    """What an interrupted `saekit train` leaves in `out`, and the command that continues it."""
+    from saekit.run import CONFIG, Run
+
+    if not (out / CONFIG).is_file():  # stopped while harvesting: the cache keeps the finished shards
+        return f"nothing trained yet; `{command}` continues the activation harvest where it stopped"
+    resume = shlex.join(["saekit", "train", "--out", str(out), "--resume"])
+    try:
+        meta = Run.open(out).checkpoint()
+    except SaekitError:
+        meta = None
+    if not meta or not isinstance(meta.get("step"), int):
+        return f"no checkpoint in {out} yet; `{resume}` starts it again from step 0"
+    total = meta.get("total_steps")
+    return f"last checkpoint: step {meta['step']}{f' of {total}' if total else ''} in {out}; continue with `{resume}`"
 
 
 def _cache(args, extra):
@@ -128,7 +149,9 @@ def _match(args, extra):
     m.save(out)
     print(md_table([{"A": args.a, "B": args.b, "method": m.method, "solver": m.solver, **m.summary(),
                      "seconds": m.info["seconds"]}]))
-    print(f"\n{m.table.sort_values('score', ascending=False).head(args.show).to_string(index=False)}")
+    table = m.table
+    print(f"\n{table.sort_values('score', ascending=False).head(args.show).to_string(index=False)}")
+    _left_out(len(table) - min(len(table), args.show), "--show N prints more; all are in the match file")
     print(f"\nsaekit: match written to {out}")
 
 
@@ -172,7 +195,7 @@ def _atlas(args, extra):
         from saekit.atlas_html import export_html, make_server
 
         if args.action == "export":
-            out = export_html(args.path, args.target, args.hookpoint)
+            out = export_html(args.path, args.target, args.hookpoint, quiet=args.quiet)
             print(f"saekit: static atlas written to {out}/index.html")
             return
         server = make_server(args.path, args.port)
@@ -204,6 +227,11 @@ def _atlas(args, extra):
             return
         print(f"{card.hookpoint} latent {card.latent}: label {card.label!r} (score {card.label_score}), "
               f"density {card.density:.4g}, mean {card.mean_act:.4g}, max {card.max_act:.4g}")
+        print(f"label: {card.label_note()}")
+        tags = (("lobe", card.lobe), ("cluster", card.cluster), ("absorbs letters", card.absorbs))
+        added = [f"{k} {v}" for k, v in tags if v is not None]
+        if added:  # from `saekit atlas add`
+            print("analyses:", ", ".join(added))
         print("top contexts:")
         for toks, acts, peak in zip(card.top_examples.tokens, card.top_examples.acts, card.top_examples.peak,
                                     strict=True):
@@ -233,8 +261,19 @@ def _atlas(args, extra):
         df = atlas.top_by(args.top_by, args.limit, h)
     if args.json:
         print(df.to_json(orient="records"))
+        return
+    print(df.head(args.limit).to_string(index=False) if len(df) else "(nothing)")
+    if what in ("dense", "top_by"):  # the first --limit rows of a ranking of every latent
+        f, col = atlas.features(h), "density" if what == "dense" else args.top_by
+        _left_out(int(f[col].notna().sum()) - len(df) if col in f else len(f) - len(df), "--limit N shows more")
     else:
-        print(df.head(args.limit).to_string(index=False) if len(df) else "(nothing)")
+        _left_out(len(df) - min(len(df), args.limit), "--limit N or --json shows them")
+
+
+def _left_out(n: int, how: str) -> None:
+    """Say under a table cut to its first rows how many were left out and how to see them."""
+    if n > 0:
+        print(f"({n:,} more rows not shown; {how})")
 
 
 ACTIVATIONS_HELP = ("activation cache folder or .safetensors file with one [N, d_in] tensor "
@@ -400,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     except SaekitError as e:
         print(f"saekit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("saekit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a verb may say what was kept and how to continue
+        print("saekit: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     return 0
 

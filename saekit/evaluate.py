@@ -5,6 +5,7 @@ recovered). `saekit.pipeline.evaluate_run` applies them to a run."""
 from collections.abc import Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from saekit.activations import Activations, batches
 from saekit.errors import SaekitError
@@ -111,15 +112,16 @@ def zero_ablate(mask: torch.Tensor):
 
 @torch.no_grad()
 def downstream_metrics(model, sae: SAE, hookpoint: str, tokens: torch.Tensor, mask: torch.Tensor,
-                       batch_size: int = 4) -> dict:
+                       batch_size: int = 4, progress: str | None = None) -> dict:
     """Next-token CE with clean activations, the SAE's reconstruction spliced in, and zeros;
     loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean); KL(clean || spliced).
 
-    Losses average over positions whose target is a real (unmasked) token.
+    Losses average over positions whose target is a real (unmasked) token. With `progress`, a
+    progress bar of that name over the contexts (three forward passes each).
     """
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n = 0
-    for s in range(0, len(tokens), batch_size):
+    for s in tqdm(range(0, len(tokens), batch_size), disable=progress is None, desc=progress, unit="batch"):
         toks, m = tokens[s : s + batch_size], mask[s : s + batch_size]
         tgt = toks[:, 1:].unsqueeze(-1)
         keep = m[:, 1:]

@@ -1,7 +1,10 @@
-"""File and text helpers every stage shares: the cache root, atomic writes, markdown tables."""
+"""File and text helpers every stage shares: the cache root, atomic writes, markdown tables,
+progress lines for long phases."""
 
 import errno
 import os
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,3 +53,33 @@ def md_table(rows: list[dict]) -> str:
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
                       *("| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows)])
+
+
+class Phases:
+    """Lines on stderr for the steps of a long stage that have no progress bar, so none runs
+    silently: `step(what)` prints `NAME: what ...` and, at the next step or on leaving the
+    `with` block, `NAME: what: 12.3 s`. Nothing when `quiet`."""
+
+    def __init__(self, name: str, quiet: bool = False):
+        self.name, self.quiet, self.what, self.t0 = name, quiet, None, 0.0
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(f"{self.name}: {text}", file=sys.stderr, flush=True)
+
+    def step(self, what: str) -> None:
+        self.end()
+        self.what, self.t0 = what, time.perf_counter()
+        self._say(f"{what} ...")
+
+    def end(self) -> None:
+        if self.what is not None:
+            self._say(f"{self.what}: {time.perf_counter() - self.t0:.1f} s")
+        self.what = None
+
+    def __enter__(self) -> "Phases":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.end()

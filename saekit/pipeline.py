@@ -4,6 +4,7 @@ evaluate); the run folder belongs to `saekit.run.Run`; this module only wires th
 """
 
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from saekit.activations import ActivationCache, ShuffledBatches, build_cache, ca
 from saekit.config import TrainConfig, dictionaries, parse_source
 from saekit.errors import SaekitError
 from saekit.evaluate import downstream_metrics, reconstruction_metrics
-from saekit.io import md_table
+from saekit.io import Phases, md_table
 from saekit.lock import POLL_S, FileLock
 from saekit.run import EVAL, Run
 from saekit.runtime import resolve_device
@@ -139,10 +140,15 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     processes train together: data parallel (every process takes a slice of each global batch),
     or with `shard_hookpoints` each process its own hookpoints. Missing caches are harvested by all
     processes, each its own contexts (the model is loaded only then); the main process writes the
-    run folder and evaluates while the others wait."""
+    run folder and evaluates while the others wait.
+
+    A run that is complete is not trained again, with `resume` or when the command that made it
+    is given again (same config): it says so and, unless it was stopped while evaluating, stops
+    (`saekit eval RUN` re-evaluates). Given again for an unfinished run, it asks for --resume."""
     dist.init_from_env(cfg.device)
     main = dist.is_main()
-    run = Run.for_resume(cfg.out, asdict(cfg)) if resume else None
+    again = not resume and Run.holds_run(cfg.out)  # the same command again, e.g. the README's first one
+    run = Run.for_resume(cfg.out, asdict(cfg), again=again) if resume or again else None
     cfg = run.config if run else cfg
     quiet = quiet or not main
 
@@ -167,6 +173,18 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         raise SaekitError(f"the activation cache {train_cache.path} holds no {missing}; delete it to harvest again")
     batches = ShuffledBatches(train_cache, hookpoints, cfg.batch_size, cfg.seed, cfg.buffer_tokens)
     total = cfg.epochs * batches.steps_per_epoch
+    step = (run.checkpoint() or {}).get("step") if run else None
+    if isinstance(step, int) and step >= total:  # nothing left to train
+        evaluated = (run.path / EVAL).is_file()
+        if main:
+            print(f"saekit: {run.path} is complete (step {step} of {total}); "
+                  + (f"`saekit eval {run.path}` re-evaluates it" if evaluated else "evaluating it"), file=sys.stderr)
+        if not evaluated:  # stopped while evaluating
+            dist.main_first(lambda: evaluate_run(run, model=model, caches=caches, ctx=ctx, quiet=quiet))
+        return run.path
+    if again:
+        raise SaekitError(f"{run.path} holds an unfinished run (step {step} of {total}); continue it with "
+                          f"`saekit train --out {run.path} --resume`, or choose another --out")
     sample = {h: train_cache.tensor(h, INIT_SAMPLE) for h in hookpoints}
     dims = {h: train_cache.dim(h) for h in hookpoints}
     trainer = Trainer(cfg, dims, sample, total, resolve_device(cfg.device), data_parallel=not sharded)
@@ -174,6 +192,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         trainer.load(run)
         if main:
             run.truncate_metrics(trainer.step)
+            print(f"saekit: resuming {run.path} from step {trainer.step} of {total}", file=sys.stderr)
     else:  # a new run, or one that stopped before its first checkpoint
         run = dist.main_first(lambda: Run.create(cfg)) or Run.open(cfg.out)
     log = _wandb_logger(cfg, run.path) if main else None
@@ -223,11 +242,14 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
                               ".safetensors file of its hookpoint's activations)")
         name = model_name or run.model_name
         cfg = TrainConfig(model=name, hookpoints=run.hookpoints) if name else None
+    say = Phases("eval", quiet)
     spliced = [h for h in run.hookpoints if run.parts(h) is None]  # crosscoders: reconstruction only
     if cfg is not None and model is None and spliced:
         device = resolve_device(cfg.device)
+        say.step(f"loading {cfg.model}")
         model = lm.load_model(cfg.model, device=str(device))
         lm.check_hookpoints(model, spliced)
+        say.step("held-out contexts")
         ctx = contexts(cfg, model.tokenizer)
     n_ctx = n_contexts or (cfg.eval_contexts if cfg else 0)
     results = {}
@@ -238,10 +260,13 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
             results[h] = reconstruction_metrics(sae, run.dictionary_batches(h, path=activations))
             continue
         acts = run.activations(h, path=activations) if caches is None or activations else caches["val"].batches(h)
+        say.step(f"{h}: reconstruction on the held-out activations")
         results[h] = reconstruction_metrics(sae, acts)
+        say.end()
         if model is not None:
             tokens, mask = ctx["val"]
-            results[h] |= downstream_metrics(model, sae, h, tokens[:n_ctx], mask[:n_ctx])
+            results[h] |= downstream_metrics(model, sae, h, tokens[:n_ctx], mask[:n_ctx],
+                                             progress=None if quiet else f"eval {h}: downstream loss")
         results[h]["encoder_path"] = sae.encoder_path
     run.write_json(EVAL, results)
     print(md_table([{"metric": k, **{h: r[k] for h, r in results.items()}} for k in next(iter(results.values()))]))

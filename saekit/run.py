@@ -114,18 +114,24 @@ class Run:
         """A new run folder for `cfg` at `cfg.out`. A folder with a config but no training state
         (a run that died before its first checkpoint) holds nothing to keep and is reused."""
         path = Path(cfg.out)
-        if (path / CONFIG).exists() and (path / STATE).exists():
+        if cls.holds_run(path):
             raise SaekitError(f"{path} already holds a run; pass --resume to continue it or choose another --out")
         path.mkdir(parents=True, exist_ok=True)
         atomic_write(path / CONFIG, lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
         atomic_write(path / METRICS, lambda p: p.write_text(""))
         return cls(path, cfg, list(dictionaries(cfg)))
 
+    @staticmethod
+    def holds_run(path: str | Path) -> bool:
+        """Whether `path` holds a run that trained (a config and a checkpoint)."""
+        return (Path(path) / CONFIG).exists() and (Path(path) / STATE).exists()
+
     @classmethod
-    def for_resume(cls, out: str | Path, given: dict) -> "Run":
+    def for_resume(cls, out: str | Path, given: dict, again: bool = False) -> "Run":
         """The run at `out`, with its stored config; `given` keys (from a YAML file or flags)
         must agree with it, except the ones that do not change what is trained. A run killed
-        before its first checkpoint (a config, no state) resumes from step 0."""
+        before its first checkpoint (a config, no state) resumes from step 0. `again`: the
+        command that made the run, given again without --resume (its own message on a mismatch)."""
         path = Path(out)
         if not (path / CONFIG).is_file():
             raise SaekitError(f"nothing to resume in {path} (no {CONFIG})")
@@ -135,6 +141,9 @@ class Run:
         diff = sorted(k for k in given if given[k] != stored[k] and k not in RESUMABLE_CHANGES)
         if diff:
             changes = ", ".join(f"{k}: {stored[k]!r} -> {given[k]!r}" for k in diff)
+            if again:
+                raise SaekitError(f"{path} already holds a run of another config ({changes}); choose another --out, "
+                                  "or pass --resume to continue it with its stored config")
             raise SaekitError(f"cannot resume {path} with a different config ({changes}); leave these out "
                               "(the run's stored config is used) or choose a new --out")
         run.config = make_config(TrainConfig, {**stored, **{k: given[k] for k in RESUMABLE_CHANGES}})
@@ -231,6 +240,19 @@ class Run:
         if not isinstance(meta, dict):
             raise SaekitError(f"{file} is corrupt (its metadata is not a JSON object); start a new run")
         return tensors, meta
+
+    def checkpoint(self) -> dict | None:
+        """The last checkpoint's metadata (`step`, `total_steps` of the run, ...) without reading its
+        tensors; None without one."""
+        file = self.path / STATE
+        if self.bare or not file.is_file():
+            return None
+        try:
+            with safe_open(file, "pt") as f:
+                meta = json.loads(f.metadata()["meta"])
+        except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise SaekitError(f"{file} is corrupt or truncated ({e}); start a new run") from None
+        return meta if isinstance(meta, dict) else None
 
     def firing_history(self, hookpoint: str | None = None) -> FiringHistory | None:
         """Per-latent firing statistics from the training state (None where there is none)."""

@@ -398,8 +398,8 @@ class Trainer:
     def state(self, run: Run) -> tuple[dict[str, torch.Tensor], dict]:
         """The training state (tensors by name, metadata); refuses one holding NaN or Inf."""
         tensors = {}
-        meta = {"step": self.step, "scales": self.scales, "tokens": self.tokens, "skipped": self.skipped,
-                "encoder_path": next(iter(self.saes.values())).cfg.encoder_path}
+        meta = {"step": self.step, "total_steps": self.total_steps, "scales": self.scales, "tokens": self.tokens,
+                "skipped": self.skipped, "encoder_path": next(iter(self.saes.values())).cfg.encoder_path}
         for h, sae in self.saes.items():
             for n, p in sae.named_parameters():
                 tensors[f"{h}/param/{n}"] = p.detach()

@@ -476,3 +476,70 @@ def test_server_on_any_path(planted, paths):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_label_shares_match_reencoding(real):
+    """The card's label shares, against the SAE's codes on the atlas's tokens recounted here."""
+    from saekit.codes import encode_all
+
+    run, atlas = real
+    split = atlas.meta["split"]
+    codes = encode_all(run.sae(REAL), run.cache(split).tensor(REAL))
+    tok = run.cache(split).rows()["_token"].long()
+    f = atlas.features().dropna(subset=["label"])
+    checked = 0
+    for j in f.sort_values("density").latent.iloc[-40::4]:  # ten labelled latents, dense enough for 5 slices
+        card = atlas.card(int(j))
+        label_token = atlas.db.execute("SELECT label_token FROM features WHERE latent = ?", (int(j),)).fetchone()[0]
+        hit = codes.values * (codes.indices == j)
+        rows = hit.sum(1).nonzero().flatten()
+        order = hit.sum(1)[rows].argsort(descending=True, stable=True)
+        on = (tok[rows[order]] == label_token).double()  # strongest first
+        slice_of = torch.arange(len(on)) * 5 // len(on)  # rank r of n is in slice floor(5 r / n)
+        want = [float(on[slice_of == s].mean()) for s in range(5)]
+        assert card.label_quantile_share == pytest.approx(want, abs=1e-4), j
+        peaks = [t[p] == card.label for t, p in zip(card.top_examples.tokens, card.top_examples.peak, strict=True)]
+        assert card.label_top_share == pytest.approx(sum(peaks) / len(peaks))
+        assert f"of the {len(peaks)} top contexts" in card.label_note()
+        checked += 1
+    assert checked == 10
+
+
+def test_cli_tables_say_what_they_leave_out(real, tmp_path, capsys):
+    run, atlas = real
+    path = str(atlas.path)
+    found = len(atlas.search("."))
+    capsys.readouterr()
+    assert cli.main(["atlas", "query", path, "--search", ".", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 5  # header, 3 rows, the note
+    assert f"({found - 3:,} more rows not shown; --limit N or --json shows them)" in out
+    assert cli.main(["atlas", "query", path, "--search", ".", "--limit", str(found)]) == 0
+    assert "more rows" not in capsys.readouterr().out
+    assert cli.main(["atlas", "query", path, "--top-by", "max_act", "--limit", "5"]) == 0
+    n = len(atlas.features())
+    assert f"({n - 5:,} more rows not shown; --limit N shows more)" in capsys.readouterr().out
+
+
+def test_cli_card_prints_label_shares_and_added_analyses(real, tmp_path, capsys):
+    from saekit.atlas import add_analyses
+
+    run, atlas = real
+    copy = tmp_path / "atlas.sqlite"
+    copy.write_bytes(atlas.path.read_bytes())
+    f = atlas.features().dropna(subset=["label"])
+    j = int(f.latent.iloc[0])
+    capsys.readouterr()
+    assert cli.main(["atlas", "query", str(copy), "--feature", str(j)]) == 0
+    out = capsys.readouterr().out
+    assert f"label: {atlas.card(j).label_note()}" in out and "analyses:" not in out
+    (run.path / "analysis").mkdir(exist_ok=True)
+    report = run.path / "analysis" / "report.json"
+    report.write_text(json.dumps({REAL: {"geometry": {"lobes": {"labels": [2] * len(atlas.features())}},
+                                         "absorption": {"absorbing_latents": {"s": [j], "t": [j]}}}}))
+    try:
+        add_analyses(copy, run)
+    finally:
+        report.unlink()
+    assert cli.main(["atlas", "query", str(copy), "--feature", str(j)]) == 0
+    assert "analyses: lobe 2, absorbs letters s,t" in capsys.readouterr().out

@@ -36,7 +36,7 @@ def test_train_writes_a_loadable_evaluated_run(tiny, tmp_path, capsys):
     assert path in ("fp32", "bf16+fp32-rescore") and results["encoder_path"] == path
     assert {m["encoder_path"] for m in metrics} == {path}
     out = capsys.readouterr().out
-    assert "| fvu |" in out and f"run written to {run}" in out
+    assert "| fvu |" in out and f"the run is in {run}" in out
     assert cli.main(["eval", str(run), "--quiet"]) == 0  # re-evaluation from the folder alone
 
 
@@ -118,8 +118,8 @@ def test_resume_with_other_config_and_corrupt_state_are_refused(tiny, tmp_path, 
     run = tmp_path / "r"
     assert run_cli(*tiny, "--out", str(run)) == 0
     before = (run / HOOK / "sae.safetensors").read_bytes()
-    assert run_cli(*tiny, "--out", str(run)) == 2  # no silent overwrite
-    assert "already holds a run" in capsys.readouterr().err
+    assert run_cli(*tiny, "--out", str(run), "--k", "8") == 2  # no silent overwrite
+    assert "already holds a run of another config" in capsys.readouterr().err
     assert run_cli(*tiny, "--out", str(run), "--resume", "--k", "8") == 2
     assert "k: 16 -> 8" in capsys.readouterr().err
     state = run / "state.safetensors"

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from saekit.analyze.common import Result
 from saekit.errors import SaekitError
+from saekit.io import Phases
 from saekit.runtime import torch_threads
 from saekit.sae import SAE
 
@@ -247,20 +248,26 @@ class AbsorptionResult(Result):
 
 
 def absorption_from_data(sae: SAE, data: FirstLetterData, f1_threshold: float = 0.6, min_letters: int = 20,
-                         l1: float = 0.01, max_k: int = 10, f1_jump: float = 0.03) -> AbsorptionResult:
+                         l1: float = 0.01, max_k: int = 10, f1_jump: float = 0.03,
+                         progress: bool = False) -> AbsorptionResult:
     """Probe, k-sparse probing and the absorption metric on collected first-letter data; the
     metric is averaged per letter over held-out tokens on which the probe is a true positive.
-    Deterministic: the probes start at zero and train full-batch."""
+    Deterministic: the probes start at zero and train full-batch. `progress`: a line per step."""
     if data.acts.shape[1] != sae.d_in:
         raise SaekitError(f"activations have d={data.acts.shape[1]}, the SAE expects d_in={sae.d_in}")
+    say = Phases("absorption", quiet=not progress)
+    say.step("ground-truth letter probes")
     directions, probe_f1, pred = letter_probe(data)
+    say.end()
     kept = [c for c in range(26) if probe_f1[c] >= f1_threshold]
     if len(kept) < min_letters:
         raise SaekitError(
             f"only {len(kept)} letters have a probe F1 >= {f1_threshold} (need {min_letters}); "
             "use more words (--words), a later layer, or lower the F1 threshold / minimum letters "
             "(--f1-threshold / --min-letters)")
+    say.step(f"k-sparse probing of the SAE's latents (k = 1..{max_k})")
     main, _ = main_latents(sae, data, l1, max_k, f1_jump)
+    say.step("absorption scores")
     test = ~data.train
     letters = data.letters[test]
     tp = pred[torch.arange(len(letters)), letters]  # [n_test] the probe fires for the true letter
@@ -277,6 +284,7 @@ def absorption_from_data(sae: SAE, data: FirstLetterData, f1_threshold: float = 
                      "full_absorption": float(full.float().mean()) if len(full) else float("nan"),
                      "n_absorbed": int((frac > 0).sum())})
     table = pd.DataFrame(rows)
+    say.end()
     return AbsorptionResult(
         mean_absorption_fraction=float(table["absorption_fraction"].mean()),
         mean_full_absorption=float(table["full_absorption"].mean()),
@@ -295,6 +303,6 @@ def absorption(sae: SAE, model, hookpoint: str | None = None, n_words: int = 300
     if hookpoint is None:
         raise SaekitError("the SAE names no hookpoint: pass hookpoint=")
     data = first_letter_data(model, hookpoint, n_words, n_icl, seed=seed, progress=progress)
-    res = absorption_from_data(sae, data, f1_threshold, min_letters, **options)
+    res = absorption_from_data(sae, data, f1_threshold, min_letters, progress=progress, **options)
     res.hookpoint = hookpoint
     return res

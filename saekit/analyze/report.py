@@ -25,7 +25,7 @@ from saekit.analyze.geometry import geometry_bundle
 from saekit.analyze.stability import markdown as stability_markdown
 from saekit.analyze.stability import run_stability
 from saekit.errors import SaekitError
-from saekit.io import atomic_write, md_table
+from saekit.io import Phases, atomic_write, md_table
 from saekit.run import Run
 from saekit.sae import SAE
 
@@ -79,7 +79,9 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
             skipped["absorption"] = f"{why} to run it"
             analyses = tuple(a for a in analyses if a != "absorption")
         else:
-            lm = load_model(name)
+            with Phases("analyze", quiet) as say:
+                say.step(f"loading {name}")
+                lm = load_model(name)
             check_hookpoints(lm, hooks)
     say = (lambda *a: None) if quiet else print
     results: dict = {"run": str(run.path), "wall_time_s": {}, "skipped": skipped}
@@ -90,18 +92,20 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
             if name == "absorption" and run.parts(h) is not None:
                 say(f"{h}: absorption probes one hookpoint's SAE; skipped for this crosscoder/transcoder")
                 continue
-            t0 = time.perf_counter()
-            res = _analyse(name, run, h, sae, acts[h], lm, tokens, quiet, n_words=words,
-                           f1_threshold=f1_threshold, min_letters=min_letters)
+            with Phases(h, quiet) as phase:  # absorption adds a bar and lines of its own
+                phase.step(name)
+                t0 = time.perf_counter()
+                res = _analyse(name, run, h, sae, acts[h], lm, tokens, quiet, n_words=words,
+                               f1_threshold=f1_threshold, min_letters=min_letters)
             results[h][name] = res if isinstance(res, dict) else res.to_dict()
             results["wall_time_s"][h][name] = round(time.perf_counter() - t0, 2)
-            say(f"{h} {name}: {results['wall_time_s'][h][name]:.1f} s")
         if against is not None:
-            t0 = time.perf_counter()
-            results[h]["stability"] = {"against": str(against),
-                                       **run_stability(run, against, h, activations, tokens).to_dict()}
+            with Phases(h, quiet) as phase:
+                phase.step(f"stability against {against}")
+                t0 = time.perf_counter()
+                results[h]["stability"] = {"against": str(against),
+                                           **run_stability(run, against, h, activations, tokens).to_dict()}
             results["wall_time_s"][h]["stability"] = round(time.perf_counter() - t0, 2)
-            say(f"{h} stability: {results['wall_time_s'][h]['stability']:.1f} s")
     out = run.analysis_dir
     name = "report" if full else "_".join(analyses)
     with run.writing_analysis():
