@@ -80,13 +80,15 @@ def resolve_model(name: str) -> tuple[str | Path, str | None]:
     return base, rev
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               revision: str | None = None):
     """A TransformerBridge for `name`: "smollm2-135m", a local HF folder, a hub name, or any of
-    these with `@revision` (a snapshot of a local series or a hub revision: `resolve_model`)."""
+    these with `@revision` (a snapshot of a local series or a hub revision: `resolve_model`);
+    `revision=` is the same as `name@revision`."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, revision = resolve_model(name)
+    path, revision = resolve_model(f"{name}@{revision}" if revision else name)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision)
         hf = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)

@@ -12,6 +12,7 @@ import torch
 
 import saekit.analyze
 from saekit.analyze.evolution import emergence_points, evolution, plot_emergence, plot_trajectories, summary
+from saekit.codes import Codes
 from saekit.errors import SaekitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_unigram_proxy_separates_a_token_latent_from_a_context_latent():
     dense[:, 1] = (prev == 3) * (1 + 0.1 * torch.rand(n, generator=g))  # fires after one token: context
     dense[:, 2] = ((tokens < 10) & (prev < 25)) * 1.0  # half token, half context
     values, indices = dense.topk(3, dim=1)  # every latent: k = n_latents
-    for codes in (dense, (values, indices)):  # dense and (values, indices) agree
+    for codes in (dense, (values, indices), Codes(values, indices, 3)):  # every form agrees
         df = evolution(np.ones((2, 3)), codes=codes, tokens=tokens)
         r2 = df["unigram"].to_numpy()
         assert r2[0] > 0.9 and abs(r2[1]) < 0.02 and 0.3 < r2[2] < 0.7
@@ -136,7 +137,7 @@ def test_pretrain_snapshots_load_as_models_and_harvest(tmp_path):
     assert len(log["train"]) == 6 and set(log["val"]) == {"0", "1", "2", "6"} and (out / "loss.png").exists()
     assert "done" in subprocess.run(cmd, check=True, capture_output=True, text=True).stdout  # nothing retrained
 
-    m0, m6 = lm.load_model(f"{out}@step0"), lm.load_model(f"{out}@step6")
+    m0, m6 = lm.load_model(f"{out}@step0"), lm.load_model(str(out), revision="step6")
     assert m0.cfg.n_layers == 2 and m0.cfg.d_model == 32
     toks, mask = data.pack_contexts(data.load_texts("shakespeare"), m0.tokenizer, 16, n_tokens=60)
     a0 = torch.cat([b["blocks.1.hook_resid_post"] for b in lm.harvest(m0, toks, mask, ["blocks.1.hook_resid_post"])])

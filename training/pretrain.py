@@ -122,8 +122,9 @@ def save_snapshot(model, tok, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_loss(log: dict, path: Path) -> None:
-    """Training loss (mean of each 1 % of the run) and held-out loss at the snapshots, log-x."""
+def plot_loss(log: dict, path: Path, refs: dict[str, float] | None = None) -> None:
+    """Training loss (mean of each 1 % of the run) and held-out loss at the snapshots, log-x, with
+    horizontal reference lines `refs` (label -> loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,19 +132,20 @@ def plot_loss(log: dict, path: Path) -> None:
 
     train = log["train"]
     w = max(1, len(train) // 100)
-    xs = [i + w / 2 for i in range(0, len(train) - w + 1, w)]
+    xs = [i + (w - 1) / 2 for i in range(0, len(train) - w + 1, w)]  # window centres, in steps
     ys = [sum(train[i : i + w]) / w for i in range(0, len(train) - w + 1, w)]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([x + 1 for x in xs], ys, lw=1, label="train (step + 1)")
+    fig, ax = plt.subplots(figsize=(6.2, 3.6))
+    ax.plot([x + 1 for x in xs], ys, lw=1, label="train")
     snaps = sorted(log["val"].items(), key=lambda kv: int(kv[0]))
     ax.plot([int(s) + 1 for s, _ in snaps], [v for _, v in snaps], "o", ms=4, label="held out, at each snapshot")
+    for (label, y), style in zip((refs or {}).items(), ("--", ":", "-."), strict=False):
+        ax.axhline(y, color="grey", ls=style, lw=1, label=f"{label} {y:.2f}")
     ax.set_xscale("log")
-    ax.set_xlabel("step + 1")
-    ax.set_ylabel("next-token loss (nats)")
-    ax.legend()
+    ax.set(xlabel="step + 1", ylabel="next-token loss (nats)", title="Pre-training loss")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
 
 

@@ -28,10 +28,12 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
+from saekit.codes import Codes
 from saekit.errors import SaekitError
 from saekit.io import atomic_write
 
-Codes = tuple[torch.Tensor, torch.Tensor] | torch.Tensor  # (values, indices) [N, k] each, or dense [N, n_latents]
+# saekit.codes.Codes, (values, indices) [N, k] each, or dense [N, n_latents]
+CodesLike = Codes | tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
 
 def _norms(cc_or_norms, names: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
@@ -66,8 +68,10 @@ def emergence_points(norms: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return np.where(stays[-1], stays.argmax(0), -1)
 
 
-def _firing(codes: Codes, n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _firing(codes: CodesLike, n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, latents, values) of the non-zero codes."""
+    if isinstance(codes, Codes):
+        codes = (codes.values, codes.indices)
     if isinstance(codes, tuple):
         values, indices = (torch.as_tensor(c) for c in codes)
         if values.shape != indices.shape or values.ndim != 2:
@@ -82,7 +86,7 @@ def _firing(codes: Codes, n_latents: int) -> tuple[torch.Tensor, torch.Tensor, t
     return rows, lat, codes[rows, lat].double()
 
 
-def unigram_r2(codes: Codes, tokens: torch.Tensor, n_latents: int) -> np.ndarray:
+def unigram_r2(codes: CodesLike, tokens: torch.Tensor, n_latents: int) -> np.ndarray:
     """Per latent, the held-out R^2 of predicting its activation by its mean on the current token
     (fit on even rows, scored on odd rows and the reverse; the two R^2 averaged). Tokens unseen
     in the fitting half are predicted by the latent's mean there. NaN for a latent that is
@@ -126,15 +130,15 @@ def unigram_r2(codes: Codes, tokens: torch.Tensor, n_latents: int) -> np.ndarray
     return torch.stack(r2).mean(0).numpy()
 
 
-def evolution(cc_or_norms, names: Sequence[str] | None = None, codes: Codes | None = None,
+def evolution(cc_or_norms, names: Sequence[str] | None = None, codes: CodesLike | None = None,
               tokens: torch.Tensor | None = None, threshold: float = 0.5) -> pd.DataFrame:
     """One row per latent of a crosscoder (anything with `.decoder_norms()` and `.targets`) or of
     decoder norms `[n_sources, n_latents]` (`names` name the sources, default s0, s1, ...).
 
     Columns: `latent`; `emergence` (index into the sources, -1 if never: rules in the module
     docstring); `peak` (source of the largest norm); `max_norm`; `n_present`; `initial`;
-    `fading`; `norm:<source>` per source, in source order; with `codes` ((values, indices) or
-    dense, one row per token) and `tokens` (the token id of each row): `frequency` (share of rows
+    `fading`; `norm:<source>` per source, in source order; with `codes` (`saekit.codes.Codes`,
+    (values, indices) or dense, one row per token) and `tokens` (the token id of each row): `frequency` (share of rows
     where the latent fires) and `unigram` (held-out R^2 of a per-token predictor)."""
     if not 0 < threshold < 1:
         raise SaekitError(f"threshold must be in (0, 1), got {threshold}")
