@@ -2,9 +2,9 @@
 (after Ge et al. 2026, "Evolution of Concepts in Language Model Pre-Training").
 
 One hookpoint (the residual stream after the middle block) of every snapshot is harvested on
-the same token ids; each snapshot's activations are scaled to a mean norm of sqrt(d), as in
-Ge et al., so that decoder norms compare across snapshots; one crosscoder (TopK codes) reads
-and writes all of them; `saekit.analyze.evolution` reads when each latent forms, which
+the same token ids; one crosscoder (TopK codes) reads and writes all of them, each snapshot
+scaled to unit mean square (as Ge et al. normalise each snapshot) so that decoder norms compare
+across snapshots; `saekit.analyze.evolution` reads when each latent forms, which
 initialisation latents fade, and how token-level each latent is (the held-out R^2 of a
 per-token predictor of its activation). Every stage keeps its output under --work and is
 skipped when rerun, so a killed study continues where it stopped.
@@ -88,13 +88,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--series", default="runs/pretrain")
     p.add_argument("--work", default="runs/evolution_study")
+    p.add_argument("--results", default=str(OUT), help="where the report and plots go")
     p.add_argument("--layer", type=int, default=None, help="block whose resid_post is read (default: middle)")
-    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--tokens", type=int, default=131072)
     p.add_argument("--val-tokens", type=int, default=8192)
     p.add_argument("--ctx-len", type=int, default=128)
     p.add_argument("--n-latents", type=int, default=2048)
     p.add_argument("--k", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1024)
     args = p.parse_args()
     t_all = time.perf_counter()
     series, work = Path(args.series), Path(args.work)
@@ -119,18 +121,18 @@ def main() -> None:
             timed(times, f"harvest {rev}", lambda rev=rev, path=path: harvest(series, rev, hook, toks, path))
             atomic_write(times_path, lambda q: q.write_text(json.dumps(times, indent=1)))
 
-    # each snapshot scaled to a mean train norm of sqrt(d): decoder norms compare across snapshots
+    # fit scales each snapshot to unit mean square, and decoder_norms() are in those units:
+    # norms compare across snapshots whatever each snapshot's activation scale
     acts = {r: load_file(work / "acts" / f"{r}.safetensors") for r in revs}
-    d = acts[revs[0]]["train"].shape[1]
-    scale = {r: math.sqrt(d) / float(a["train"].norm(dim=1).mean()) for r, a in acts.items()}
-    train = {r: a["train"] * scale[r] for r, a in acts.items()}
-    val = {r: a["val"] * scale[r] for r, a in acts.items()}
+    train = {r: a["train"] for r, a in acts.items()}
+    val = {r: a["val"] for r, a in acts.items()}
     cc_path = work / "crosscoder"
     if (cc_path / "cfg.json").exists():
         cc = saekit.Crosscoder.load(cc_path)
     else:
         cc = timed(times, "crosscoder", lambda: saekit.fit(train, n_latents=args.n_latents, k=args.k,
-                                                            epochs=args.epochs, quiet=False))
+                                                            epochs=args.epochs, batch_size=args.batch_size,
+                                                            quiet=False))
         cc.save(cc_path)
         atomic_write(times_path, lambda q: q.write_text(json.dumps(times, indent=1)))
 
@@ -142,7 +144,7 @@ def main() -> None:
     df = evolution(cc, names=revs, codes=codes, tokens=row_tokens)
     df = df[df["frequency"] > 0].reset_index(drop=True)  # latents that never fire say nothing
     s = summary(df)
-    report(args, info, revs, hook, df, s, fvu, scale, row_tokens, toks, times, time.perf_counter() - t_all)
+    report(args, info, revs, hook, df, s, fvu, row_tokens, toks, times, time.perf_counter() - t_all)
 
 
 def entropies(row_tokens: torch.Tensor, toks: dict) -> tuple[float, float]:
@@ -161,16 +163,17 @@ def entropies(row_tokens: torch.Tensor, toks: dict) -> tuple[float, float]:
     return h1, h2
 
 
-def report(args, info, revs, hook, df, s, fvu, scale, row_tokens, toks, times, wall) -> None:
-    OUT.mkdir(exist_ok=True)
+def report(args, info, revs, hook, df, s, fvu, row_tokens, toks, times, wall) -> None:
+    res = Path(args.results)
+    res.mkdir(parents=True, exist_ok=True)
     steps = info["schedule"]
     loss = json.loads((Path(args.series) / "loss.json").read_text())
     h1, h2 = entropies(row_tokens, toks)
     pretrain = _load_script(ROOT / "training/pretrain.py")
-    pretrain.plot_loss(loss, OUT / "evolution_loss.png",
+    pretrain.plot_loss(loss, res / "evolution_loss.png",
                        {"unigram entropy": h1, "bigram entropy (in-sample)": h2})
-    plot_emergence(df, OUT / "evolution_emergence.png", labels=[str(x) for x in steps])
-    plot_trajectories(df, OUT / "evolution_trajectories.png", x=steps, xlabel="step")
+    plot_emergence(df, res / "evolution_emergence.png", labels=[str(x) for x in steps])
+    plot_trajectories(df, res / "evolution_trajectories.png", x=steps, xlabel="step")
     emerged = df[df["emergence"] >= 0]
     rows = []
     for i, (r, step) in enumerate(zip(revs, steps, strict=True)):
@@ -179,11 +182,11 @@ def report(args, info, revs, hook, df, s, fvu, scale, row_tokens, toks, times, w
                      "emerge here": len(here), "median unigram R2": float(here["unigram"].median())
                      if len(here) else float("nan"), "present": int((df[f"norm:{r}"] >= 0.5 * df["max_norm"]).sum())})
     first = lambda h: next((r for r, st in zip(revs, steps, strict=True) if loss["val"][str(st)] <= h), None)  # noqa: E731
-    out = {"command": "python3 analysis/evolution_study.py", "hookpoint": hook, "series": info, "summary": s,
+    out = {"command": " ".join(["python3", *sys.argv]), "hookpoint": hook, "series": info, "summary": s,
            "per_snapshot": rows, "unigram_entropy": h1, "bigram_entropy_in_sample": h2,
-           "first_below_unigram": first(h1), "first_below_bigram": first(h2), "scale": scale, "times_s": times,
+           "first_below_unigram": first(h1), "first_below_bigram": first(h2), "times_s": times,
            "wall_s": round(wall, 1), "settings": vars(args)}
-    atomic_write(OUT / "evolution.json", lambda q: q.write_text(json.dumps(out, indent=1, default=float)))
+    atomic_write(res / "evolution.json", lambda q: q.write_text(json.dumps(out, indent=1, default=float)))
     tercile = np.quantile(emerged["emergence"], [1 / 3, 2 / 3]) if len(emerged) else [0, 0]
     groups = [("early", emerged["emergence"] <= tercile[0]),
               ("middle", (emerged["emergence"] > tercile[0]) & (emerged["emergence"] <= tercile[1])),
@@ -193,15 +196,17 @@ def report(args, info, revs, hook, df, s, fvu, scale, row_tokens, toks, times, w
                    "median frequency": float(emerged["frequency"][m].median())}
                   for name, m in groups if m.any()]
     lines = ["# Evolution of concepts across pre-training (offline series)", "",
-             f"Command: `python3 analysis/evolution_study.py` (after `python training/pretrain.py --out "
+             f"Command: `{out['command']}` (after `python training/pretrain.py --out "
              f"{args.series}`, which the study runs when the series is missing). Stage times (s): "
              f"{json.dumps(times)}; pre-training {info['wall_s']} s; this analysis pass {wall:.0f} s.", "",
              f"Series: {info['n_params']:,}-parameter Llama ({info['settings']['layers']} layers, d_model "
              f"{info['settings']['d_model']}, BPE vocabulary {info['settings']['vocab']}) trained "
              f"{info['settings']['steps']} steps x {info['tokens_per_step']} tokens on Shakespeare; "
              f"{len(revs)} snapshots on a log-spaced schedule. Crosscoder over `{hook}` of every snapshot: "
-             f"{args.n_latents} latents, TopK k={args.k}, {args.tokens} tokens x {args.epochs} epochs, each snapshot "
-             "scaled to mean norm sqrt(d). Latents that never fire on the training tokens are left out "
+             f"{args.n_latents} latents, TopK k={args.k}, {args.tokens} tokens x {args.epochs} epochs in batches of "
+             f"{args.batch_size}; each snapshot "
+             "is scaled to unit mean square in training, and decoder norms are read in those units. Latents "
+             "that never fire on the training tokens are left out "
              f"({s['n_latents']} kept).", "",
              "Rules (`saekit.analyze.evolution`): emergence = the first snapshot from which the latent's decoder "
              "norm stays at or above half its maximum to the end (-1: not present at the end); fading = present "
@@ -216,10 +221,10 @@ def report(args, info, revs, hook, df, s, fvu, scale, row_tokens, toks, times, w
              f"below the in-sample bigram entropy ({h2:.2f}) at {out['first_below_bigram']}.", "",
              "![emergence](evolution_emergence.png)", "", "![trajectories](evolution_trajectories.png)", "",
              "## Emergence against the complexity proxy", "", md_table(complexity), ""]
-    reading = Path(OUT / "evolution_reading.md")
+    reading = res / "evolution_reading.md"
     if reading.exists():
         lines += ["## Reading", "", reading.read_text().strip(), ""]
-    atomic_write(OUT / "evolution.md", lambda q: q.write_text("\n".join(lines)))
+    atomic_write(res / "evolution.md", lambda q: q.write_text("\n".join(lines)))
     print("\n".join(lines))
 
 
