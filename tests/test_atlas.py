@@ -418,3 +418,36 @@ def test_server_on_any_path(planted, paths):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_crosscoder_card_shows_decoder_norm_per_target(tmp_path):
+    """A crosscoder run over two hookpoints: each card carries the latent's decoder norm in each
+    target (in target order, equal to `decoder_norms()`), drawn as one bar per target."""
+    from saekit.atlas_html import render_card
+    from saekit.sae import Crosscoder
+
+    a, b = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+    cfg = TrainConfig(sources=[a, b], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), n_tokens=1000,
+                      val_tokens=100, ctx_len=CTX)
+    run = Run.create(cfg)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, V, (N_CTX, CTX), generator=g)
+    tokens[:, 0] = 0
+    mask = tokens != 0
+    ctx, pos = mask.nonzero(as_tuple=True)
+    acts = torch.rand(int(mask.sum()), 2 * D, generator=g)
+    cc = Crosscoder(SAEConfig(d_in=2 * D, n_latents=M, k=2, architecture="topk", sources=[a, b], dims={a: D, b: D}))
+    with torch.no_grad():
+        cc.W_dec[:, D:] *= torch.linspace(0, 2, M).unsqueeze(1)  # latent j's norm in b grows with j
+    cc.save(run.path / "crosscoder")
+    build_cache(cache_path(cfg, "train"), iter([{a: acts[:, :D], b: acts[:, D:], "_context": ctx, "_position": pos,
+                                                  "_token": tokens[mask]}]), {"model": cfg.model})
+    atlas = Atlas.open(build_atlas(run, model=FakeModel()))
+    norms = cc.decoder_norms()
+    for j in (0, M - 1):
+        card = atlas.card(j, "crosscoder")
+        assert list(card.part_norms.part) == [a, b]
+        torch.testing.assert_close(torch.tensor(card.part_norms.norm.to_numpy(), dtype=torch.float32), norms[:, j])
+        page = render_card(atlas, j, "crosscoder")
+        assert "decoder norm per target" in page and f"{b}: {float(norms[1, j]):.3g}" in page
+    assert card.part_norms.norm[1] > card.part_norms.norm[0] and atlas.card(0, "crosscoder").part_norms.norm[1] == 0
