@@ -44,16 +44,20 @@ class FakeModel:
             self.W_U[j, t], self.W_U[j, t + 1] = 5.0, -5.0
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("planted")
-    cfg = TrainConfig(hookpoints=[HOOK], out=str(root / "run"), cache_dir=str(root / "cache"), n_tokens=1000,
-                      val_tokens=100, ctx_len=CTX)
-    run = Run.create(cfg)
+def planted_run(root, **dictionary):
+    """An empty run of the planted model's hookpoints (or `sources=`) and N_CTX random contexts
+    of CTX tokens, each starting with the special token 0: (cfg, run, tokens, mask, generator)."""
+    cfg = TrainConfig(**(dictionary or {"hookpoints": [HOOK]}), out=str(root / "run"), cache_dir=str(root / "cache"),
+                      n_tokens=1000, val_tokens=100, ctx_len=CTX)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, V, (N_CTX, CTX), generator=g)
     tokens[:, 0] = 0
-    mask = tokens != 0
+    return cfg, Run.create(cfg), tokens, tokens != 0, g
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    cfg, run, tokens, mask, g = planted_run(tmp_path_factory.mktemp("planted"))
     rows = tokens[mask]
     acts = 0.3 * torch.rand(len(rows), D, generator=g)  # below the encoder's bias: never fires
     for j, t in PLANTED.items():
@@ -427,13 +431,7 @@ def test_crosscoder_card_shows_decoder_norm_per_target(tmp_path):
     from saekit.sae import Crosscoder
 
     a, b = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
-    cfg = TrainConfig(sources=[a, b], out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), n_tokens=1000,
-                      val_tokens=100, ctx_len=CTX)
-    run = Run.create(cfg)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, V, (N_CTX, CTX), generator=g)
-    tokens[:, 0] = 0
-    mask = tokens != 0
+    cfg, run, tokens, mask, g = planted_run(tmp_path, sources=[a, b])
     ctx, pos = mask.nonzero(as_tuple=True)
     acts = torch.rand(int(mask.sum()), 2 * D, generator=g)
     cc = Crosscoder(SAEConfig(d_in=2 * D, n_latents=M, k=2, architecture="topk", sources=[a, b], dims={a: D, b: D}))
