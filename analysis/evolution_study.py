@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from scipy.stats import spearmanr
 
 import saekit
 from saekit import data
@@ -33,6 +34,7 @@ from saekit import model as lm
 from saekit.analyze.evolution import evolution, plot_emergence, plot_trajectories, summary
 from saekit.codes import encode_all
 from saekit.io import atomic_write, md_table
+from saekit.runtime import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results"
@@ -95,15 +97,29 @@ def main() -> None:
     p.add_argument("--ctx-len", type=int, default=128)
     p.add_argument("--n-latents", type=int, default=1024)
     p.add_argument("--k", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=4e-3, help="short runs want several times fit's long-run default")
+    p.add_argument("--dead-tokens", type=int, default=32768, help="AuxK revives latents silent this long")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (on 2 cores shared with other jobs, 2 threads ran 3.6x slower than 1)")
     args = p.parse_args()
+    with torch_threads(args.threads):
+        study(args)
+
+
+def study(args) -> None:
     t_all = time.perf_counter()
     series, work = Path(args.series), Path(args.work)
     (work / "acts").mkdir(parents=True, exist_ok=True)
     times_path = work / "times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
 
+    fixed = {k: getattr(args, k) for k in ("series", "layer", "tokens", "val_tokens", "ctx_len")}
+    if (work / "settings.json").exists() and json.loads((work / "settings.json").read_text()) != fixed:
+        sys.exit(f"{work} holds activations harvested with other settings "
+                 f"({(work / 'settings.json').read_text().strip()}); use another --work")
+    atomic_write(work / "settings.json", lambda q: q.write_text(json.dumps(fixed)))
     info = ensure_series(series)
     revs = lm.snapshots(series)
     n_layers = info["settings"]["layers"]
@@ -132,7 +148,7 @@ def main() -> None:
     else:
         cc = timed(times, "crosscoder", lambda: saekit.fit(train, n_latents=args.n_latents, k=args.k,
                                                             epochs=args.epochs, batch_size=args.batch_size,
-                                                            quiet=False))
+                                                            lr=args.lr, dead_tokens=args.dead_tokens, quiet=False))
         cc.save(cc_path)
         atomic_write(times_path, lambda q: q.write_text(json.dumps(times, indent=1)))
 
@@ -144,34 +160,26 @@ def main() -> None:
     df = evolution(cc, names=revs, codes=codes, tokens=row_tokens)
     df = df[df["frequency"] > 0].reset_index(drop=True)  # latents that never fire say nothing
     s = summary(df)
-    report(args, info, revs, hook, df, s, fvu, row_tokens, toks, times, time.perf_counter() - t_all)
+    report(args, info, revs, hook, df, s, fvu, row_tokens, times, time.perf_counter() - t_all)
 
 
-def entropies(row_tokens: torch.Tensor, toks: dict) -> tuple[float, float]:
-    """Unigram entropy and in-sample bigram conditional entropy (nats) of the study's tokens:
-    the losses a model reaches by token statistics alone."""
+def unigram_entropy(row_tokens: torch.Tensor) -> float:
+    """Entropy (nats) of the study's token frequencies: the loss of the best model that ignores
+    the context, where Ge et al.'s statistical-learning phase ends."""
     counts = torch.bincount(row_tokens).double()
     prob = counts[counts > 0] / counts.sum()
-    h1 = float(-(prob * prob.log()).sum())
-    t, m = toks["train_tokens"], toks["train_mask"]
-    keep = (m[:, 1:] & m[:, :-1]).flatten()
-    pairs = (t[:, :-1].flatten() * (int(t.max()) + 1) + t[:, 1:].flatten())[keep]
-    _, pc = torch.unique(pairs, return_counts=True)
-    _, fc = torch.unique(t[:, :-1].flatten()[keep], return_counts=True)
-    pc, fc = pc.double(), fc.double()
-    h2 = float(-(pc * pc.log()).sum() / pc.sum() + (fc * fc.log()).sum() / fc.sum())
-    return h1, h2
+    return float(-(prob * prob.log()).sum())
 
 
-def report(args, info, revs, hook, df, s, fvu, row_tokens, toks, times, wall) -> None:
+def report(args, info, revs, hook, df, s, fvu, row_tokens, times, wall) -> None:
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     steps = info["schedule"]
     loss = json.loads((Path(args.series) / "loss.json").read_text())
-    h1, h2 = entropies(row_tokens, toks)
+    h1 = unigram_entropy(row_tokens)
     pretrain = _load_script(ROOT / "training/pretrain.py")
     pretrain.plot_loss(loss, res / "evolution_loss.png",
-                       {"unigram entropy": h1, "bigram entropy (in-sample)": h2})
+                       {"unigram entropy": h1})
     plot_emergence(df, res / "evolution_emergence.png", labels=[str(x) for x in steps])
     plot_trajectories(df, res / "evolution_trajectories.png", x=steps, xlabel="step")
     emerged = df[df["emergence"] >= 0]
@@ -183,18 +191,22 @@ def report(args, info, revs, hook, df, s, fvu, row_tokens, toks, times, wall) ->
                      if len(here) else float("nan"), "present": int((df[f"norm:{r}"] >= 0.5 * df["max_norm"]).sum())})
     first = lambda h: next((r for r, st in zip(revs, steps, strict=True) if loss["val"][str(st)] <= h), None)  # noqa: E731
     out = {"command": " ".join(["python3", *sys.argv]), "hookpoint": hook, "series": info, "summary": s,
-           "per_snapshot": rows, "unigram_entropy": h1, "bigram_entropy_in_sample": h2,
-           "first_below_unigram": first(h1), "first_below_bigram": first(h2), "times_s": times,
+           "per_snapshot": rows, "unigram_entropy": h1,
+           "first_below_unigram": first(h1), "times_s": times,
            "wall_s": round(wall, 1), "settings": vars(args)}
-    atomic_write(res / "evolution.json", lambda q: q.write_text(json.dumps(out, indent=1, default=float)))
-    tercile = np.quantile(emerged["emergence"], [1 / 3, 2 / 3]) if len(emerged) else [0, 0]
-    groups = [("early", emerged["emergence"] <= tercile[0]),
-              ("middle", (emerged["emergence"] > tercile[0]) & (emerged["emergence"] <= tercile[1])),
-              ("late", emerged["emergence"] > tercile[1])]
-    complexity = [{"emergence": f"{name} ({int(emerged['emergence'][m].min())}–{int(emerged['emergence'][m].max())})",
+    later = emerged[emerged["emergence"] > 0]  # formed in training, not present from step 0
+    cut = np.quantile(later["emergence"], [1 / 3, 2 / 3]) if len(later) else [0, 0]
+    e = emerged["emergence"]
+    groups = [("present from step 0", e == 0), ("early", (e > 0) & (e <= cut[0])),
+              ("middle", (e > cut[0]) & (e <= cut[1])), ("late", e > cut[1])]
+    complexity = [{"emergence": f"{name} ({revs[int(e[m].min())]}–{revs[int(e[m].max())]})",
                    "latents": int(m.sum()), "median unigram R2": float(emerged["unigram"][m].median()),
                    "median frequency": float(emerged["frequency"][m].median())}
                   for name, m in groups if m.any()]
+    ok = later[later["unigram"].notna()]
+    out["spearman_later_emergence_unigram"] = float(spearmanr(ok["emergence"], ok["unigram"]).statistic) \
+        if len(ok) > 2 else math.nan
+    atomic_write(res / "evolution.json", lambda q: q.write_text(json.dumps(out, indent=1, default=float)))
     lines = ["# Evolution of concepts across pre-training (offline series)", "",
              f"Command: `{out['command']}` (after `python training/pretrain.py --out "
              f"{args.series}`, which the study runs when the series is missing). Stage times (s): "
@@ -204,7 +216,7 @@ def report(args, info, revs, hook, df, s, fvu, row_tokens, toks, times, wall) ->
              f"{info['settings']['steps']} steps x {info['tokens_per_step']} tokens on Shakespeare; "
              f"{len(revs)} snapshots on a log-spaced schedule. Crosscoder over `{hook}` of every snapshot: "
              f"{args.n_latents} latents, TopK k={args.k}, {args.tokens} tokens x {args.epochs} epochs in batches of "
-             f"{args.batch_size}; each snapshot "
+             f"{args.batch_size}, lr {args.lr}, AuxK after {args.dead_tokens} silent tokens; each snapshot "
              "is scaled to unit mean square in training, and decoder norms are read in those units. Latents "
              "that never fire on the training tokens are left out "
              f"({s['n_latents']} kept).", "",
@@ -216,9 +228,10 @@ def report(args, info, revs, hook, df, s, fvu, row_tokens, toks, times, wall) ->
              md_table(rows), "",
              f"Emerged {s['emerged']} of {s['n_latents']}; never {s['never']}; present at initialisation "
              f"{s['initial']}, of which fading {s['fading']}. Median emergence index {s['median_emergence']}. "
-             f"Spearman(emergence, unigram R^2), emerged latents: {s.get('spearman_emergence_unigram', math.nan):.3f}. "
-             f"Held-out loss first at or below the unigram entropy ({h1:.2f} nats) at {out['first_below_unigram']}, "
-             f"below the in-sample bigram entropy ({h2:.2f}) at {out['first_below_bigram']}.", "",
+             f"Spearman(emergence, unigram R^2): {s.get('spearman_emergence_unigram', math.nan):.3f} over emerged "
+             f"latents, {out['spearman_later_emergence_unigram']:.3f} over those emerging after step 0. "
+             f"Held-out loss first at or below the unigram entropy ({h1:.2f} nats) at {out['first_below_unigram']}.",
+             "",
              "![emergence](evolution_emergence.png)", "", "![trajectories](evolution_trajectories.png)", "",
              "## Emergence against the complexity proxy", "", md_table(complexity), ""]
     reading = res / "evolution_reading.md"
