@@ -90,6 +90,10 @@ def test_unigram_proxy_separates_a_token_latent_from_a_context_latent():
         r2 = df["unigram"].to_numpy()
         assert r2[0] > 0.9 and abs(r2[1]) < 0.02 and 0.3 < r2[2] < 0.7
         np.testing.assert_allclose(df["frequency"], (dense > 0).double().mean(0).numpy())
+    rare = dense.clone()
+    rare[500:, 0] = 0  # latent 0 now fires a few times only: no R^2 from so few rows
+    assert 0 < int((rare[:, 0] > 0).sum()) < 20
+    assert np.isnan(evolution(np.ones((2, 3)), codes=rare, tokens=tokens)["unigram"][0])
 
 
 def test_unigram_r2_equals_a_dense_reference():

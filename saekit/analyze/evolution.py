@@ -16,7 +16,8 @@ holds. Rules, with `threshold` = 0.5 by default (a latent's maximum is over its 
 Complexity proxy (with codes and the token id of every row): `unigram`, the held-out R^2 of the
 best predictor of a latent's activation from the current token alone (its mean activation on
 that token). Fit on even rows, scored on odd rows and the reverse, averaged: near 1 for a
-single-token latent, near 0 for one whose firing depends on the context, not the token.
+single-token latent, near 0 for one whose firing depends on the context, not the token; not
+given for latents firing on fewer than `min_fires` rows.
 """
 
 import math
@@ -131,7 +132,7 @@ def unigram_r2(codes: CodesLike, tokens: torch.Tensor, n_latents: int) -> np.nda
 
 
 def evolution(cc_or_norms, names: Sequence[str] | None = None, codes: CodesLike | None = None,
-              tokens: torch.Tensor | None = None, threshold: float = 0.5) -> pd.DataFrame:
+              tokens: torch.Tensor | None = None, threshold: float = 0.5, min_fires: int = 20) -> pd.DataFrame:
     """One row per latent of a crosscoder (anything with `.decoder_norms()` and `.targets`) or of
     decoder norms `[n_sources, n_latents]` (`names` name the sources, default s0, s1, ...).
 
@@ -139,7 +140,8 @@ def evolution(cc_or_norms, names: Sequence[str] | None = None, codes: CodesLike 
     docstring); `peak` (source of the largest norm); `max_norm`; `n_present`; `initial`;
     `fading`; `norm:<source>` per source, in source order; with `codes` (`saekit.codes.Codes`,
     (values, indices) or dense, one row per token) and `tokens` (the token id of each row): `frequency` (share of rows
-    where the latent fires) and `unigram` (held-out R^2 of a per-token predictor)."""
+    where the latent fires) and `unigram` (held-out R^2 of a per-token predictor; NaN for a latent
+    firing on fewer than `min_fires` rows, where the R^2 of a handful of tokens says nothing)."""
     if not 0 < threshold < 1:
         raise SaekitError(f"threshold must be in (0, 1), got {threshold}")
     norms, names = _norms(cc_or_norms, names)
@@ -160,8 +162,9 @@ def evolution(cc_or_norms, names: Sequence[str] | None = None, codes: CodesLike 
     if codes is not None:
         rows, lat, _ = _firing(codes, norms.shape[1])
         n = len(torch.as_tensor(tokens).flatten())
-        df["frequency"] = torch.bincount(lat, minlength=norms.shape[1]).double().numpy() / max(n, 1)
-        df["unigram"] = unigram_r2(codes, tokens, norms.shape[1])
+        fires = torch.bincount(lat, minlength=norms.shape[1]).numpy()
+        df["frequency"] = fires / max(n, 1)
+        df["unigram"] = np.where(fires >= min_fires, unigram_r2(codes, tokens, norms.shape[1]), np.nan)
     for name, col in zip(names, norms, strict=True):
         df[f"norm:{name}"] = col
     return df
