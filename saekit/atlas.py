@@ -51,6 +51,8 @@ CREATE TABLE logits (hookpoint TEXT, latent INTEGER, sign INTEGER, rank INTEGER,
 CREATE INDEX logits_latent ON logits (hookpoint, latent);
 CREATE TABLE neighbours (hookpoint TEXT, latent INTEGER, kind TEXT, rank INTEGER, other INTEGER, score REAL);
 CREATE INDEX neighbours_latent ON neighbours (hookpoint, latent, kind);
+CREATE TABLE parts (hookpoint TEXT, latent INTEGER, rank INTEGER, part TEXT, norm REAL);
+CREATE INDEX parts_latent ON parts (hookpoint, latent);
 """
 
 
@@ -264,6 +266,10 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     db.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?,?)", ex_rows)
     db.executemany("INSERT INTO logits VALUES (?,?,?,?,?,?)", logit_rows)
     db.executemany("INSERT INTO neighbours VALUES (?,?,?,?,?,?)", neigh_rows)
+    if sae.cfg.sources:  # a crosscoder or transcoder: each latent's decoder norm per target
+        norms = sae.decoder_norms().float().cpu()  # [targets, m]
+        db.executemany("INSERT INTO parts VALUES (?,?,?,?,?)", [
+            (h, j, r, t, float(norms[r, j])) for r, t in enumerate(sae.targets) for j in range(m)])
     say.end()
     secs = time.perf_counter() - t0
     db.execute("INSERT INTO hookpoints VALUES (?,?,?,?,?)", (h, m, sae.d_in, n, secs))
@@ -436,6 +442,7 @@ class Card:
     lobe: int | None = None  # geometry co-occurrence lobe (after add_analyses)
     cluster: int | None = None  # multi-dimensional feature cluster, 0 = best scored (after add_analyses)
     absorbs: str | None = None  # letters this latent absorbs (after add_analyses)
+    part_norms: "object" = None  # DataFrame: part, norm (a crosscoder's decoder norm per target, in order)
 
     def label_note(self) -> str:
         """Where the label holds, in words: its share of the top contexts and of each activation slice."""
@@ -559,6 +566,10 @@ class Atlas:
         card = Card(h, int(latent), row[0], row[1], row[2], json.loads(row[3]), row[4] and json.loads(row[4]), row[5],
                     row[6], row[7], row[8] and json.loads(row[8]), examples("top"), examples("quantile"), logits(1),
                     logits(-1), neighbours("decoder", "cosine"), neighbours("cooccurrence", "jaccard"))
+        if self._has_table("parts"):  # atlases built before crosscoders have no such table
+            norms = self._df("SELECT part, norm FROM parts WHERE hookpoint = ? AND latent = ? ORDER BY rank",
+                             (h, int(latent)))
+            card.part_norms = norms if len(norms) else None
         if self._has_table("matches"):
             card.matches = self._df("SELECT other_hookpoint, other_latent, score FROM matches WHERE hookpoint = ? "
                                     "AND latent = ? ORDER BY other_hookpoint", (h, int(latent)))

@@ -37,14 +37,26 @@ def _shade(act: float, max_act: float) -> str:
     return f"background:rgba(255,120,0,{a:.2f})"
 
 
-def _bars(counts: list[int], lo: float, hi: float, title: str) -> str:
-    """A small inline SVG bar chart of a histogram over [lo, hi]."""
-    w, h, top = 240, 60, max(max(counts, default=0), 1)
-    bw = w / max(len(counts), 1)
-    bars = "".join(f"<rect x='{i * bw:.1f}' y='{h - h * c / top:.1f}' width='{bw - 1:.1f}' height='{h * c / top:.1f}'>"
-                   f"<title>{c}</title></rect>" for i, c in enumerate(counts))
+def _svg_bars(values: list[float], tips: list[str], title: str, caption: str) -> str:
+    """A small inline SVG bar chart, one bar per value, with a tooltip each."""
+    w, h, top = 240, 60, max(max(values, default=0), 1e-30)
+    bw = w / max(len(values), 1)
+    bars = "".join(f"<rect x='{i * bw:.1f}' y='{h - h * v / top:.1f}' width='{max(bw - 1, 0.5):.1f}' "
+                   f"height='{h * v / top:.1f}'><title>{_e(t)}</title></rect>"
+                   for i, (v, t) in enumerate(zip(values, tips, strict=True)))
     return (f"<figure class='hist'><svg width='{w}' height='{h}' role='img' aria-label='{_e(title)}'>{bars}</svg>"
-            f"<figcaption>{_e(title)}: {lo:.3g} … {hi:.3g}</figcaption></figure>")
+            f"<figcaption>{_e(title)}: {_e(caption)}</figcaption></figure>")
+
+
+def _bars(counts: list[int], lo: float, hi: float, title: str) -> str:
+    """A histogram over [lo, hi]."""
+    return _svg_bars(counts, [str(c) for c in counts], title, f"{lo:.3g} … {hi:.3g}")
+
+
+def _part_bars(parts, title: str) -> str:
+    """One bar per named part (a crosscoder latent's decoder norm per target), names in the tooltips."""
+    return _svg_bars(list(parts.norm), [f"{p}: {v:.3g}" for p, v in zip(parts.part, parts.norm, strict=True)],
+                     title, f"{parts.part.iloc[0]} … {parts.part.iloc[-1]}")
 
 
 def card_path(hookpoint: str, latent: int) -> str:
@@ -83,6 +95,8 @@ def render_card(atlas: Atlas, latent: int, hookpoint: str | None = None, root: s
     if c.logit_hist:
         lh = c.logit_hist
         charts += _bars(lh["counts"], lh["lo"], lh["hi"], "logit effects on the vocabulary")
+    if c.part_norms is not None:
+        charts += _part_bars(c.part_norms, "decoder norm per target")
     matches = ""
     if c.matches is not None:
         matches = ("<h2>Cross-layer matches</h2><p>"

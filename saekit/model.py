@@ -59,15 +59,48 @@ def _dequantise(out: Path) -> None:
     os.replace(tmp, out)
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A TransformerBridge for `name`: "smollm2-135m", a local HF folder, or a hub name."""
+def snapshots(series: str | Path) -> list[str]:
+    """The revisions of a local snapshot series (as `training/pretrain.py` writes it): its
+    `step<N>` subfolders holding a model, in training order."""
+    found = [p.name for p in Path(series).glob("step*") if re.fullmatch(r"step\d+", p.name)
+             and (p / "config.json").exists()]
+    return sorted(found, key=lambda r: int(r[4:]))
+
+
+def resolve_model(name: str) -> tuple[str | Path, str | None]:
+    """(what `from_pretrained` loads, hub revision) for a model name: the offline default, a local
+    folder, a hub name, or `name@revision`. The revision of a local series is its snapshot
+    subfolder (`runs/pretrain@step100` is runs/pretrain/step100), as a hub revision names a
+    branch (`EleutherAI/pythia-70m@step1000`)."""
+    if name == DEFAULT_MODEL:
+        return _offline_default(), None
+    base, at, rev = name.rpartition("@")
+    if not at or Path(name).exists():
+        return name, None
+    if not base or not rev:
+        raise SaekitError(f"model {name!r}: write a revision as MODEL@REVISION, e.g. runs/pretrain@step100")
+    if Path(base).is_dir():
+        snap = Path(base) / rev
+        if not (snap / "config.json").exists():
+            known = snapshots(base)
+            hint = f"; its snapshots: {', '.join(known)}" if known else "; it holds no step<N> snapshot folders"
+            raise SaekitError(f"model {name!r}: {base} has no snapshot {rev!r}{hint}")
+        return snap, None
+    return base, rev
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               revision: str | None = None):
+    """A TransformerBridge for `name`: "smollm2-135m", a local HF folder, a hub name, or any of
+    these with `@revision` (a snapshot of a local series or a hub revision: `resolve_model`);
+    `revision=` is the same as `name@revision`."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = _offline_default() if name == DEFAULT_MODEL else name
+    path, revision = resolve_model(f"{name}@{revision}" if revision else name)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path, revision=revision)
+        hf = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
     except (OSError, ValueError) as e:
         raise SaekitError(
             f"cannot load model {name!r} ({str(e).splitlines()[0]}). Without network access the hub "

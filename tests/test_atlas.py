@@ -44,16 +44,20 @@ class FakeModel:
             self.W_U[j, t], self.W_U[j, t + 1] = 5.0, -5.0
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("planted")
-    cfg = TrainConfig(hookpoints=[HOOK], out=str(root / "run"), cache_dir=str(root / "cache"), n_tokens=1000,
-                      val_tokens=100, ctx_len=CTX)
-    run = Run.create(cfg)
+def planted_run(root, **dictionary):
+    """An empty run of the planted model's hookpoints (or `sources=`) and N_CTX random contexts
+    of CTX tokens, each starting with the special token 0: (cfg, run, tokens, mask, generator)."""
+    cfg = TrainConfig(**(dictionary or {"hookpoints": [HOOK]}), out=str(root / "run"), cache_dir=str(root / "cache"),
+                      n_tokens=1000, val_tokens=100, ctx_len=CTX)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, V, (N_CTX, CTX), generator=g)
     tokens[:, 0] = 0
-    mask = tokens != 0
+    return cfg, Run.create(cfg), tokens, tokens != 0, g
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    cfg, run, tokens, mask, g = planted_run(tmp_path_factory.mktemp("planted"))
     rows = tokens[mask]
     acts = 0.3 * torch.rand(len(rows), D, generator=g)  # below the encoder's bias: never fires
     for j, t in PLANTED.items():
@@ -543,3 +547,30 @@ def test_cli_card_prints_label_shares_and_added_analyses(real, tmp_path, capsys)
         report.unlink()
     assert cli.main(["atlas", "query", str(copy), "--feature", str(j)]) == 0
     assert "analyses: lobe 2, absorbs letters s,t" in capsys.readouterr().out
+
+
+def test_crosscoder_card_shows_decoder_norm_per_target(tmp_path):
+    """A crosscoder run over two hookpoints: each card carries the latent's decoder norm in each
+    target (in target order, equal to `decoder_norms()`), drawn as one bar per target."""
+    from saekit.atlas_html import render_card
+    from saekit.sae import Crosscoder
+
+    a, b = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+    cfg, run, tokens, mask, g = planted_run(tmp_path, sources=[a, b])
+    ctx, pos = mask.nonzero(as_tuple=True)
+    acts = torch.rand(int(mask.sum()), 2 * D, generator=g)
+    cc = Crosscoder(SAEConfig(d_in=2 * D, n_latents=M, k=2, architecture="topk", sources=[a, b], dims={a: D, b: D}))
+    with torch.no_grad():
+        cc.W_dec[:, D:] *= torch.linspace(0, 2, M).unsqueeze(1)  # latent j's norm in b grows with j
+    cc.save(run.path / "crosscoder")
+    build_cache(cache_path(cfg, "train"), iter([{a: acts[:, :D], b: acts[:, D:], "_context": ctx, "_position": pos,
+                                                  "_token": tokens[mask]}]), {"model": cfg.model})
+    atlas = Atlas.open(build_atlas(run, model=FakeModel()))
+    norms = cc.decoder_norms()
+    for j in (0, M - 1):
+        card = atlas.card(j, "crosscoder")
+        assert list(card.part_norms.part) == [a, b]
+        torch.testing.assert_close(torch.tensor(card.part_norms.norm.to_numpy(), dtype=torch.float32), norms[:, j])
+        page = render_card(atlas, j, "crosscoder")
+        assert "decoder norm per target" in page and f"{b}: {float(norms[1, j]):.3g}" in page
+    assert card.part_norms.norm[1] > card.part_norms.norm[0] and atlas.card(0, "crosscoder").part_norms.norm[1] == 0

@@ -4,6 +4,7 @@ each returning a small dataclass with `.to_dict()`; `report` runs them all on a 
 from saekit.analyze.absorption import AbsorptionResult, absorption
 from saekit.analyze.collapse import CollapseResult, collapse, decoder_collapse
 from saekit.analyze.dead import DeadResult, dead
+from saekit.analyze.evolution import evolution
 from saekit.analyze.geometry import (
     GeometryResult,
     LobesResult,
@@ -17,5 +18,5 @@ from saekit.analyze.stability import StabilityResult, stability
 from saekit.analyze.universality import UniversalityResult, universality
 
 __all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult", "StabilityResult",
-           "UniversalityResult", "absorption", "collapse", "crystals", "dead", "decoder_collapse", "geometry",
+           "UniversalityResult", "absorption", "collapse", "crystals", "dead", "decoder_collapse", "evolution", "geometry",
            "geometry_bundle", "lobes", "multidim_features", "stability", "universality"]

@@ -1,0 +1,153 @@
+"""Evolution analysis on planted decoder-norm trajectories and planted codes; the pre-training
+script's snapshots loading through saekit's model loader."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import saekit.analyze
+from saekit.analyze.evolution import emergence_points, evolution, plot_emergence, plot_trajectories, summary
+from saekit.codes import Codes
+from saekit.errors import SaekitError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def planted(n_src=16, per=25, noise=0.03, seed=0):
+    """Norm trajectories [n_src, latents]: latents switched on at known snapshots (a sigmoid ramp
+    centred between two snapshots, to a random final norm), fading initialisation latents, and
+    latents that never grow. Returns (norms, true emergence, true fading)."""
+    g = np.random.default_rng(seed)
+    s = np.arange(n_src)[:, None]
+    on = np.repeat(np.arange(1, n_src), per)  # every snapshot after the first, `per` latents each
+    top = g.uniform(0.5, 2.0, len(on))
+    rise = top / (1 + np.exp(-4 * (s - on + 0.5)))  # half the maximum between on - 1 and on
+    fade = g.uniform(0.5, 2.0, per) * np.exp(-0.5 * s)  # initialisation latents decaying
+    flat = np.zeros((n_src, per))  # never more than the noise floor
+    norms = np.concatenate([rise, fade, flat], 1)
+    norms = np.abs(norms + noise * g.standard_normal(norms.shape))
+    norms[:, -per:] = 0.0  # exactly zero: no maximum to pass half of
+    truth = np.concatenate([on, np.full(per, -1), np.full(per, -1)])
+    fading = np.concatenate([np.zeros(len(on), bool), np.ones(per, bool), np.zeros(per, bool)])
+    return norms, truth, fading
+
+
+def test_planted_emergence_schedule_is_read_back_exactly():
+    norms, truth, fading = planted()
+    df = evolution(torch.tensor(norms), names=[f"step{2**i}" for i in range(16)])
+    assert (df["emergence"].to_numpy() == truth).all()
+    assert (df["fading"].to_numpy() == fading).all()
+    assert (df["initial"].to_numpy()[fading]).all() and not df["initial"].to_numpy()[truth > 1].any()
+    assert list(df.columns[-16:]) == [f"norm:step{2**i}" for i in range(16)]
+    np.testing.assert_allclose(df["norm:step8"], norms[3])
+    s = summary(df)
+    assert s["per_source"] == [0] + [25] * 15 and s["never"] == 50 and s["fading"] == 25
+
+
+def test_a_transient_crossing_does_not_count_and_a_latent_that_falls_back_never_emerges():
+    # latent 0: a spike at 1 above half its maximum, then on from 4; latent 1: up at 2, gone by 5
+    norms = np.array([[0.0, 0.0], [0.6, 0.1], [0.1, 1.0], [0.1, 1.0], [0.9, 0.8], [1.0, 0.1]])
+    assert emergence_points(norms).tolist() == [4, -1]
+    assert emergence_points(norms, threshold=0.05).tolist() == [1, 1]
+
+
+def test_crosscoder_duck_type_and_bad_input():
+    class CC:
+        targets = ["a@step0:h", "a@step9:h"]
+
+        def decoder_norms(self):
+            return torch.tensor([[1.0, 0.0, 0.2], [1.0, 2.0, 0.0]])
+
+    df = saekit.analyze.evolution(CC())
+    assert df["emergence"].tolist() == [0, 1, -1] and df["n_present"].tolist() == [2, 1, 1]
+    assert df["fading"].tolist() == [False, False, True]
+    assert "norm:a@step9:h" in df.columns
+    with pytest.raises(SaekitError, match="names"):
+        evolution(np.ones((3, 4)), names=["a", "b"])
+    with pytest.raises(SaekitError, match="non-negative"):
+        evolution(-np.ones((3, 4)))
+    with pytest.raises(SaekitError, match="both"):
+        evolution(np.ones((3, 4)), codes=torch.zeros(5, 4))
+
+
+def test_unigram_proxy_separates_a_token_latent_from_a_context_latent():
+    g = torch.Generator().manual_seed(0)
+    n, vocab = 20000, 50
+    tokens = torch.randint(0, vocab, (n,), generator=g)
+    prev = torch.cat([torch.tensor([0]), tokens[:-1]])
+    dense = torch.zeros(n, 3)
+    dense[:, 0] = (tokens == 7) * (1 + 0.1 * torch.rand(n, generator=g))  # fires on one token
+    dense[:, 1] = (prev == 3) * (1 + 0.1 * torch.rand(n, generator=g))  # fires after one token: context
+    dense[:, 2] = ((tokens < 10) & (prev < 25)) * 1.0  # half token, half context
+    values, indices = dense.topk(3, dim=1)  # every latent: k = n_latents
+    for codes in (dense, (values, indices), Codes(values, indices, 3)):  # every form agrees
+        df = evolution(np.ones((2, 3)), codes=codes, tokens=tokens)
+        r2 = df["unigram"].to_numpy()
+        assert r2[0] > 0.9 and abs(r2[1]) < 0.02 and 0.3 < r2[2] < 0.7
+        np.testing.assert_allclose(df["frequency"], (dense > 0).double().mean(0).numpy())
+    rare = dense.clone()
+    rare[500:, 0] = 0  # latent 0 now fires a few times only: no R^2 from so few rows
+    assert 0 < int((rare[:, 0] > 0).sum()) < 20
+    assert np.isnan(evolution(np.ones((2, 3)), codes=rare, tokens=tokens)["unigram"][0])
+
+
+def test_unigram_r2_equals_a_dense_reference():
+    g = torch.Generator().manual_seed(1)
+    n, vocab, m = 3000, 40, 5
+    tokens = torch.randint(0, vocab, (n,), generator=g)
+    tokens[1] = vocab  # a token only in the odd half: predicted by the even half's mean
+    dense = torch.rand(n, m, generator=g) * (torch.rand(n, m, generator=g) < 0.2)
+    got = evolution(np.ones((1, m)), codes=dense, tokens=tokens)["unigram"].to_numpy()
+    want = []
+    for fit in (0, 1):
+        f, s = torch.arange(n) % 2 == fit, torch.arange(n) % 2 != fit
+        pred = torch.zeros(s.sum(), m, dtype=torch.float64)
+        for i, t in enumerate(tokens[s].tolist()):
+            seen = f & (tokens == t)
+            pred[i] = dense[seen].double().mean(0) if seen.any() else dense[f].double().mean(0)
+        a = dense[s].double()
+        want.append(1 - ((a - pred) ** 2).sum(0) / ((a - a.mean(0)) ** 2).sum(0))
+    np.testing.assert_allclose(got, torch.stack(want).mean(0).numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    norms, _, _ = planted(n_src=6, per=4)
+    df = evolution(norms)
+    assert plot_emergence(df, tmp_path / "h.png").stat().st_size > 1000
+    assert plot_trajectories(df, tmp_path / "t.png", x=[0, 1, 2, 4, 8, 16]).stat().st_size > 1000
+
+
+def test_pretrain_snapshots_load_as_models_and_harvest(tmp_path):
+    """A few steps of training/pretrain.py (tiny model, 30 scenes), then `series@stepN` through
+    saekit's loader: the harvested activations are those of the saved weights, and a snapshot
+    that does not exist is refused with the list of those that do."""
+    from saekit import data
+    from saekit import model as lm
+
+    out = tmp_path / "series"
+    cmd = [sys.executable, str(ROOT / "training/pretrain.py"), "--out", str(out), "--steps", "6", "--snapshots",
+           "4", "--d-model", "32", "--layers", "2", "--heads", "2", "--vocab", "300", "--docs", "30", "--batch",
+           "4", "--ctx-len", "32", "--val-contexts", "4", "--threads", "1"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["schedule"] == [0, 1, 2, 6] and lm.snapshots(out) == ["step0", "step1", "step2", "step6"]
+    log = json.loads((out / "loss.json").read_text())
+    assert len(log["train"]) == 6 and set(log["val"]) == {"0", "1", "2", "6"} and (out / "loss.png").exists()
+    assert "done" in subprocess.run(cmd, check=True, capture_output=True, text=True).stdout  # nothing retrained
+
+    m0, m6 = lm.load_model(f"{out}@step0"), lm.load_model(str(out), revision="step6")
+    assert m0.cfg.n_layers == 2 and m0.cfg.d_model == 32
+    toks, mask = data.pack_contexts(data.load_texts("shakespeare"), m0.tokenizer, 16, n_tokens=60)
+    a0 = torch.cat([b["blocks.1.hook_resid_post"] for b in lm.harvest(m0, toks, mask, ["blocks.1.hook_resid_post"])])
+    a6 = torch.cat([b["blocks.1.hook_resid_post"] for b in lm.harvest(m6, toks, mask, ["blocks.1.hook_resid_post"])])
+    assert a0.shape == a6.shape == (int(mask.sum()), 32) and not torch.allclose(a0, a6)
+    _, cache = m6.run_with_cache(toks, names_filter=lambda n: n == "blocks.1.hook_resid_post")
+    torch.testing.assert_close(a6, cache["blocks.1.hook_resid_post"][mask], rtol=1e-4, atol=1e-5)
+    with pytest.raises(SaekitError, match="no snapshot 'step3'.*step0, step1, step2, step6"):
+        lm.load_model(f"{out}@step3")
