@@ -18,5 +18,5 @@ from saekit.analyze.stability import StabilityResult, stability
 from saekit.analyze.universality import UniversalityResult, universality
 
 __all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult", "StabilityResult",
-           "UniversalityResult", "absorption", "collapse", "crystals", "dead", "decoder_collapse", "evolution", "geometry",
-           "geometry_bundle", "lobes", "multidim_features", "stability", "universality"]
+           "UniversalityResult", "absorption", "collapse", "crystals", "dead", "decoder_collapse", "evolution",
+           "geometry", "geometry_bundle", "lobes", "multidim_features", "stability", "universality"]
