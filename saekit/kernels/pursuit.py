@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saekit.kernels import backend
+from saekit.kernels.torch_ops import _by_latent, _segment_sums
 from saekit.runtime import torch_threads
 
 # Rows per block of the selection on CPU: their [rows, m] correlations stay in cache across the
@@ -55,7 +57,7 @@ def mp_pursue(xc: Tensor, W: Tensor, k: int, threshold: float | None = None,
 
 def _pursue(xc, W, k, threshold, G, rows):
     B = xc.shape[0]
-    sq_norms = G.diagonal()
+    sq_norms = W.square().sum(1)
     order = torch.full((B, k), -1, dtype=torch.long, device=xc.device)
     coeffs = torch.zeros(B, k, dtype=W.dtype, device=xc.device)
     for s in range(0, B, rows):
@@ -74,7 +76,7 @@ def _pursue(xc, W, k, threshold, G, rows):
             order[s : s + rows, t] = torch.where(alive, j, -1)
             coeffs[s : s + rows, t] = a
             rr = rr - a * (2 * best - a * sq_norms[j])
-            c.sub_(F.embedding_bag(j[:, None], G, per_sample_weights=a[:, None], mode="sum"))  # a G[j]
+            c.sub_(F.embedding_bag(j[:, None], G, per_sample_weights=a[:, None].to(G.dtype), mode="sum"))  # a G[j]
     return order, coeffs
 
 
@@ -99,16 +101,54 @@ def mp_select(xc: Tensor, W: Tensor, k: int, threshold: float | None = None,
     return distinct(*reversed(mp_pursue(xc, W, k, threshold, G)))
 
 
-def mp_values(xc: Tensor, W: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
+class _PursuitSolve(torch.autograd.Function):
+    """Per-step coefficients c [B, k] of a selection order: L c = W_sel xc (see `mp_values`),
+    L gathered from the Gram matrix, W_sel xc by the sparse `gather_dot`.
+
+    Backward, with lambda = L^-T g: d xc = sum_t lambda_t w_t (a gather-sum), and the row of
+    step t receives lambda_t xc - sum_{s != t} M[t,s] w_s, M[t,s] = lambda_t c_s (s < t) or
+    c_t lambda_s (s > t). Both sums go straight into the [m, d] gradient as segment sums over
+    the (token, step) pairs sorted by latent (one embedding bag of k rows per pair for the
+    second), never materialising a [B, k, d] gather.
+    """
+
+    @staticmethod
+    def forward(ctx, xc, W, order, G):
+        live = order >= 0
+        j = order.clamp_min(0)
+        rhs = backend(W).gather_dot(j, W, xc) * live
+        L = G[j[:, :, None], j[:, None, :]].to(W.dtype) * live[:, :, None]  # stopped steps: c_t = 0
+        c = torch.linalg.solve_triangular(L, rhs[:, :, None], upper=False, unitriangular=True).squeeze(-1)
+        ctx.save_for_backward(xc, W, order, L, c)
+        return c
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, W, order, L, c = ctx.saved_tensors
+        B, k = order.shape
+        live, j = order >= 0, order.clamp_min(0)
+        lam = torch.linalg.solve_triangular(L.transpose(1, 2), g[:, :, None], upper=True, unitriangular=True)
+        lam = lam.squeeze(-1) * live
+        grad_x = backend(W).gather_sum(lam, j, W) if ctx.needs_input_grad[0] else None
+        grad_W = None
+        if ctx.needs_input_grad[1]:
+            M = (lam[:, :, None] * c[:, None, :]).tril(-1) + (c[:, :, None] * lam[:, None, :]).triu(1)
+            _, pair, tok, starts = _by_latent(j, live)
+            m = W.shape[0]
+            grad_W = _segment_sums(lam, pair, tok, starts, xc, m)
+            offsets = F.pad(starts, (0, m - len(starts)), value=len(pair)) * k
+            grad_W -= F.embedding_bag(j[tok].flatten(), W, offsets, mode="sum",
+                                      per_sample_weights=M.flatten(0, 1)[pair].flatten())
+        return grad_x, grad_W, None, None
+
+
+def mp_values(xc: Tensor, W: Tensor, order: Tensor, G: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The code of a given selection order (`mp_pursue`'s), differentiable in `xc` and `W`:
     the coefficients solve L c = W_sel xc (unit lower triangular, L[t,s] = <W[j_t], W[j_s]>),
-    then repeated latents merge as in `distinct`. Equals `mp_select` up to rounding."""
-    live = order >= 0
-    W_sel = F.embedding(order.clamp_min(0), W)  # [B, k, d]
-    rhs = torch.einsum("bkd,bd->bk", W_sel, xc.to(W.dtype)) * live
-    L = (W_sel @ W_sel.transpose(1, 2)) * live[:, :, None]  # stopped steps: c_t = 0
-    c = torch.linalg.solve_triangular(L, rhs[..., None], upper=False, unitriangular=True)
-    return distinct(c.squeeze(-1), order)
+    then repeated latents merge as in `distinct`. Equals `mp_select` up to rounding.
+    `G`: `gram(W)` if known (L is read from it)."""
+    G = gram(W) if G is None else G
+    return distinct(_PursuitSolve.apply(xc.to(W.dtype), W, order, G), order)
 
 
 def mp_reference(xc: Tensor, W: Tensor, k: int, threshold: float | None = None) -> tuple[Tensor, Tensor]:
