@@ -6,7 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 from saekit.config import TrainConfig, load_config
 from saekit.errors import SaekitError
 from saekit.run import Run
-from saekit.sae import SAE, SAEConfig, SparseCode
+from saekit.sae import SAE, Crosscoder, SAEConfig, SparseCode
 from saekit.trainer import fit
 
 try:
@@ -38,5 +38,5 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False):
     return _train(config, resume=resume, quiet=quiet)
 
 
-__all__ = ["SAE", "Atlas", "Run", "SAEConfig", "SaekitError", "SparseCode", "TrainConfig", "__version__", "analyze",
-           "fit", "load_config", "match", "matching", "train"]
+__all__ = ["SAE", "Atlas", "Crosscoder", "Run", "SAEConfig", "SaekitError", "SparseCode", "TrainConfig", "__version__",
+           "analyze", "fit", "load_config", "match", "matching", "train"]

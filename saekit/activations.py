@@ -128,8 +128,19 @@ class ActivationCache:
 
     def batches(self, hookpoint: str, batch_size: int = 4096) -> Iterator[torch.Tensor]:
         """One hookpoint's activations in stored order, as `[batch_size, d]` float32 pieces."""
+        for part in self.batches_of([hookpoint], batch_size):
+            yield part[hookpoint]
+
+    def batches_of(self, hookpoints: list[str], batch_size: int = 4096) -> Iterator[dict[str, torch.Tensor]]:
+        """Several hookpoints' activations of the same rows in stored order, as `{hookpoint:
+        [batch_size, d]}` float32 pieces (what a crosscoder or transcoder reads)."""
+        missing = [h for h in hookpoints if h not in self.hookpoints]
+        if missing:
+            raise SaekitError(f"activation cache {self.path} has no {missing} (it holds {', '.join(self.hookpoints)})")
         for i in range(len(self.manifest["shards"])):
-            yield from self.load_shard(i, [hookpoint])[hookpoint].split(batch_size)
+            shard = self.load_shard(i, hookpoints)
+            for s in range(0, len(shard[hookpoints[0]]), batch_size):
+                yield {h: shard[h][s : s + batch_size] for h in hookpoints}
 
     def tensor(self, hookpoint: str, max_tokens: int | None = None) -> torch.Tensor:
         """The first `max_tokens` activations of one hookpoint, `[n, d]` float32."""
@@ -354,7 +365,7 @@ def open_activations(path: str | Path, hookpoint: str, batch_size: int = 4096) -
         cache = ActivationCache.open(path)
         if hookpoint not in cache.hookpoints:
             raise SaekitError(f"activation cache {path} has no {hookpoint!r} (it holds {', '.join(cache.hookpoints)})")
-        return _Stream(lambda: cache.batches(hookpoint, batch_size))
+        return Stream(lambda: cache.batches(hookpoint, batch_size))
     if path.suffix != ".safetensors" or not path.is_file():
         raise SaekitError(f"--activations {path}: expected an activation cache folder (with {MANIFEST}) "
                           "or a .safetensors file holding one [N, d_in] tensor")
@@ -377,10 +388,10 @@ def open_activations(path: str | Path, hookpoint: str, batch_size: int = 4096) -
             for s in range(0, shape[0], batch_size):
                 yield sl[s : s + batch_size]
 
-    return _Stream(read)
+    return Stream(read)
 
 
-class _Stream:
+class Stream:
     """An iterable that restarts its generator on every `iter()` (so it can be read twice)."""
 
     def __init__(self, make: Callable[[], Iterator[torch.Tensor]]):

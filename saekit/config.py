@@ -33,11 +33,23 @@ class TrainConfig:
     n_tokens: int = 350_000  # training tokens harvested once, then reused for every epoch
     epochs: int = 3
     val_tokens: int = 32_768  # held-out tokens for evaluation (never trained on)
-    # -- the SAE -------------------------------------------------------------------------
-    architecture: Literal["topk", "batchtopk"] = "topk"  # k per token | k*B per batch (Bussmann et al. 2024)
-    expansion: int = 16  # n_latents = expansion * d_in unless n_latents is set
+    # -- the dictionary ------------------------------------------------------------------
+    # topk: k per token | batchtopk: k*B per batch (Bussmann et al. 2024) | matryoshka: BatchTopK codes,
+    # nested prefixes each reconstruct (Bussmann et al. 2025) | jumprelu: learned per-latent thresholds
+    # with an L0 penalty (Rajamanoharan et al. 2024)
+    architecture: Literal["topk", "batchtopk", "matryoshka", "jumprelu"] = "topk"
+    expansion: int = 16  # n_latents = expansion * d_in (the widest source's) unless n_latents is set
     n_latents: int | None = None
-    k: int = 32
+    k: int = 32  # latents per token; jumprelu: the initial L0 only (thresholds start at each latent's k/m quantile)
+    # matryoshka prefix ends: fractions of n_latents (all <= 1) or sizes, increasing, ending at the full width
+    matryoshka_groups: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5, 1.0])
+    l0_coeff: float = 1e-3  # jumprelu: weight of the L0 (active latents per token) next to the FVU loss
+    jumprelu_bandwidth: float = 0.01  # jumprelu: straight-through rectangle width, in unit-RMS input units
+    # one dictionary over several activations instead of one SAE per hookpoint: the hookpoints it reads
+    # (sources) and writes (targets; null = the sources). A crosscoder: several layers as both; a
+    # transcoder: sources [mlp input], targets [mlp output]. hookpoints becomes sources + targets.
+    sources: list[str] | None = None
+    targets: list[str] | None = None
     init: Literal["tied", "subspace"] = "tied"  # random directions | inside the data's principal subspace
     subspace_rank: int | None = None  # fixed r for subspace init; None: smallest r with subspace_variance
     subspace_variance: float = 0.99
@@ -69,6 +81,8 @@ class TrainConfig:
     shard_hookpoints: bool = False
 
     def __post_init__(self):
+        if self.sources is not None:
+            self.hookpoints = list(dict.fromkeys(self.sources + (self.targets or [])))
         for key, ok, allowed in _RULES:
             value = getattr(self, key)
             if value is not None and not ok(value, self):
@@ -85,6 +99,14 @@ _RULES: list[tuple[str, typing.Callable, str]] = [
     ("expansion", lambda v, c: v >= 1, ">= 1 (n_latents = expansion * d_in)"),
     ("n_latents", lambda v, c: v >= 1, ">= 1"),
     ("k", lambda v, c: v >= 1 and (c.n_latents is None or v <= c.n_latents), "in [1, n_latents]"),
+    ("matryoshka_groups", lambda v, c: c.architecture != "matryoshka" or _groups_ok(v, c.n_latents),
+     "increasing fractions of n_latents (ending at 1.0) or increasing sizes (ending at n_latents)"),
+    ("l0_coeff", lambda v, c: v >= 0, ">= 0"),
+    ("jumprelu_bandwidth", lambda v, c: v > 0, "> 0"),
+    ("sources", lambda v, c: len(v) > 0 and len(set(v)) == len(v) and all(map(parse_source, v)),
+     "a non-empty list of distinct hookpoint names"),
+    ("targets", lambda v, c: c.sources is not None and len(v) > 0 and len(set(v)) == len(v)
+     and all(map(parse_source, v)), "a non-empty list of distinct hookpoint names, with sources set"),
     ("subspace_rank", lambda v, c: v >= 1, ">= 1"),
     ("subspace_variance", lambda v, c: 0 < v <= 1, "in (0, 1]"),
     ("ortho_penalty", lambda v, c: v >= 0, ">= 0"),
@@ -106,6 +128,51 @@ _RULES: list[tuple[str, typing.Callable, str]] = [
 ]
 
 
+def _groups_ok(groups: list[float], n_latents: int | None) -> bool:
+    """Valid prefix ends (for sizes without n_latents: increasing; the end is checked at training)."""
+    n = n_latents or (1 << 20 if all(g <= 1 for g in groups) else int(groups[-1]) if groups else 1)
+    try:
+        matryoshka_ends(groups, n)
+    except SaekitError:
+        return False
+    return True
+
+
+def matryoshka_ends(groups: list[float], n_latents: int) -> list[int]:
+    """The end of each Matryoshka prefix as a latent count: `groups` are fractions of n_latents
+    (all <= 1, the last 1.0) or sizes (the last n_latents); strictly increasing either way."""
+    fractions = all(g <= 1 for g in groups)
+    ends = [round(g * n_latents) if fractions else int(g) for g in groups]
+    if not groups or (not fractions and any(g != int(g) for g in groups)) or ends[0] < 1 \
+            or any(b <= a for a, b in zip(ends, ends[1:], strict=False)) or ends[-1] != n_latents:
+        raise SaekitError(f"matryoshka_groups {groups} must be increasing fractions ending at 1.0 or increasing sizes "
+                          f"ending at n_latents ({n_latents}), each prefix at least one latent larger than the last")
+    return ends
+
+
+def parse_source(name: str) -> tuple[str | None, str | None, str]:
+    """A source or target name -> (model, revision, hookpoint): `hookpoint` (of the config's model),
+    `model:hookpoint` or `model@revision:hookpoint` (another model, a pre-training snapshot)."""
+    where, sep, hook = name.rpartition(":")
+    if not hook:
+        raise SaekitError(f"source {name!r} names no hookpoint")
+    if not sep:
+        return None, None, hook
+    model, at, revision = where.partition("@")
+    if not model or (at and not revision):
+        raise SaekitError(f"source {name!r} is not hookpoint, model:hookpoint or model@revision:hookpoint")
+    return model, revision or None, hook
+
+
+def dictionaries(cfg: "TrainConfig") -> dict[str, tuple[list[str], list[str]]]:
+    """The dictionaries a config trains, by name: (sources, targets). One SAE per hookpoint (named
+    after it), or with `sources` one dictionary, "crosscoder" (targets = sources) or "transcoder"."""
+    if cfg.sources is None:
+        return {h: ([h], [h]) for h in cfg.hookpoints}
+    targets = cfg.targets or cfg.sources
+    return {"crosscoder" if targets == cfg.sources else "transcoder": (list(cfg.sources), list(targets))}
+
+
 def _type_ok(value, tp) -> bool:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -117,6 +184,9 @@ def _type_ok(value, tp) -> bool:
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(tp)
+        return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, item) for k, v in value.items())
     if tp is float:  # finite: an inf or NaN setting only fails later, mid-run
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return False

@@ -2,12 +2,14 @@
 latent density) and downstream loss with the SAE spliced into the model (CE, KL, loss
 recovered). `saekit.pipeline.evaluate_run` applies them to a run."""
 
+from collections.abc import Iterator
+
 import torch
 
 from saekit.activations import Activations, batches
 from saekit.errors import SaekitError
 from saekit.model import logprobs
-from saekit.sae import SAE
+from saekit.sae import SAE, Crosscoder
 
 
 def firing_counts(vals: torch.Tensor, idx: torch.Tensor, n_latents: int) -> torch.Tensor:
@@ -22,42 +24,69 @@ def density_summary(density: torch.Tensor, dense_threshold: float = 0.1) -> dict
             "dense_fraction_1pct": float((density > 0.01).double().mean())}
 
 
+def _pairs(sae: SAE, stream) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs [B, d_in], targets [B, d_out]) batches: an SAE's activations twice, or a crosscoder's
+    sources and targets side by side from a stream of `{name: [B, d]}` dicts."""
+    if not isinstance(sae, Crosscoder):
+        for x in batches(stream, sae.d_in):
+            yield x, x
+        return
+    for part in stream:
+        if not isinstance(part, dict):
+            raise SaekitError("a crosscoder is evaluated on batches of {name: activations} (Run.dictionary_batches)")
+        part = {n: t.float() for n, t in part.items()}
+        yield sae.concat(part), sae.concat(part, sae.targets)
+
+
 @torch.no_grad()
 def reconstruction_metrics(sae: SAE, stream: Activations, dense_threshold: float = 0.1) -> dict:
-    """FVU, MSE, L0, cosine, L2 ratio, dead and dense shares over `[N, d]` or a stream of `[B, d]`.
+    """FVU, MSE, L0, cosine, L2 ratio, dead and dense shares over `[N, d]` or a stream of `[B, d]`
+    (a crosscoder: `{name: [B, d]}` batches; its FVU is over the targets side by side, and
+    `fvu/<target>` each target's own).
 
     FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 with the mean over the whole stream;
     a latent is dead if it never fires, dense if it fires on more than `dense_threshold`.
     """
     dev = sae.W_dec.device
-    n, sse, sum_x, sum_x2, l0, cos, ratio = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    names = sae.cfg.target_names
+    cols = [sae.part_slice(t, True) for t in names]
+    n, l0, cos, ratio = 0, 0.0, 0.0, 0.0
+    sse, sum_x2 = torch.zeros(len(names), dtype=torch.float64), torch.zeros(len(names), dtype=torch.float64)
+    sum_x = torch.zeros(sae.cfg.d_out, dtype=torch.float64, device=dev)
     counts = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
-    for x in batches(stream, sae.d_in):
-        x = x.to(dev, torch.float32)
+    for x, y in _pairs(sae, stream):
+        x, y = x.to(dev, torch.float32), y.to(dev, torch.float32)
         vals, idx = sae.encode(x)
-        x_hat = sae.decode(vals, idx)
+        x_hat = SAE.decode(sae, vals, idx)
         active = vals > 0
         counts += firing_counts(vals, idx, sae.n_latents)
         n += len(x)
-        sse += float((x - x_hat).pow(2).sum())
-        sum_x = sum_x + x.double().sum(0)
-        sum_x2 += float(x.double().pow(2).sum())
+        err = (y - x_hat).pow(2).sum(0).double().cpu()
+        sq = y.double().pow(2).sum(0).cpu()
+        sse += torch.stack([err[c].sum() for c in cols])
+        sum_x = sum_x + y.double().sum(0)
+        sum_x2 += torch.stack([sq[c].sum() for c in cols])
         l0 += float(active.sum())
-        cos += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=1).sum())
-        ratio += float((x_hat.norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).sum())
+        cos += float(torch.nn.functional.cosine_similarity(y, x_hat, dim=1).sum())
+        ratio += float((x_hat.norm(dim=1) / y.norm(dim=1).clamp_min(1e-12)).sum())
     if n == 0:
         raise SaekitError("no activations to evaluate")
-    total_var = sum_x2 - float(sum_x.pow(2).sum()) / n
-    return {
+    sum_x = sum_x.cpu()
+    var = sum_x2 - torch.stack([sum_x[c].pow(2).sum() for c in cols]) / n  # per target
+    fvu = float(sse.sum()) / float(var.sum())
+    out = {
         "n_tokens": n,
-        "fvu": sse / total_var,
-        "explained_variance": 1 - sse / total_var,
-        "mse": sse / (n * sae.d_in),
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "mse": float(sse.sum()) / (n * sae.cfg.d_out),
         "l0": l0 / n,
         "cosine": cos / n,
         "l2_ratio": ratio / n,
         **density_summary(counts.double() / n, dense_threshold),
     }
+    if isinstance(sae, Crosscoder):
+        out |= {f"fvu/{t}": float(sse[i] / var[i]) for i, t in enumerate(names)}
+    return out
 
 
 def splice(sae: SAE, mask: torch.Tensor):

@@ -1,6 +1,7 @@
-"""SAE initialisation from a sample of (scaled) activations: random (tied) decoder directions, or
-directions inside the activations' principal subspace (Wang et al. 2025); b_dec at their
-geometric median."""
+"""Dictionary initialisation from a sample of (scaled) activations: random (tied) decoder
+directions, or directions inside the activations' principal subspace (Wang et al. 2025); b_dec
+(and a transcoder's b_in) at their geometric median; JumpReLU thresholds from the sample's
+pre-activations."""
 
 import torch
 
@@ -43,29 +44,58 @@ def subspace_basis(sample: torch.Tensor, rank: int | None = None, variance: floa
     return vh[:rank].T.to(sample.dtype)
 
 
-@torch.no_grad()
-def init_sae(sae: SAE, sample: torch.Tensor, init: str = "tied", generator: torch.Generator | None = None,
-             subspace_rank: int | None = None, subspace_variance: float = 0.99) -> dict:
-    """Initialise `sae` from `sample [n, d]` (already in training units); return a report.
-
-    Both inits: `b_dec` = geometric median of the sample, `b_enc = 0`, tied encoder
-    (`W_enc = W_dec`), unit decoder rows (Gao et al. 2024). "tied": random decoder
-    directions. "subspace": random directions inside the sample's principal subspace, so
-    no latent starts outside the low-rank span the activations live in (Wang et al. 2025).
-    """
-    if init not in INITS:
-        raise SaekitError(f"init must be one of {INITS}, got {init!r}")
-    m, d = sae.n_latents, sae.d_in
-    sample = sample.float()
-    report = {"init": init, **effective_dimension(sample)}
+def _directions(sample: torch.Tensor, m: int, init: str, generator, rank, variance, report: dict) -> torch.Tensor:
+    """`m` random unit rows in the sample's space ("tied") or its principal subspace ("subspace")."""
     if init == "subspace":
-        P = subspace_basis(sample, subspace_rank, subspace_variance)  # [d, r]
+        P = subspace_basis(sample, rank, variance)  # [d, r]
         W = torch.randn(m, P.shape[1], generator=generator) @ P.T
         report["subspace_rank"] = P.shape[1]
     else:
-        W = torch.randn(m, d, generator=generator)
-    sae.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
-    sae.W_enc.copy_(sae.W_dec)
+        W = torch.randn(m, sample.shape[1], generator=generator)
+    return W / W.norm(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def init_sae(sae: SAE, sample: torch.Tensor, init: str = "tied", generator: torch.Generator | None = None,
+             subspace_rank: int | None = None, subspace_variance: float = 0.99,
+             target_sample: torch.Tensor | None = None) -> dict:
+    """Initialise `sae` from `sample [n, d_in]` (its sources side by side, already in training
+    units; `target_sample [n, d_out]` its targets when they differ); return a report.
+
+    Both inits: `b_dec` = geometric median of the targets, `b_enc = 0`, unit decoder rows
+    (Gao et al. 2024), and an encoder tied to the decoder (`W_enc = W_dec`) when the sources
+    are the targets; otherwise the encoder rows are drawn the same way in the sources' space
+    and `b_in` is the geometric median of the sources that are not targets. "tied": random
+    directions. "subspace": random directions inside the sample's principal subspace, so no
+    latent starts outside the low-rank span the activations live in (Wang et al. 2025).
+    """
+    if init not in INITS:
+        raise SaekitError(f"init must be one of {INITS}, got {init!r}")
+    m = sae.n_latents
+    sample = sample.float()
+    target = sample if target_sample is None else target_sample.float()
+    report = {"init": init, **effective_dimension(target)}
+    sae.W_dec.copy_(_directions(target, m, init, generator, subspace_rank, subspace_variance, report))
+    if sae.tied_centre:
+        sae.W_enc.copy_(sae.W_dec)
+    else:
+        sae.W_enc.copy_(_directions(sample, m, init, generator, subspace_rank, subspace_variance, {}))
     sae.b_enc.zero_()
-    sae.b_dec.copy_(geometric_median(sample.to(sae.b_dec)))
+    sae.b_dec.copy_(geometric_median(target.to(sae.b_dec)))
+    if hasattr(sae, "b_in"):
+        inputs = [sample[:, sae.part_slice(s, False)] for s in sae.cfg.source_names if s not in sae.cfg.target_names]
+        sae.b_in.copy_(geometric_median(torch.cat(inputs, 1).to(sae.b_in)))
     return report
+
+
+@torch.no_grad()
+def init_thresholds(sae: SAE, sample: torch.Tensor, l0: int, rows: int = 4096) -> None:
+    """JumpReLU thresholds where each latent fires on `l0 / m` of the sample (at least one token),
+    so training starts near L0 = `l0` with every latent alive; at least 1e-3."""
+    x = sample[:rows].float() - sae.centre()
+    pre = torch.addmm(sae.b_enc, x, sae.W_enc.T)  # [rows, m]
+    fires = min(max(round(len(x) * l0 / sae.n_latents), 1), len(x) - 1)
+    theta = pre.kthvalue(len(x) - fires, dim=0).values.clamp_min(1e-3)  # `fires` values lie above it
+    sae.threshold.copy_(theta)
+    if hasattr(sae, "log_threshold"):
+        sae.log_threshold.copy_(theta.log())

@@ -84,8 +84,9 @@ def fold_scale(sae: SAE, codes: "Codes | None" = None, how: str = "auto") -> tor
     `"threshold"` (JumpReLU, SAE Match's choice): each latent's threshold θ_i, so that every
     folded latent fires at 1. `"norm"` (data-free): 1/‖W_dec[i]‖, so folded decoder rows are
     unit vectors and the codes carry all of the magnitude. For saekit's unit-norm TopK decoders
-    this is the identity and decoder matching compares directions; a BatchTopK threshold is one
-    number for all latents, so folding it would not change the assignment. `"auto"` (default):
+    this is the identity and decoder matching compares directions; a BatchTopK (and Matryoshka,
+    whose codes are BatchTopK's) threshold is one number for all latents, so folding it would
+    not change the assignment. `"auto"` (default):
     threshold for JumpReLU SAEs with positive thresholds, norm otherwise. `"mean"` (needs codes):
     each latent's mean value when active, so a folded row is the latent's typical contribution
     to the output (a never-active latent keeps scale 1). It weights pairs by magnitude, and made

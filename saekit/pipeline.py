@@ -13,7 +13,7 @@ from saekit import data
 from saekit import distributed as dist
 from saekit import model as lm
 from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_path, merge_parts, resume_point
-from saekit.config import TrainConfig
+from saekit.config import TrainConfig, dictionaries, parse_source
 from saekit.errors import SaekitError
 from saekit.evaluate import downstream_metrics, reconstruction_metrics
 from saekit.io import md_table
@@ -74,12 +74,21 @@ def row_fields(tokens: torch.Tensor, mask: torch.Tensor, first: int) -> dict[str
 def prepare(cfg: TrainConfig, quiet: bool = False):
     """Load the model, check hookpoints, and make sure both activation caches exist (in a process
     group, every process calls this and harvests its share)."""
+    check_sources(cfg)
     device = resolve_device(cfg.device)
     model = lm.load_model(cfg.model, device=str(device))
     lm.check_hookpoints(model, cfg.hookpoints)
     ctx = contexts(cfg, model.tokenizer)
     caches = {s: activation_cache(cfg, model, s, *ctx[s], quiet=quiet) for s in ("train", "val")}
     return model, ctx, caches
+
+
+def check_sources(cfg: TrainConfig) -> None:
+    """Refuse sources and targets that this saekit cannot harvest: other models or snapshots."""
+    other = [n for n in (cfg.sources or []) + (cfg.targets or []) if parse_source(n)[0] is not None]
+    if other:
+        raise SaekitError(f"sources {other} name another model or snapshot (model@revision:hookpoint); saekit "
+                          f"harvests the hookpoints of the config's model ({cfg.model}) only: name hookpoints")
 
 
 def finished_caches(cfg: TrainConfig) -> dict[str, ActivationCache] | None:
@@ -117,11 +126,16 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         raise SaekitError(f"the activation caches of {cfg.out} are not readable from process {dist.rank()}; "
                           "with several nodes, cache_dir must be on a file system every node shares")
     sharded = cfg.shard_hookpoints and dist.active()
-    hookpoints = cfg.hookpoints[dist.rank() :: dist.world()] if sharded else cfg.hookpoints
-    if not hookpoints:
-        raise SaekitError(f"shard_hookpoints: {dist.world()} processes for {len(cfg.hookpoints)} hookpoints; "
+    names = list(dictionaries(cfg))
+    mine = names[dist.rank() :: dist.world()] if sharded else names
+    if not mine:
+        raise SaekitError(f"shard_hookpoints: {dist.world()} processes for {len(names)} dictionaries; "
                           "start at most one process per hookpoint")
+    hookpoints = list(dict.fromkeys(h for n in mine for part in dictionaries(cfg)[n] for h in part))
     train_cache = caches["train"]
+    missing = [h for h in hookpoints if h not in train_cache.hookpoints]
+    if missing:
+        raise SaekitError(f"the activation cache {train_cache.path} holds no {missing}; delete it to harvest again")
     batches = ShuffledBatches(train_cache, hookpoints, cfg.batch_size, cfg.seed, cfg.buffer_tokens)
     total = cfg.epochs * batches.steps_per_epoch
     sample = {h: train_cache.tensor(h, INIT_SAMPLE) for h in hookpoints}
@@ -190,6 +204,9 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
     for h in run.hookpoints:
         device = next(model.parameters()).device if model is not None else None
         sae = run.sae(h, device=device)
+        if run.parts(h) is not None:  # a crosscoder or transcoder: reconstruction of each target
+            results[h] = reconstruction_metrics(sae, run.dictionary_batches(h, path=activations))
+            continue
         acts = run.activations(h, path=activations) if caches is None or activations else caches["val"].batches(h)
         results[h] = reconstruction_metrics(sae, acts)
         if model is not None:

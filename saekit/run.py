@@ -2,7 +2,8 @@
 
     RUN/config.json          the TrainConfig (a resume takes it; flags given again must agree)
     RUN/metrics.jsonl        one line per logged step
-    RUN/<hookpoint>/         one SAE folder each: cfg.json + sae.safetensors (acts on raw activations)
+    RUN/<hookpoint>/         one SAE folder each: cfg.json + sae.safetensors (acts on raw activations);
+                             a config with sources: one folder, RUN/crosscoder/ or RUN/transcoder/
     RUN/state.safetensors    everything --resume needs (params, Adam, firing statistics, step)
     RUN/eval.json            evaluation results
     RUN/analysis/            what `saekit analyze` (and later analyses) write
@@ -24,8 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from saekit.activations import ActivationCache, cache_path, open_activations
-from saekit.config import TrainConfig, make_config
+from saekit.activations import ActivationCache, Stream, cache_path, open_activations
+from saekit.config import TrainConfig, dictionaries, make_config
 from saekit.errors import SaekitError
 from saekit.io import atomic_write
 from saekit.sae import SAE
@@ -96,7 +97,7 @@ class Run:
                 cfg = make_config(TrainConfig, values)
             except SaekitError as e:
                 raise SaekitError(f"{path / CONFIG}: {e}") from None
-            return cls(path, cfg, list(cfg.hookpoints))
+            return cls(path, cfg, list(dictionaries(cfg)))
         if fmt is not None:
             return cls(path, None, [SAE.load(path).cfg.hookpoint or path.name])
         raise SaekitError(f"{path} is neither a saekit run folder (config.json) nor an SAE folder "
@@ -113,7 +114,7 @@ class Run:
         path.mkdir(parents=True, exist_ok=True)
         atomic_write(path / CONFIG, lambda p: p.write_text(json.dumps(asdict(cfg), indent=2)))
         atomic_write(path / METRICS, lambda p: p.write_text(""))
-        return cls(path, cfg, list(cfg.hookpoints))
+        return cls(path, cfg, list(dictionaries(cfg)))
 
     @classmethod
     def for_resume(cls, out: str | Path, given: dict) -> "Run":
@@ -178,9 +179,29 @@ class Run:
     def activations(self, hookpoint: str | None = None, split: str = "val",
                     path: str | Path | None = None) -> Iterable[torch.Tensor]:
         """A re-iterable stream of `[batch, d_in]` activations of `hookpoint`: from `path` (a cache
-        folder or a .safetensors file) if given, else the run's own cache of `split`."""
+        folder or a .safetensors file) if given, else the run's own cache of `split`. For a
+        crosscoder or transcoder, its sources side by side (what its `encode` reads)."""
         hookpoint = self.hookpoint(hookpoint)
-        return open_activations(path if path is not None else self.cache(split).path, hookpoint)
+        parts = self.parts(hookpoint)
+        if parts is None:
+            return open_activations(path if path is not None else self.cache(split).path, hookpoint)
+        cache = ActivationCache.open(path) if path is not None else self.cache(split)
+        sources = parts[0]
+        return Stream(lambda: (torch.cat([b[s] for s in sources], 1) for b in cache.batches_of(sources)))
+
+    def parts(self, name: str) -> tuple[list[str], list[str]] | None:
+        """(sources, targets) of dictionary `name` when it reads other names than its own, else None."""
+        if self.bare:
+            return None
+        sources, targets = dictionaries(self.config).get(name, ([name], [name]))
+        return None if sources == targets == [name] else (sources, targets)
+
+    def dictionary_batches(self, name: str, split: str = "val", path: str | Path | None = None):
+        """A re-iterable stream of `{hookpoint: [batch, d]}` of every source and target of
+        dictionary `name` (aligned rows), from `path` (a cache folder) or the run's cache of `split`."""
+        sources, targets = self.parts(self.hookpoint(name)) or ([name], [name])
+        cache = ActivationCache.open(path) if path is not None else self.cache(split)
+        return Stream(lambda: cache.batches_of(list(dict.fromkeys(sources + targets))))
 
     # -- training state -------------------------------------------------------------------
     def save_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:

@@ -1,16 +1,27 @@
-"""The sparse autoencoder: TopK / BatchTopK encode, sparse decode, save and load.
+"""The dictionary model: sources -> one set of latents -> targets. An SAE is its one-source,
+same-target case; a transcoder reads one activation and writes another; a crosscoder reads and
+writes several (layers, snapshots, models). One class, `SAE`, holds them all.
 
-Notation (one row per latent): `W_enc [m, d]`, `b_enc [m]`, `W_dec [m, d]`, `b_dec [d]`.
-    pre = W_enc (x - b_dec) + b_enc;   z = ReLU(TopK(pre));   x_hat = sum_j z_j W_dec[j] + b_dec
-SAEs that other tools trained (see saekit.formats) may also select with ReLU (every positive
-pre-activation) or JumpReLU (every pre-activation above its latent's `threshold [m]`); saekit
-trains only TopK and BatchTopK. How each architecture selects lives in one table, `SELECT`.
-Codes are sparse (`values [B, k]`, `indices [B, k]`, zero values are padding), so no step
-ever builds a dense [batch, m] latent tensor beyond the encoder matmul itself.
+Notation (one row per latent), sources and targets concatenated in their listed order:
+`W_enc [m, D_src]`, `b_enc [m]`, `W_dec [m, D_tgt]`, `b_dec [D_tgt]`, and `b_in` for the
+sources that are not targets (a transcoder's input), so the centring `c [D_src]` of a source is
+its slice of `b_dec` when it is also a target and of `b_in` otherwise:
+    pre = W_enc (x_src - c) + b_enc;   z = rule(pre);   x_hat_tgt = sum_j z_j W_dec[j] + b_dec
+Concatenation is why a crosscoder over S sources costs about S SAE steps: the fast kernels
+(grouped top-k, sparse gather-sums) run on the concatenated matrices unchanged, and an SAE keeps
+its exact arithmetic and its file layout (cfg.json + sae.safetensors with W_enc/b_enc/W_dec/b_dec).
+
+How each architecture picks a row's latents is one table, `RULES`: TopK, BatchTopK, Matryoshka
+(BatchTopK codes; its nested-prefix loss lives in saekit.trainer), JumpReLU (trained with a
+straight-through estimator, Rajamanoharan et al. 2024) and ReLU (loaded from other tools,
+inference only). Codes are sparse (`values [B, k]`, `indices [B, k]`, zero values are padding),
+so no step ever builds a dense [batch, m] latent tensor beyond the encoder matmul itself.
 """
 
 import json
+import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -26,8 +37,6 @@ from saekit.io import atomic_write
 from saekit.kernels import backend, row_topk, selected_preacts, sparse_decode
 from saekit.runtime import cpu_encoder_bf16
 
-ARCHITECTURES = ("topk", "batchtopk", "relu", "jumprelu")
-TRAINABLE = ("topk", "batchtopk")  # relu / jumprelu SAEs are loaded for inference only
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # Extra bf16 candidates per row that the CPU bf16 encoder rescores in fp32 (see select_topk).
 RESCORE_MARGIN = 16
@@ -45,14 +54,53 @@ class SAEConfig:
     model: str | None = None
     # where the weights came from when not saekit (e.g. "SAELens jumprelu"); see saekit.formats
     source_format: str | None = None
+    # Matryoshka: the end of each nested prefix of latents, increasing, the last = n_latents
+    matryoshka_groups: list[int] | None = None
+    # A dictionary over several activations (None: an SAE of one hookpoint): the names it reads and
+    # writes, in the order of the concatenated weights, and each one's width.
+    sources: list[str] | None = None
+    targets: list[str] | None = None
+    dims: dict[str, int] | None = None
+    # per source/target: the factor its weights were scaled by when the training units were folded
+    # out (activations / scale are the training units; see `fold_input_scales`)
+    part_scales: dict[str, float] | None = None
 
     def __post_init__(self):
         if self.d_in < 1:
             raise SaekitError(f"d_in must be >= 1, got {self.d_in}")
-        if self.architecture not in ARCHITECTURES:
-            raise SaekitError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.architecture not in RULES:
+            raise SaekitError(f"architecture must be one of {tuple(RULES)}, got {self.architecture!r}")
         if not 0 < self.k <= self.n_latents:
             raise SaekitError(f"k must be in [1, n_latents={self.n_latents}], got {self.k}")
+        if self.matryoshka_groups is not None:
+            g = self.matryoshka_groups
+            if not (g and all(a < b for a, b in zip([0] + g, g, strict=False)) and g[-1] == self.n_latents):
+                raise SaekitError(f"matryoshka_groups must increase and end at n_latents={self.n_latents}, got {g}")
+        if self.sources is not None:
+            self.targets = list(self.targets or self.sources)
+            dims = self.dims or {}
+            missing = [n for n in self.sources + self.targets if n not in dims]
+            if missing or len(set(self.sources)) != len(self.sources) or len(set(self.targets)) != len(self.targets):
+                raise SaekitError(f"a dictionary needs distinct sources and targets, each with its width in dims "
+                                  f"(sources {self.sources}, targets {self.targets}, dims {self.dims})")
+            if self.d_in != sum(dims[s] for s in self.sources):
+                raise SaekitError(f"d_in {self.d_in} is not the sources' total width {[dims[s] for s in self.sources]}")
+
+    @property
+    def source_names(self) -> list[str]:
+        return self.sources or [self.hookpoint or "x"]
+
+    @property
+    def target_names(self) -> list[str]:
+        return self.targets or self.source_names
+
+    @property
+    def d_out(self) -> int:
+        """The targets' total width (d_in for an SAE)."""
+        return sum(self.dims[t] for t in self.targets) if self.sources else self.d_in
+
+    def width(self, name: str) -> int:
+        return self.dims[name] if self.sources else self.d_in
 
 
 class SparseCode(NamedTuple):
@@ -61,16 +109,22 @@ class SparseCode(NamedTuple):
 
 
 class SAE(nn.Module):
+    """The dictionary: an SAE (one source, the same target) or, with `cfg.sources`, a crosscoder
+    or transcoder acting on concatenated activations (`Crosscoder` adds the by-name API)."""
+
     def __init__(self, cfg: SAEConfig, device=None, dtype=torch.float32):
         super().__init__()
         self.cfg = cfg
-        m, d = cfg.n_latents, cfg.d_in
-        W = torch.randn(m, d, device=device, dtype=dtype)
+        m, d, d_out = cfg.n_latents, cfg.d_in, cfg.d_out
+        W = torch.randn(m, d_out, device=device, dtype=dtype)
         W /= W.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W)
-        self.W_enc = nn.Parameter(W.clone())
+        self.W_enc = nn.Parameter(W.clone() if self.tied_centre else torch.randn(m, d, device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(m, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, device=device, dtype=dtype))
+        inputs = [s for s in cfg.source_names if s not in cfg.target_names]
+        if inputs:  # a transcoder's (or any non-target source's) own centring
+            self.b_in = nn.Parameter(torch.zeros(sum(cfg.width(s) for s in inputs), device=device, dtype=dtype))
         if cfg.architecture == "jumprelu":  # per-latent thresholds on pre-activations (input units)
             self.register_buffer("threshold", torch.zeros(m, device=device, dtype=dtype))
         # BatchTopK in data-parallel training: `(candidates [b, c], k) -> cut` over the global batch.
@@ -81,7 +135,60 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         where = f", hookpoint={c.hookpoint!r}" if c.hookpoint else ""
+        where += f", sources={c.sources}, targets={c.targets}" if c.sources else ""
         return f"d_in={c.d_in}, n_latents={c.n_latents}, k={c.k}, architecture={c.architecture!r}{where}"
+
+    @property
+    def tied_centre(self) -> bool:
+        """Whether the sources are the targets in the same order (an SAE, an acausal crosscoder):
+        then the encoder centres on b_dec itself."""
+        return self.cfg.source_names == self.cfg.target_names
+
+    def centre(self) -> torch.Tensor:
+        """The centring `c [D_src]` subtracted from the concatenated sources: each source's slice
+        of b_dec when it is a target, of b_in otherwise (differentiable in both)."""
+        if self.tied_centre:
+            return self.b_dec
+        parts, used = [], 0
+        for s in self.cfg.source_names:
+            if s in self.cfg.target_names:
+                parts.append(self.b_dec[self.part_slice(s, targets=True)])
+            else:
+                parts.append(self.b_in[used : used + self.cfg.width(s)])
+                used += self.cfg.width(s)
+        return torch.cat(parts)
+
+    def part_slice(self, name: str, targets: bool) -> slice:
+        """Columns of source (or target) `name` in the concatenated encoder (decoder) weights."""
+        names = self.cfg.target_names if targets else self.cfg.source_names
+        start = sum(self.cfg.width(n) for n in names[: names.index(name)])
+        return slice(start, start + self.cfg.width(name))
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """JumpReLU thresholds [m]: exp(log_threshold) while training (gradients reach it through
+        the straight-through estimator), the stored `threshold` otherwise."""
+        if self.training and hasattr(self, "log_threshold"):
+            return self.log_threshold.exp()
+        return self.threshold
+
+    def make_trainable(self, bandwidth: float = 1e-3) -> "SAE":
+        """Add what training needs beyond the stored tensors: JumpReLU's `log_threshold`
+        parameter (theta = exp(log_threshold), positive, with multiplicative Adam steps) and the
+        straight-through estimator's rectangle-kernel `bandwidth` (in training units)."""
+        self.bandwidth = bandwidth
+        if self.cfg.architecture not in TRAINABLE:
+            raise SaekitError(f"saekit trains {', '.join(TRAINABLE)}; architecture {self.cfg.architecture!r} "
+                              "is for SAEs loaded from other tools")
+        if self.cfg.architecture == "jumprelu" and not hasattr(self, "log_threshold"):
+            self.log_threshold = nn.Parameter(self.threshold.clamp_min(1e-12).log())
+        return self
+
+    @torch.no_grad()
+    def sync_threshold(self) -> None:
+        """Write the trained thresholds into the stored `threshold` (after each optimizer step)."""
+        if hasattr(self, "log_threshold"):
+            self.threshold.copy_(self.log_threshold.exp())
 
     @property
     def d_in(self) -> int:
@@ -180,29 +287,59 @@ class SAE(nn.Module):
         pad = lambda t: nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
         return torch.cat([pad(v) for v, _ in parts]), torch.cat([pad(i) for _, i in parts])
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
-        """Sparse code of `x [B, d]`; differentiable in the parameters when grad is enabled.
+    @torch.no_grad()
+    def select_jump(self, xc: torch.Tensor, theta: torch.Tensor, eps: float):
+        """JumpReLU training selection from fp32 pre-activations: the pairs above their latent's
+        theta (`vals, idx [B, w]`, zero-padded), the pairs less than eps/2 below it (`idx, live
+        [B, w']`: their threshold gradient, see `_JumpBelow`) and per latent the count of pairs
+        within eps/2 of theta on either side (`near [m]`, the L0 penalty's gradient)."""
+        near = torch.zeros(self.n_latents, dtype=xc.dtype, device=xc.device)
+        above, below = [], []
+        for _, pre in self._preacts(xc, self.W_enc.dtype):
+            gap = pre - theta
+            on = gap > 0
+            close = gap.abs() < eps / 2
+            near += close.sum(0)
+            above.append(_pack(on, pre))
+            below.append(_pack(close & ~on, close))
+        (vals, idx), (live, idx_below) = _cat_padded(above), _cat_padded(below)
+        return vals, idx, idx_below, live, near
 
-        TopK keeps k per row. BatchTopK keeps k*B per batch in training mode and, in eval
-        mode, every pre-activation above the learned threshold (if one is set). ReLU and
-        JumpReLU keep every pre-activation above 0 / the latent's threshold. Each row's
-        values come in no particular order (the top k are selected, not ranked:
-        `values.sort(dim=1, descending=True)` ranks them); a zero value is padding.
+    def encode(self, x: torch.Tensor, aux: dict | None = None) -> SparseCode:
+        """Sparse code of `x [B, d_in]` (the sources concatenated); differentiable in the parameters
+        when grad is enabled.
+
+        TopK keeps k per row. BatchTopK (and Matryoshka) keeps k*B per batch in training mode and,
+        in eval mode, every pre-activation above the learned threshold (if one is set). ReLU and
+        JumpReLU keep every pre-activation above 0 / the latent's threshold. Each row's values
+        come in no particular order (the top k are selected, not ranked:
+        `values.sort(dim=1, descending=True)` ranks them); a zero value is padding. `aux`, when
+        given, receives what a rule's training losses need beyond the code (JumpReLU's
+        near-threshold pairs, see `encode_jumprelu`).
         """
         x = x.to(self.W_enc.dtype)
-        xc = x - self.b_dec.detach()
-        vals, idx = SELECT[self.cfg.architecture](self, xc)
-        if torch.is_grad_enabled():
-            vals = selected_preacts(x, self.b_dec, self.W_enc, self.b_enc, idx, vals)
-        return SparseCode(vals.relu(), idx)
+        return RULES[self.cfg.architecture].encode(self, x, aux)
 
-    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """`sum_j values[b,j] W_dec[indices[b,j]] + b_dec` -> [B, d] (gather-sum, never dense)."""
-        return sparse_decode(values, indices, self.W_dec) + self.b_dec
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, aux: dict | None = None) -> torch.Tensor:
+        """`sum_j values[b,j] W_dec[indices[b,j]] + b_dec` -> [B, d_out] (gather-sum, never dense).
+        `aux` from a training encode adds the JumpReLU threshold gradient of the pairs just below
+        their threshold (their value is 0, so the decode alone gives them none)."""
+        x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
+        if aux and "below" in aux:
+            x_hat = _JumpBelow.apply(x_hat, *aux["below"], self.W_dec, self.bandwidth)
+        return x_hat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reconstruction of `x [B, d]`."""
+        """The reconstruction of `x [B, d_in]` ([B, d_out], the targets concatenated)."""
         return self.decode(*self.encode(x))
+
+    def decoder_norms(self) -> torch.Tensor:
+        """`[n_targets, n_latents]`: each latent's decoder norm per target (rows in target order),
+        in the training units (activations / their scale), where the stacked row has unit norm."""
+        W = self.W_dec.detach()
+        scales = self.cfg.part_scales or {}
+        return torch.stack([W[:, self.part_slice(t, True)].norm(dim=1) / scales.get(t, 1.0)
+                            for t in self.cfg.target_names])
 
     # -- units ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -212,34 +349,73 @@ class SAE(nn.Module):
         Biases and the threshold scale by `scale`; latent values come out `scale` times
         larger (in input units); the unit-norm decoder rows are unchanged.
         """
-        self.b_dec.mul_(scale)
-        self.b_enc.mul_(scale)
+        return self.fold_input_scales(dict.fromkeys(self.cfg.source_names + self.cfg.target_names, scale))
+
+    @torch.no_grad()
+    def fold_input_scales(self, scales: dict[str, float]) -> "SAE":
+        """Make a dictionary trained on each activation divided by its `scales[name]` act on raw
+        activations, with identical codes up to one factor sigma and identical reconstructions.
+
+        sigma is the common scale when every source and target shares one (an SAE: latents come
+        out in input units, decoder rows stay unit-norm), else 1 (latents stay in training units;
+        each part's weights carry its scale, recorded in `cfg.part_scales`):
+        W_enc[:, s] *= sigma / scale_s, centring_s *= scale_s, b_enc *= sigma,
+        W_dec[:, t] *= scale_t / sigma, b_dec_t *= scale_t, thresholds *= sigma.
+        """
+        names = self.cfg.source_names + self.cfg.target_names
+        common = {scales[n] for n in names}
+        sigma = common.pop() if len(common) == 1 else 1.0
+        for s in self.cfg.source_names:
+            self.W_enc[:, self.part_slice(s, False)] *= sigma / scales[s]
+        for t in self.cfg.target_names:
+            self.W_dec[:, self.part_slice(t, True)] *= scales[t] / sigma
+            self.b_dec[self.part_slice(t, True)] *= scales[t]
+        if hasattr(self, "b_in"):
+            used = 0
+            for s in (s for s in self.cfg.source_names if s not in self.cfg.target_names):
+                self.b_in[used : used + self.cfg.width(s)] *= scales[s]
+                used += self.cfg.width(s)
+        self.b_enc.mul_(sigma)
         if self.cfg.threshold is not None:
-            self.cfg.threshold *= scale
+            self.cfg.threshold *= sigma
         if self.cfg.architecture == "jumprelu":
-            self.threshold.mul_(scale)
+            self.threshold.mul_(sigma)
+            if hasattr(self, "log_threshold"):
+                self.log_threshold.add_(math.log(sigma))
+        if self.cfg.sources:
+            self.cfg.part_scales = {n: scales[n] / sigma for n in dict.fromkeys(names)}
         return self
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
+        """Unit-norm decoder rows; for several targets the stacked row (sum over targets of the
+        squared norms = 1), so each target's share of a latent is free (Lindsey et al. 2024)."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     # -- files ----------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The parameters by name, on the CPU (plus `threshold` for JumpReLU)."""
-        names = _PARAMS + (("threshold",) if self.cfg.architecture == "jumprelu" else ())
-        return {n: getattr(self, n).detach().contiguous().cpu() for n in names}
+        """The stored tensors by name, on the CPU (plus `threshold` for JumpReLU, `b_in` for a
+        transcoder)."""
+        return {n: getattr(self, n).detach().contiguous().cpu() for n in self._stored()}
+
+    def _stored(self) -> tuple[str, ...]:
+        return (_PARAMS + (("threshold",) if self.cfg.architecture == "jumprelu" else ())
+                + (("b_in",) if hasattr(self, "b_in") else ()))
 
     def save(self, path: str | os.PathLike, extra: dict | None = None, format: str = "saekit") -> Path:
         """Write `path/cfg.json` and `path/sae.safetensors` (each atomically); `format="sae-lens"`
         writes SAELens's layout instead (cfg.json + sae_weights.safetensors, see saekit.formats)."""
+        if format != "saekit" and self.cfg.sources:
+            raise SaekitError("SAELens has no crosscoder or transcoder format; saekit's own folder (format saekit: "
+                              "cfg.json + sae.safetensors with sources, targets and dims) is this dictionary's export")
         if format != "saekit":
             return export(asdict(self.cfg), self.tensors(), path, format)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = self.tensors()
         atomic_write(path / "sae.safetensors", lambda p: save_file(tensors, p))
-        cfg = {**asdict(self.cfg), **({"extra": extra} if extra else {})}
+        cfg = {k: v for k, v in asdict(self.cfg).items() if v is not None or k not in _OPTIONAL}
+        cfg |= {"extra": extra} if extra else {}
         atomic_write(path / "cfg.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
         return path
 
@@ -260,16 +436,14 @@ class SAE(nn.Module):
             raise SaekitError(f"{cfg_file}: {e}") from None
         except TypeError as e:  # a missing key
             raise SaekitError(f"{cfg_file} is not a valid SAE config: {e}") from None
-        sae = cls.from_tensors(cfg, tensors, str(weights))
+        sae = (Crosscoder if cfg.sources else SAE).from_tensors(cfg, tensors, str(weights))
         return sae.to(device) if device is not None else sae
 
     @classmethod
     def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: str) -> "SAE":
         """An SAE of `cfg` holding `tensors` (saekit's names and layout), shapes checked."""
-        m, d = cfg.n_latents, cfg.d_in
-        want = {"W_enc": (m, d), "b_enc": (m,), "W_dec": (m, d), "b_dec": (d,)}
-        if cfg.architecture == "jumprelu":
-            want["threshold"] = (m,)
+        sae = cls(cfg, device="meta")
+        want = {n: tuple(getattr(sae, n).shape) for n in sae._stored()}
         for name, shape in want.items():
             got = tuple(tensors[name].shape) if name in tensors else None
             if got != shape:
@@ -277,11 +451,187 @@ class SAE(nn.Module):
             if not tensors[name].is_floating_point() or tensors[name].dtype != tensors["W_enc"].dtype:
                 raise SaekitError(f"{where}: {name} is {str(tensors[name].dtype).removeprefix('torch.')}, "
                                   "expected the tensors in one floating-point dtype")
-        sae = cls(cfg, device="meta")
         # fresh (aligned) storage: safetensors leaves tensors at header-dependent offsets, and
         # SIMD dot products over misaligned rows round differently from the saved SAE's
         sae.load_state_dict({n: tensors[n].detach().clone() for n in want}, assign=True)
         return sae
+
+
+class _ByName(nn.Parameter):
+    """A concatenated weight that also answers `W[name]`: that source's or target's columns,
+    `[n_latents, d_name]` (a detached view). Any other index is a plain tensor index."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.parts:
+                raise SaekitError(f"{key!r} is not one of {list(self.parts)}")
+            return self.detach()[:, self.parts[key]]
+        return super().__getitem__(key)
+
+
+class Crosscoder(SAE):
+    """A dictionary over named activations (Lindsey et al. 2024; a transcoder when its one source
+    is not its target). The same model as `SAE` on concatenated activations, with by-name access:
+    `encode({name: [B, d]})`, `decode(values, indices) -> {target: [B, d]}`, `W_dec[target]`,
+    `W_enc[source]`, `decoder_norms()`. Every analysis that takes an SAE takes a crosscoder's
+    concatenated activations (`concat`)."""
+
+    def __init__(self, cfg: SAEConfig, device=None, dtype=torch.float32):
+        if not cfg.sources:
+            raise SaekitError("a Crosscoder needs sources (and targets); an SAE of one hookpoint is saekit.SAE")
+        super().__init__(cfg, device, dtype)
+        self._name_columns()
+
+    def _name_columns(self) -> None:
+        for name, targets in (("W_enc", False), ("W_dec", True)):
+            w = _ByName(getattr(self, name).data, getattr(self, name).requires_grad)
+            names = self.cfg.target_names if targets else self.cfg.source_names
+            w.parts = {n: self.part_slice(n, targets) for n in names}
+            setattr(self, name, w)
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.cfg.sources)
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.cfg.targets)
+
+    def concat(self, acts: dict[str, torch.Tensor], names: list[str] | None = None) -> torch.Tensor:
+        """`acts[name]` of every source (or of `names`) side by side, `[B, sum of widths]`, checked."""
+        names = names or self.cfg.sources
+        missing = [n for n in names if n not in acts]
+        if missing:
+            raise SaekitError(f"activations of {missing} are missing (given: {sorted(acts)})")
+        parts = [acts[n] for n in names]
+        for n, t in zip(names, parts, strict=True):
+            if t.ndim != 2 or t.shape[1] != self.cfg.width(n) or len(t) != len(parts[0]):
+                raise SaekitError(f"activations of {n!r} must be [{len(parts[0])}, {self.cfg.width(n)}] like the "
+                                  f"others, got {tuple(t.shape)}")
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def split(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Concatenated targets `[B, d_out]` -> {target: [B, d_target]}."""
+        return {t: x[:, self.part_slice(t, True)] for t in self.cfg.target_names}
+
+    def encode(self, x: torch.Tensor | dict[str, torch.Tensor], aux: dict | None = None) -> SparseCode:
+        """The code of `{source: [B, d_source]}` (or of the sources concatenated)."""
+        return super().encode(self.concat(x) if isinstance(x, dict) else x, aux)
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, aux: dict | None = None) -> dict[str, torch.Tensor]:
+        """{target: reconstruction [B, d_target]}; `decode_concat` gives them side by side."""
+        return self.split(self.decode_concat(values, indices, aux))
+
+    def decode_concat(self, values: torch.Tensor, indices: torch.Tensor, aux: dict | None = None) -> torch.Tensor:
+        return super().decode(values, indices, aux)
+
+    def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.decode(*self.encode(x))
+
+    @classmethod
+    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: str) -> "Crosscoder":
+        cc = super().from_tensors(cfg, tensors, where)
+        cc._name_columns()
+        return cc
+
+
+def _pack(mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of `values [R, m]` where `mask`, as zero-padded rows `(vals, ids) [R, w]`
+    (ascending latent ids; w the longest row, at least 1)."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    counts = mask.sum(1)
+    width = max(int(counts.max()) if len(counts) else 0, 1)
+    pos = torch.arange(len(rows), device=mask.device) - (counts.cumsum(0) - counts)[rows]
+    vals = torch.zeros(mask.shape[0], width, dtype=values.dtype, device=mask.device)
+    idx = torch.zeros(mask.shape[0], width, dtype=torch.long, device=mask.device)
+    vals[rows, pos] = values[rows, cols]
+    idx[rows, pos] = cols
+    return vals, idx
+
+
+def _cat_padded(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(v.shape[1] for v, _ in parts)
+    pad = lambda t: nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return torch.cat([pad(v) for v, _ in parts]), torch.cat([pad(i) for _, i in parts])
+
+
+class _Jump(torch.autograd.Function):
+    """z = pre * H(pre - theta) on selected pairs (all above theta): the value passes its gradient
+    to pre; theta gets the straight-through estimate -(theta/eps) K((pre - theta)/eps) with the
+    rectangle kernel K = 1 on (-1/2, 1/2) (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, vals, theta_sel, eps):
+        ctx.save_for_backward(vals, theta_sel)
+        ctx.eps = eps
+        return vals.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        vals, theta_sel = ctx.saved_tensors
+        close = (vals - theta_sel) < ctx.eps / 2
+        return grad, -(theta_sel / ctx.eps) * grad * close, None
+
+
+class _JumpBelow(torch.autograd.Function):
+    """Identity on the reconstruction; in the backward, the pairs just below their threshold
+    (value 0, so the sparse decode gives them no gradient) send theta its straight-through
+    estimate -(theta/eps) * dL/dz, dL/dz = grad_out . W_dec[i]."""
+
+    @staticmethod
+    def forward(ctx, x_hat, theta, idx, live, W_dec, eps):
+        ctx.save_for_backward(theta, idx, live, W_dec)
+        ctx.eps = eps
+        return x_hat.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        theta, idx, live, W_dec = ctx.saved_tensors
+        dz = backend(W_dec).gather_dot(idx, W_dec, grad.contiguous()) * live
+        grad_theta = torch.zeros_like(theta).index_add_(0, idx.reshape(-1), dz.reshape(-1) * theta[idx].reshape(-1))
+        return grad, -grad_theta / ctx.eps, None, None, None, None
+
+
+class _L0(torch.autograd.Function):
+    """The number of active pairs (forward) with the straight-through gradient of H(pre - theta)
+    in theta: -(1/eps) times the pairs within eps/2 of theta, per latent (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, theta, active, near, eps):
+        ctx.save_for_backward(near)
+        ctx.eps = eps
+        return active.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (near,) = ctx.saved_tensors
+        return -grad * near / ctx.eps, None, None, None
+
+
+def jumprelu_l0(sae: SAE, vals: torch.Tensor, idx: torch.Tensor, aux: dict) -> torch.Tensor:
+    """The batch's count of active (token, latent) pairs, differentiable in log_threshold."""
+    active = torch.zeros(sae.n_latents, dtype=vals.dtype, device=vals.device)
+    active.index_add_(0, idx.reshape(-1), (vals > 0).reshape(-1).to(vals.dtype))
+    return _L0.apply(sae.theta, active, aux["near"], sae.bandwidth)
+
+
+def encode_jumprelu(sae: SAE, x: torch.Tensor, aux: dict | None) -> SparseCode:
+    """JumpReLU: every pre-activation above its latent's threshold. In training (after
+    `make_trainable`), theta = exp(log_threshold) receives the straight-through gradients."""
+    c = sae.centre()
+    xc = x - c.detach()
+    if not (sae.training and hasattr(sae, "log_threshold")):
+        vals, idx = sae.select_threshold(xc, sae.threshold.detach())
+        if torch.is_grad_enabled():
+            vals = selected_preacts(x, c, sae.W_enc, sae.b_enc, idx, vals)
+        return SparseCode(vals.relu(), idx)
+    theta = sae.theta
+    vals, idx, idx_below, live, near = sae.select_jump(xc, theta.detach(), sae.bandwidth)
+    if torch.is_grad_enabled():
+        vals = _Jump.apply(selected_preacts(x, c, sae.W_enc, sae.b_enc, idx, vals), theta[idx], sae.bandwidth)
+    if aux is not None:
+        aux.update(below=(theta, idx_below, live.to(vals.dtype)), near=near)
+    return SparseCode(vals, idx)
 
 
 def _select_batchtopk(sae: SAE, xc: torch.Tensor):
@@ -290,10 +640,30 @@ def _select_batchtopk(sae: SAE, xc: torch.Tensor):
     return sae.select_threshold(xc, sae.cfg.threshold)
 
 
-# How each architecture picks a row's latents from centred inputs: (values [B, k'], ids [B, k']).
-SELECT = {
-    "topk": lambda sae, xc: sae.select_topk(xc, sae.k),
-    "batchtopk": _select_batchtopk,
-    "relu": lambda sae, xc: sae.select_threshold(xc, 0.0),
-    "jumprelu": lambda sae, xc: sae.select_threshold(xc, sae.threshold.detach()),
+def _encode_selected(select):
+    """An encode rule from a no-grad selection `(sae, xc) -> (pre-activations, ids)`: the selected
+    pre-activations get their sparse gradients (`selected_preacts`), then ReLU."""
+    def encode(sae: SAE, x: torch.Tensor, aux: dict | None) -> SparseCode:
+        c = sae.centre()
+        vals, idx = select(sae, x - c.detach())
+        if torch.is_grad_enabled():
+            vals = selected_preacts(x, c, sae.W_enc, sae.b_enc, idx, vals)
+        return SparseCode(vals.relu(), idx)
+    return encode
+
+
+class Rule(NamedTuple):
+    encode: Callable  # (sae, x [B, d_in], aux dict | None) -> SparseCode
+    trainable: bool
+
+
+# How each architecture encodes. Losses per architecture: saekit.trainer.LOSSES.
+RULES = {
+    "topk": Rule(_encode_selected(lambda sae, xc: sae.select_topk(xc, sae.k)), True),
+    "batchtopk": Rule(_encode_selected(_select_batchtopk), True),
+    "matryoshka": Rule(_encode_selected(_select_batchtopk), True),  # BatchTopK codes, nested-prefix loss
+    "jumprelu": Rule(encode_jumprelu, True),
+    "relu": Rule(_encode_selected(lambda sae, xc: sae.select_threshold(xc, 0.0)), False),
 }
+TRAINABLE = tuple(a for a, r in RULES.items() if r.trainable)
+_OPTIONAL = ("matryoshka_groups", "sources", "targets", "dims", "part_scales")  # omitted from cfg.json when unset

@@ -1,16 +1,19 @@
-"""Training: one SAE per hookpoint, all stepped on the same batches of activations.
+"""Training: a set of named dictionaries (one SAE per hookpoint by default, or one crosscoder or
+transcoder), all stepped on the same batches of activations.
 
-One step per hookpoint (Gao et al. 2024): scale x to unit RMS, sparse encode/decode, FVU loss plus
-AuxK on dead latents, backward through the sparse kernels, project the decoder-parallel
-gradient out, Adam, renormalise decoder rows. Inputs are divided by a fixed per-hookpoint
-scale during training; the saved SAE has it folded back in and acts on raw activations.
+One step per dictionary (Gao et al. 2024): scale each activation to unit RMS, read the sources,
+sparse encode/decode the targets, the architecture's losses (`LOSSES`: FVU per target summed,
+Matryoshka prefixes, AuxK on dead latents, the OrtSAE penalty, JumpReLU's L0), backward through
+the sparse kernels, project the decoder-parallel gradient out, Adam, renormalise decoder rows.
+Inputs are divided by a fixed per-activation scale during training; the saved dictionary has it
+folded back in and acts on raw activations.
 """
 
 import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from itertools import chain
 
 import torch
@@ -18,14 +21,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from saekit import distributed as dist
-from saekit.config import TrainConfig, make_config
+from saekit.config import TrainConfig, dictionaries, make_config, matryoshka_ends
 from saekit.errors import SaekitError
-from saekit.init import init_sae
+from saekit.init import init_sae, init_thresholds
 from saekit.kernels import selected_preacts, sparse_decode
 from saekit.ortho import ortho_loss
 from saekit.run import Run
 from saekit.runtime import resolve_device
-from saekit.sae import SAE, SAEConfig
+from saekit.sae import SAE, Crosscoder, SAEConfig, jumprelu_l0
 
 INIT_SAMPLE = 16_384  # tokens for b_dec's geometric median and the input scale
 # Out-of-memory errors of the devices (torch < 2.5 has only the CUDA one); a CPU allocation
@@ -43,14 +46,121 @@ def lr_factor(step: int, total: int | None, warmup: int, decay_start: float) -> 
     return f
 
 
+@dataclass
+class StepState:
+    """One dictionary's forward pass in a training step: what its losses read."""
+
+    sae: SAE
+    cfg: TrainConfig
+    x: torch.Tensor  # [b, d_in] its sources side by side, in training units
+    y: torch.Tensor  # [b, d_out] its targets (x itself when they are the sources)
+    vals: torch.Tensor
+    idx: torch.Tensor
+    aux: dict  # what the encode rule left for the losses (JumpReLU's near-threshold pairs)
+    denoms: list  # per target: the global batch's total variance
+    B: int  # the global batch size
+    dead: torch.Tensor
+    step: int
+    parallel: bool
+    x_hat: torch.Tensor | None = None  # set by the reconstruction loss
+    fvu: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)  # metrics of the other losses
+
+def _fvu(y_hat: torch.Tensor, st: StepState) -> torch.Tensor:
+    """The FVU of `y_hat` per target, summed: each target's squared error over its total variance."""
+    if len(st.denoms) == 1:
+        return F.mse_loss(y_hat, st.y, reduction="sum") / st.denoms[0].clamp_min(1e-12)
+    targets = st.sae.cfg.target_names
+    return sum(F.mse_loss(y_hat[:, sl], st.y[:, sl], reduction="sum") / d.clamp_min(1e-12)
+               for sl, d in zip((st.sae.part_slice(t, True) for t in targets), st.denoms, strict=True))
+
+
+def loss_fvu(st: StepState) -> torch.Tensor:
+    """Reconstruction: FVU per target, summed (Gao et al. 2024; Lindsey et al. 2024 for several)."""
+    st.x_hat = st.sae.decode(st.vals, st.idx, st.aux)
+    st.fvu = _fvu(st.x_hat, st)
+    return st.fvu
+
+
+def loss_matryoshka(st: StepState) -> torch.Tensor:
+    """Matryoshka (Bussmann et al. 2025): the mean over nested prefixes of latents of the FVU using
+    only that prefix's latents (same codes, one encode). Each group's latents decode once; the
+    prefixes are running sums of those partial decodes."""
+    sae = st.sae
+    ends = torch.tensor(sae.cfg.matryoshka_groups, device=st.idx.device)
+    group = torch.bucketize(st.idx, ends, right=True)  # [b, k] the group of each slot
+    x_hat, total = sae.b_dec, 0.0
+    for g in range(len(ends)):
+        x_hat = x_hat + sparse_decode(st.vals * (group == g), st.idx, sae.W_dec)
+        total = total + _fvu(x_hat, st)
+    st.x_hat = x_hat
+    st.fvu = _fvu(x_hat.detach(), st)  # the full dictionary's, for the metrics
+    return total / len(ends)
+
+
+def loss_ortho(st: StepState) -> torch.Tensor | None:
+    """OrtSAE (Korznikov et al. 2025), every `ortho_every` steps with weight n * gamma. A penalty on
+    the (replicated) decoder alone: added by one process, whose gradient is summed."""
+    cfg = st.cfg
+    if cfg.ortho_penalty > 0 and st.step % cfg.ortho_every == 0 and (not st.parallel or dist.is_main()):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.step)
+        return cfg.ortho_penalty * cfg.ortho_every * ortho_loss(st.sae.W_dec, g)
+    return None
+
+
+def loss_auxk(st: StepState) -> torch.Tensor | None:
+    """AuxK (Gao et al. 2024): reconstruct the residual from the top-k_aux dead latents (no b_dec),
+    weight auxk_alpha, scaled by min(n_dead / k_aux, 1); none while nothing is dead."""
+    cfg, sae, dead = st.cfg, st.sae, st.dead
+    if not len(dead) or cfg.auxk_alpha <= 0:
+        return None
+    err = (st.y - st.x_hat).detach()
+    if st.parallel:  # the residual's total variance over the global batch
+        denom = dist.all_reduce((err - dist.all_reduce(err.sum(0)) / st.B).pow(2).sum())
+    else:
+        denom = (err - err.mean(0)).pow(2).sum()
+    k_aux = cfg.k_aux or sae.d_in // 2
+    c = sae.centre().detach()
+    W, b = sae.W_enc[dead], sae.b_enc[dead]
+    with torch.no_grad():
+        vals, idx = torch.addmm(b, st.x - c, W.T).topk(min(k_aux, len(dead)), dim=1, sorted=False)
+    vals = selected_preacts(st.x, c, W, b, idx, vals).relu()
+    err_hat = sparse_decode(vals, dead[idx], sae.W_dec)
+    scale = min(len(dead) / k_aux, 1.0)
+    aux = scale * (err_hat - err).pow(2).sum() / denom.clamp_min(1e-12)
+    st.extra["aux_loss"] = aux
+    return cfg.auxk_alpha * aux
+
+
+def loss_l0(st: StepState) -> torch.Tensor | None:
+    """JumpReLU's sparsity (Rajamanoharan et al. 2024): l0_coeff times the active latents per token
+    (over the global batch), its threshold gradient through the straight-through estimator. On
+    the FVU's scale: at L0 ~ 50 and FVU ~ 0.1, l0_coeff 1e-3 weighs 0.05, 3e-2 weighs 1.5."""
+    if st.cfg.l0_coeff <= 0:
+        return None
+    return st.cfg.l0_coeff * jumprelu_l0(st.sae, st.vals, st.idx, st.aux) / st.B
+
+
+# The loss terms of each architecture, summed in this order (a term may be absent in a step).
+LOSSES = {
+    "topk": (loss_fvu, loss_ortho, loss_auxk),
+    "batchtopk": (loss_fvu, loss_ortho, loss_auxk),
+    "matryoshka": (loss_matryoshka, loss_ortho, loss_auxk),
+    "jumprelu": (loss_fvu, loss_ortho, loss_l0),
+}
+
+
 class Trainer:
-    """Holds the SAEs, their optimizers and per-latent firing statistics.
+    """Holds the dictionaries, their optimizers and per-latent firing statistics.
 
     Data parallel inside an initialised process group of several processes (unless
     `data_parallel=False`): every process is given the same global batches, trains on its own
     contiguous slice of each, and the sums that make up the losses, the gradients, the firing
     counts and BatchTopK's cut are taken over the global batch, so every process holds the
-    parameters one process would have after the same global batches."""
+    parameters one process would have after the same global batches.
+
+    `dims` maps activation names (hookpoints) to widths; the dictionaries trained are those of
+    `cfg` (`saekit.config.dictionaries`) whose sources and targets are all in `dims`."""
 
     def __init__(self, cfg: TrainConfig, dims: dict[str, int], sample: dict[str, torch.Tensor],
                  total_steps: int | None, device: torch.device, data_parallel: bool | None = None):
@@ -63,8 +173,9 @@ class Trainer:
         self.tokens = 0  # tokens trained on (skipped batches excluded)
         self.skipped = 0  # batches skipped for NaN/Inf (on_nonfinite: skip)
         self.saes: dict[str, SAE] = {}
+        self.parts: dict[str, tuple[list[str], list[str]]] = {}  # name -> (sources, targets)
         self.opts: dict[str, torch.optim.Adam] = {}
-        self.scales: dict[str, float] = {}
+        self.scales: dict[str, float] = {}  # per activation name
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
         self.init_reports: dict[str, dict] = {}
         # BatchTopK threshold: bias-corrected EMA (decay 0.999) of the smallest kept value from
@@ -72,25 +183,44 @@ class Trainer:
         # drifts while the lr is high, and a lagging average would under-fire at inference.
         self.threshold_start = min(1000, int(cfg.decay_start * total_steps) if total_steps else 1000)
         g = torch.Generator().manual_seed(cfg.seed)
-        for h, d in dims.items():
-            m = cfg.n_latents or cfg.expansion * d
-            sae = SAE(SAEConfig(d, m, cfg.k, cfg.architecture, hookpoint=h, model=cfg.model), device=device)
+        for name, (sources, targets) in dictionaries(cfg).items():
+            if not set(sources + targets) <= set(dims):
+                continue
+            self.parts[name] = (sources, targets)
+            parts = list(dict.fromkeys(sources + targets))
+            xs = {n: sample[n].float() for n in parts}
+            ok = torch.stack([t.isfinite().all(1) for t in xs.values()]).all(0)
+            if not ok.any():  # NaN/Inf rows say nothing about the scale or the geometry
+                raise SaekitError(f"every activation of {', '.join(map(repr, parts))} in the initialisation sample is "
+                                  "NaN or Inf" if len(parts) > 1 else f"every activation of hookpoint {name!r} in the "
+                                  "initialisation sample is NaN or Inf")
+            xs = {n: t[ok] for n, t in xs.items()}
+            for n, t in xs.items():
+                self.scales[n] = float(t.pow(2).sum(1).mean().div(dims[n]).sqrt().clamp_min(1e-8))
+            m = cfg.n_latents or cfg.expansion * max(dims[n] for n in sources)
+            groups = matryoshka_ends(cfg.matryoshka_groups, m) if cfg.architecture == "matryoshka" else None
+            if cfg.sources is None:
+                scfg = SAEConfig(dims[name], m, cfg.k, cfg.architecture, hookpoint=name, model=cfg.model,
+                                 matryoshka_groups=groups)
+            else:
+                scfg = SAEConfig(sum(dims[n] for n in sources), m, cfg.k, cfg.architecture, model=cfg.model,
+                                 matryoshka_groups=groups, sources=sources, targets=targets,
+                                 dims={n: dims[n] for n in parts})
+            sae = SAE(scfg, device=device).make_trainable(cfg.jumprelu_bandwidth)
             if device.type == "cuda":
                 sae.matmul_dtype = torch.bfloat16
-            x = sample[h].float()
-            x = x[x.isfinite().all(1)]  # NaN/Inf rows say nothing about the scale or the geometry
-            if len(x) == 0:
-                raise SaekitError(f"every activation of hookpoint {h!r} in the initialisation sample is NaN or Inf")
-            self.scales[h] = float(x.pow(2).sum(1).mean().div(d).sqrt().clamp_min(1e-8))
-            self.init_reports[h] = init_sae(sae, x / self.scales[h], cfg.init, g, cfg.subspace_rank,
-                                            cfg.subspace_variance)
+            x = self._concat(xs, sources)
+            y = self._concat(xs, targets) if targets != sources else None
+            self.init_reports[name] = init_sae(sae, x, cfg.init, g, cfg.subspace_rank, cfg.subspace_variance, y)
+            if cfg.architecture == "jumprelu":
+                init_thresholds(sae, x, cfg.k)
             if self.parallel:  # the same start everywhere, whatever each process was given
                 dist.broadcast_params(sae)
                 sae.batch_cut = dist.batch_cut
-            self.saes[h] = sae
+            self.saes[name] = sae
             lr = cfg.lr or 2e-4 / math.sqrt(m / 2**14)
-            self.opts[h] = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10, fused=True)
-            self.stats[h] = {
+            self.opts[name] = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10, fused=True)
+            self.stats[name] = {
                 "tokens_since_fired": torch.zeros(m, dtype=torch.long, device=device),
                 "first_fired": torch.full((m,), -1, dtype=torch.long, device=device),
                 "last_fired": torch.full((m,), -1, dtype=torch.long, device=device),
@@ -99,24 +229,12 @@ class Trainer:
         if self.parallel:
             self.scales = dist.broadcast_object(self.scales)
 
+    def _concat(self, xs: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+        """Activations `xs` of `names`, each divided by its scale, side by side."""
+        parts = [xs[n] / self.scales[n] for n in names]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
     # -- one step -------------------------------------------------------------------------
-    def _aux_loss(self, sae: SAE, x: torch.Tensor, err: torch.Tensor, dead: torch.Tensor,
-                  denom: torch.Tensor | None = None) -> torch.Tensor:
-        """AuxK: reconstruct the residual from the top-k_aux dead latents (no b_dec).
-
-        `denom`: the residual's total variance when `err` is a slice of a larger batch."""
-        k_aux = self.cfg.k_aux or sae.d_in // 2
-        b_dec = sae.b_dec.detach()
-        W, b = sae.W_enc[dead], sae.b_enc[dead]
-        with torch.no_grad():
-            vals, idx = torch.addmm(b, x - b_dec, W.T).topk(min(k_aux, len(dead)), dim=1, sorted=False)
-        vals = selected_preacts(x, b_dec, W, b, idx, vals).relu()
-        err_hat = sparse_decode(vals, dead[idx], sae.W_dec)
-        scale = min(len(dead) / k_aux, 1.0)
-        if denom is None:
-            denom = (err - err.mean(0)).pow(2).sum()
-        return scale * (err_hat - err).pow(2).sum() / denom.clamp_min(1e-12)
-
     def _update_threshold(self, sae: SAE, ema: torch.Tensor, vals: torch.Tensor) -> None:
         kept = vals[vals > 0]
         if self.parallel:  # the smallest kept value of the global batch
@@ -132,70 +250,70 @@ class Trainer:
             sae.cfg.threshold = float(ema[0] / (1 - 0.999 ** ema[1]))
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float | torch.Tensor]]:
-        """One optimisation step on `batch = {hookpoint: [B, d]}`; returns metrics per hookpoint.
+        """One optimisation step on `batch = {hookpoint: [B, d]}`; returns metrics per dictionary.
 
         fvu, l0 and aux_loss stay 0-dim device tensors (`float()` them to read): on a GPU the
         host syncs of a step are the lists of dead latents and one finiteness check.
 
-        Every hookpoint's loss is computed before any update: if an input or a loss holds NaN
+        Every dictionary's loss is computed before any update: if an input or a loss holds NaN
         or Inf, no parameter, optimizer state or firing statistic changes; the batch is then
         skipped (returns {}) or training stops with a SaekitError, per `on_nonfinite`."""
         cfg, par = self.cfg, self.parallel
         lr_f = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_start)
         pending, checks = {}, []
-        for h, sae in self.saes.items():
-            B = len(batch[h])  # the global batch; under data parallelism this process takes a slice
-            x = (dist.shard(batch[h]) if par else batch[h]).to(self.device, torch.float32, non_blocking=True)
-            x = x / self.scales[h]
-            vals, idx = sae.encode(x)
-            x_hat = sae.decode(vals, idx)
-            if par:  # the global batch's total variance: this slice's error sum over it adds up to FVU
-                denom = dist.all_reduce((x - dist.all_reduce(x.sum(0)) / B).pow(2).sum())
-            else:
-                denom = (x - x.mean(0)).pow(2).sum()
-            fvu = F.mse_loss(x_hat, x, reduction="sum") / denom.clamp_min(1e-12)
-
-            st = self.stats[h]
+        for name, sae in self.saes.items():
+            sources, targets = self.parts[name]
+            B = len(batch[sources[0]])  # the global batch; under data parallelism this process takes a slice
+            xs = {n: (dist.shard(batch[n]) if par else batch[n]).to(self.device, torch.float32, non_blocking=True)
+                  for n in dict.fromkeys(sources + targets)}
+            x = self._concat(xs, sources)
+            y = x if targets == sources else self._concat(xs, targets)
+            aux = {}
+            vals, idx = sae.encode(x, aux)
+            denoms = []
+            for t in targets:
+                yt = y[:, sae.part_slice(t, True)] if len(targets) > 1 else y
+                if par:  # the global batch's total variance: this slice's error sum over it adds up to FVU
+                    denoms.append(dist.all_reduce((yt - dist.all_reduce(yt.sum(0)) / B).pow(2).sum()))
+                else:
+                    denoms.append((yt - yt.mean(0)).pow(2).sum())
+            st = self.stats[name]
             with torch.no_grad():  # masked updates, not boolean indexing: no host sync
                 active = (vals > 1e-3).reshape(-1).float()
                 counts = torch.zeros(sae.n_latents, device=self.device).index_add_(0, idx.reshape(-1), active)
                 fired = (dist.all_reduce(counts) if par else counts) > 0
                 since = (st["tokens_since_fired"] + B).masked_fill_(fired, 0)  # committed after the check
                 dead = (since >= cfg.dead_tokens).nonzero().squeeze(1)
-            loss = fvu
-            # A penalty on the (replicated) decoder alone: added by one process, whose gradient is summed.
-            if cfg.ortho_penalty > 0 and self.step % cfg.ortho_every == 0 and (not par or dist.is_main()):
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-                loss = loss + cfg.ortho_penalty * cfg.ortho_every * ortho_loss(sae.W_dec, g)
-            aux = torch.zeros((), device=self.device)
-            if len(dead) and cfg.auxk_alpha > 0:
-                err = (x - x_hat).detach()
-                err_denom = dist.all_reduce((err - dist.all_reduce(err.sum(0)) / B).pow(2).sum()) if par else None
-                aux = self._aux_loss(sae, x, err, dead, err_denom)
-                loss = loss + cfg.auxk_alpha * aux
-            checks += [x.isfinite().all(), loss.isfinite()]
-            pending[h] = (B, vals, fired, since, dead, fvu, aux, loss)
+            state = StepState(sae, cfg, x, y, vals, idx, aux, denoms, B, dead, self.step, par)
+            loss = None
+            for term in LOSSES[sae.cfg.architecture]:
+                part = term(state)
+                if part is not None:
+                    loss = part if loss is None else loss + part
+            finite = x.isfinite().all() if y is x else x.isfinite().all() & y.isfinite().all()
+            checks += [finite, loss.isfinite()]
+            pending[name] = (B, state, loss, fired, since)
 
         ok = torch.stack(checks)
         if par:  # a NaN in any slice skips (or stops) the step everywhere
             ok = dist.all_reduce(ok.float(), "min") > 0
-        ok = ok.tolist()  # one host sync for every hookpoint
-        for i, h in enumerate(pending):
+        ok = ok.tolist()  # one host sync for every dictionary
+        for i, name in enumerate(pending):
             if not (ok[2 * i] and ok[2 * i + 1]):
-                self._nonfinite(h, "activations" if not ok[2 * i] else "loss")
+                self._nonfinite(name, "activations" if not ok[2 * i] else "loss")
                 self.step += 1  # the batch index still advances: a resume sees the same batches
                 return {}
 
         metrics = {}
-        for h, (B, vals, fired, since, dead, fvu, aux, loss) in pending.items():
-            sae, st = self.saes[h], self.stats[h]
+        for name, (B, state, loss, fired, since) in pending.items():
+            sae, st, vals = self.saes[name], self.stats[name], state.vals
             with torch.no_grad():
                 st["tokens_since_fired"].copy_(since)
                 st["last_fired"].masked_fill_(fired, self.step)
                 st["first_fired"].masked_fill_(fired & (st["first_fired"] < 0), self.step)
-                if sae.cfg.architecture == "batchtopk" and self.step >= self.threshold_start:
+                if sae.cfg.architecture in ("batchtopk", "matryoshka") and self.step >= self.threshold_start:
                     self._update_threshold(sae, st["threshold_ema"], vals)
-            opt = self.opts[h]
+            opt = self.opts[name]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if par:
@@ -207,13 +325,16 @@ class Trainer:
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_f
             opt.step()
             sae.normalize_decoder()
+            sae.sync_threshold()
+            fvu = state.fvu
+            aux = state.extra.get("aux_loss", torch.zeros((), device=self.device))
             parts = torch.stack([fvu.detach(), (vals > 0).sum().to(fvu.dtype), aux.detach().to(fvu.dtype)])
             if par:
                 dist.all_reduce(parts)
-            metrics[h] = {
+            metrics[name] = {
                 "fvu": parts[0],
                 "l0": parts[1] / B,
-                "dead_fraction": len(dead) / sae.n_latents,
+                "dead_fraction": len(state.dead) / sae.n_latents,
                 "aux_loss": parts[2],
                 "lr": opt.param_groups[0]["lr"],
             }
@@ -221,8 +342,11 @@ class Trainer:
         self.step += 1
         return metrics
 
-    def _nonfinite(self, hookpoint: str, what: str) -> None:
-        where = f"NaN or Inf in the {what} of hookpoint {hookpoint!r} at step {self.step}"
+    def _nonfinite(self, name: str, what: str) -> None:
+        sources, targets = self.parts[name]
+        parts = list(dict.fromkeys(sources + targets))
+        which = f"hookpoint {name!r}" if parts == [name] else f"dictionary {name!r} ({', '.join(parts)})"
+        where = f"NaN or Inf in the {what} of {which} at step {self.step}"
         if self.cfg.on_nonfinite == "stop":
             raise SaekitError(f"{where}; stopped before the update (the last checkpoint is intact; "
                               "on_nonfinite: skip skips such batches)")
@@ -231,12 +355,15 @@ class Trainer:
             print(f"saekit: {where}: batch skipped, no update", file=sys.stderr)
 
     # -- results and checkpoints ------------------------------------------------------------
-    def final_sae(self, hookpoint: str) -> SAE:
-        """A copy of the SAE acting on raw (unscaled) activations, in eval mode."""
-        src = self.saes[hookpoint]
-        sae = SAE(SAEConfig(**asdict(src.cfg)), device=self.device)
-        sae.load_state_dict(src.state_dict())
-        return sae.fold_input_scale(self.scales[hookpoint]).eval().requires_grad_(False)
+    def final_sae(self, name: str) -> SAE:
+        """A copy of the dictionary acting on raw (unscaled) activations, in eval mode (a
+        `Crosscoder` when the config names sources)."""
+        src = self.saes[name]
+        sae = (Crosscoder if src.cfg.sources else SAE)(SAEConfig(**asdict(src.cfg)), device=self.device)
+        sae.load_state_dict({k: v for k, v in src.state_dict().items() if k != "log_threshold"})
+        sources, targets = self.parts[name]
+        scales = {n: self.scales[n] for n in sources + targets}
+        return sae.fold_input_scales(scales).eval().requires_grad_(False)
 
     def save(self, run: Run, extra: dict | None = None) -> None:
         """Folded SAEs to the run's SAE folders, then the whole training state in one atomic file."""
@@ -278,8 +405,10 @@ class Trainer:
         return tensors, meta
 
     def save_saes(self, run: Run, extra: dict | None = None) -> None:
-        for h in self.saes:
-            info = {"input_scale": self.scales[h], "step": self.step, "init": self.init_reports[h], **(extra or {})}
+        for h, (sources, targets) in self.parts.items():
+            scale = {"input_scale": self.scales[h]} if sources == targets == [h] else \
+                {"input_scales": {n: self.scales[n] for n in dict.fromkeys(sources + targets)}}
+            info = {**scale, "step": self.step, "init": self.init_reports[h], **(extra or {})}
             self.final_sae(h).save(run.sae_dir(h), extra=info)
 
     def load(self, run: Run) -> None:
@@ -295,7 +424,7 @@ class Trainer:
                               "or shaped differently); start a new run")
         scales = meta.get("scales")
         if not (isinstance(meta.get("step"), int) and isinstance(scales, dict)
-                and all(isinstance(scales.get(h), float) for h in self.saes)):
+                and all(isinstance(scales.get(h), float) for h in self.scales)):
             raise SaekitError(f"{file} is corrupt (bad step or input scales in its metadata); start a new run")
         adam = {}
         for h, sae in self.saes.items():
@@ -307,7 +436,7 @@ class Trainer:
                 if state:
                     state["step"] = state["step"].reshape(())
                     adam[p] = (h, state)
-        self.step, self.scales = meta["step"], {h: scales[h] for h in self.saes}
+        self.step, self.scales = meta["step"], {h: scales[h] for h in self.scales}
         tokens, skipped = meta.get("tokens"), meta.get("skipped")
         self.tokens = tokens if isinstance(tokens, int) else self.step * self.cfg.batch_size  # older states
         self.skipped = skipped if isinstance(skipped, int) else 0
@@ -322,6 +451,7 @@ class Trainer:
             ema = self.stats[h]["threshold_ema"]
             if ema[1] > 0:
                 sae.cfg.threshold = float(ema[0] / (1 - 0.999 ** ema[1]))
+            sae.sync_threshold()
 
 
 def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quiet: bool = False,
@@ -361,63 +491,109 @@ def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quie
     bar.close()
 
 
-def _rebatch(tensors: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Regroup a stream of `[n, d]` tensors into `[batch_size, d]` batches (last may be short)."""
-    buf, n = [], 0
-    for t in tensors:
-        if t.ndim != 2:
-            raise SaekitError(f"activations must be [batch, d_in] tensors, got shape {tuple(t.shape)}")
-        buf.append(t)
-        n += len(t)
+def _rebatch(parts: Iterable[dict[str, torch.Tensor]], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Regroup a stream of `{name: [n, d]}` dicts (the same names and n in each) into batches of
+    `batch_size` rows (the last may be short)."""
+    buf: dict[str, list[torch.Tensor]] = {}
+    n = 0
+    for part in parts:
+        for t in part.values():
+            if not isinstance(t, torch.Tensor) or t.ndim != 2:
+                raise SaekitError(f"activations must be [batch, d_in] tensors, got "
+                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if buf and set(part) != set(buf) or len({len(t) for t in part.values()}) > 1:
+            raise SaekitError(f"every batch must hold the same names ({sorted(buf) or sorted(part)}) with the same "
+                              f"number of rows (one per token, aligned), got {({k: len(t) for k, t in part.items()})}")
+        for name, t in part.items():
+            buf.setdefault(name, []).append(t)
+        n += len(next(iter(part.values())))
         while n >= batch_size:
-            cat = torch.cat(buf)
-            yield cat[:batch_size]
-            buf, n = [cat[batch_size:]], n - batch_size
+            cat = {name: torch.cat(ts) for name, ts in buf.items()}
+            yield {name: t[:batch_size] for name, t in cat.items()}
+            buf, n = {name: [t[batch_size:]] for name, t in cat.items()}, n - batch_size
     if n:
-        yield torch.cat(buf)
+        yield {name: torch.cat(ts) for name, ts in buf.items()}
 
 
-def fit(activations: torch.Tensor | Iterable[torch.Tensor], n_latents: int, k: int, seed: int = 0,
-        quiet: bool = True, **options) -> SAE:
-    """Train an SAE on activations you bring and return it (acting on raw activations).
+def fit(activations: torch.Tensor | dict[str, torch.Tensor] | Iterable, n_latents: int | None = None,
+        k: int | None = None, seed: int = 0, quiet: bool = True, sources: list[str] | None = None,
+        targets: list[str] | None = None, **options) -> SAE:
+    """Train a dictionary on activations you bring and return it (acting on raw activations).
 
-    `activations` is an `[N, d_in]` tensor, shuffled each epoch, `epochs` passes (the
-    TrainConfig default: 3), or any iterable of `[batch, d_in]` tensors, one pass in the order
-    given. Leaves the process as it found it (thread count, allocator). `options` are
-    TrainConfig keys: batch_size, lr, epochs, architecture, dead_tokens, k_aux, device, ...
-    Training runs on `device` (default: CUDA when present); the SAE comes back on the
+    `activations` is an `[N, d_in]` tensor (an SAE), or `{name: [N, d_name]}` tensors of the same N
+    tokens, row t the same token in each (a `Crosscoder` reading `sources` and writing `targets`,
+    both every name by default: a transcoder is `sources=["a"], targets=["b"]`). A tensor (or dict)
+    is shuffled each epoch, `epochs` passes (the TrainConfig default: 3); any iterable of `[batch,
+    d_in]` tensors (or of such dicts) is read once in the order given. `n_latents` defaults to
+    `expansion` times the (widest source's) width; `k` to TrainConfig's (JumpReLU needs none).
+    Leaves the process as it found it (thread count, allocator). `options` are TrainConfig keys:
+    batch_size, lr, epochs, architecture, dead_tokens, k_aux, l0_coeff, device, ...
+    Training runs on `device` (default: CUDA when present); the result comes back on the
     activations' device. Called in every process of an initialised process group, with the same
     activations in each, training is data parallel (each process takes a slice of every batch)
-    and every process gets the same SAE.
+    and every process gets the same result.
     """
-    cfg = make_config(TrainConfig, {"n_latents": n_latents, "k": k, "seed": seed, "hookpoints": ["x"],
-                                    "log_every": 10**9, **options})
-    device = resolve_device(cfg.device)
-    B = cfg.batch_size
-    if isinstance(activations, torch.Tensor):
-        if activations.ndim != 2 or len(activations) == 0:
-            raise SaekitError(f"activations must be a non-empty [N, d_in] tensor, got shape {tuple(activations.shape)}")
-        N = len(activations)
-        B = min(B, N)
+    named = isinstance(activations, dict)
+    if isinstance(activations, torch.Tensor) or named:
+        acts = activations if named else {"x": activations}
+        for name, t in acts.items():
+            if not isinstance(t, torch.Tensor) or t.ndim != 2 or len(t) == 0:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise SaekitError(f"activations{f' of {name!r}' if named else ''} must be a non-empty [N, d_in] "
+                                  f"tensor, got {shape}")
+        if len({len(t) for t in acts.values()}) > 1:
+            counts = {n: len(t) for n, t in acts.items()}
+            raise SaekitError(f"the activations hold different token counts ({counts}); "
+                              "a crosscoder needs one row per token in every source and target, aligned")
+        first = next(iter(acts.values()))
+        cfg = _fit_config(acts, named, n_latents, k, seed, sources, targets, options)
+        N = len(first)
+        B = min(cfg.batch_size, N)
         g = torch.Generator().manual_seed(seed)
-        sample = activations[torch.randperm(N, generator=g)[:INIT_SAMPLE]]
+        pick = torch.randperm(N, generator=g)[:INIT_SAMPLE]
+        sample = {n: t[pick] for n, t in acts.items()}
         total = cfg.epochs * (N // B)
 
         def stream():
             for _ in range(cfg.epochs):
                 perm = torch.randperm(N, generator=g)
                 for s in range(N // B):
-                    yield activations[perm[s * B : (s + 1) * B]]
+                    yield {n: t[perm[s * B : (s + 1) * B]] for n, t in acts.items()}
     else:
-        it = _rebatch(activations, B)
-        first = next(it, None)
-        if first is None:
+        parts = iter(activations)
+        head = next(parts, None)
+        named = isinstance(head, dict)
+        parts = chain([head], parts) if head is not None else iter(())
+        cfg = _fit_config(head if named else {"x": head}, named, n_latents, k, seed, sources, targets, options) \
+            if head is not None else None
+        it = _rebatch((p if named else {"x": p} for p in parts), cfg.batch_size if cfg else 1)
+        sample = next(it, None)
+        if sample is None:
             raise SaekitError("activations is empty")
-        sample, total = first, None
+        first, total = next(iter(sample.values())), None
 
         def stream():
-            return chain([first], it)
+            return chain([sample], it)
 
-    trainer = Trainer(cfg, {"x": sample.shape[1]}, {"x": sample}, total, device)
-    run_steps(trainer, ({"x": x} for x in stream()), quiet=quiet)
-    return trainer.final_sae("x").to(sample.device)
+    device = resolve_device(cfg.device)
+    dims = {n: t.shape[1] for n, t in sample.items()}
+    trainer = Trainer(cfg, dims, sample, total, device)
+    run_steps(trainer, stream(), quiet=quiet)
+    return trainer.final_sae(next(iter(trainer.saes))).to(first.device)
+
+
+def _fit_config(acts: dict, named: bool, n_latents, k, seed, sources, targets, options) -> TrainConfig:
+    """The TrainConfig of a `fit` call on `acts` (names checked against sources and targets)."""
+    values = {"seed": seed, "log_every": 10**9, **options}
+    values |= {"n_latents": n_latents} if n_latents is not None else {}
+    values |= {"k": k} if k is not None else {}
+    if named:
+        unknown = [n for n in (sources or []) + (targets or []) if n not in acts]
+        if unknown:
+            raise SaekitError(f"sources/targets {unknown} are not among the activations' names {sorted(acts)}")
+        values |= {"sources": list(sources or acts), "targets": list(targets or acts)}
+    else:
+        if sources is not None or targets is not None:
+            raise SaekitError("sources= and targets= name the keys of a dict of activations; pass a dict")
+        values["hookpoints"] = ["x"]
+    return make_config(TrainConfig, values)

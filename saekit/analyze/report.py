@@ -75,6 +75,9 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
         sae = run.sae(h)
         results[h], results["wall_time_s"][h] = {}, {}
         for name in analyses:
+            if name == "absorption" and run.parts(h) is not None:
+                say(f"{h}: absorption probes one hookpoint's SAE; skipped for this crosscoder/transcoder")
+                continue
             t0 = time.perf_counter()
             res = _analyse(name, run, h, sae, acts[h], lm, tokens, quiet, n_words=words,
                            f1_threshold=f1_threshold, min_letters=min_letters)
