@@ -1,12 +1,20 @@
-"""Matching pursuit (saekit.kernels.pursuit) against the plain unrolled loop, and its invariants."""
+"""Matching pursuit (saekit.kernels.pursuit) against the plain unrolled loop, and its invariants;
+the `mp` architecture trained, saved, resumed and configured."""
 
 import math
 
 import pytest
 import torch
+from test_dictionary import _family_cache, _steps, fvu, planted, recovery
 
+from saekit.config import TrainConfig, make_config
+from saekit.errors import SaekitError
+from saekit.evaluate import reconstruction_metrics
 from saekit.kernels import sparse_decode
 from saekit.kernels.pursuit import distinct, gram, mp_pursue, mp_reference, mp_select, mp_values
+from saekit.run import Run
+from saekit.sae import SAE, SAEConfig
+from saekit.trainer import Trainer, fit
 
 
 def dictionary(m, d, seed=0, dtype=torch.float64):
@@ -131,3 +139,87 @@ def test_gram_is_reused():
     assert torch.equal(mp_select(x, W, 4, G=G)[0], mp_select(x, W, 4)[0])
     torch.testing.assert_close(G.diagonal(), torch.ones(20, dtype=W.dtype))
     assert math.isclose(float(G[3, 5]), float(W[3] @ W[5]))
+
+
+# -- the `mp` architecture: training, files, config -------------------------------------------
+def test_mp_fit_recovers_planted_features_and_encodes_by_pursuit(tmp_path):
+    x, feats, _ = planted(8000, 24, 48, 3, seed=6)
+    sae = fit(x, n_latents=96, k=4, architecture="mp", batch_size=256, epochs=8, dead_tokens=5000, lr=3e-3)
+    assert sae.cfg.architecture == "mp" and torch.equal(sae.W_enc, sae.W_dec)  # tied
+    assert recovery(feats, sae.W_dec).mean() > 0.9
+    vals, idx = sae.encode(x[:3000])
+    assert fvu(sae.decode(vals, idx), x[:3000]) < 0.15
+    z, _ = mp_reference(x[:500] - sae.b_dec, sae.W_dec, 4)
+    torch.testing.assert_close(dense(vals[:500], idx[:500], 96), z, rtol=1e-4, atol=1e-4)
+    assert reconstruction_metrics(sae, x[:3000])["l0"] <= 4
+    sae.save(tmp_path / "mp")
+    back = SAE.load(tmp_path / "mp")
+    assert back.cfg == sae.cfg and "mp_threshold" not in (tmp_path / "mp" / "cfg.json").read_text()
+    assert all(torch.equal(a, b) for a, b in zip(back.encode(x[:100]), sae.encode(x[:100]), strict=True))
+    with pytest.raises(SaekitError, match="no SAELens equivalent"):
+        sae.save(tmp_path / "lens", format="sae-lens")
+
+
+def test_mp_threshold_is_folded_to_input_units_and_stops_tokens_early(tmp_path):
+    x, _, _ = planted(4000, 16, 32, 4, seed=3)
+    x = 7 * x  # raw units far from the training units (unit RMS)
+    kw = dict(n_latents=48, k=8, architecture="mp", batch_size=256, epochs=1, lr=3e-3, seed=1)
+    plain = fit(x, **kw)
+    stopped = fit(x, mp_threshold=0.5, **kw)
+    scale = float(x.pow(2).sum(1).mean().div(16).sqrt())
+    assert stopped.cfg.mp_threshold == pytest.approx(0.5 * scale, rel=1e-3)
+    thr, xc = stopped.cfg.mp_threshold, x[:1000] - stopped.b_dec
+    order, _ = mp_pursue(xc, stopped.W_dec, 8, thr)
+    early = (order < 0).any(1)
+    r = xc - stopped.decode(*stopped.encode(x[:1000])) + stopped.b_dec
+    best = (r @ stopped.W_dec.T).max(1).values
+    assert early.sum() > 20 and ((r.norm(dim=1) < thr) | (best <= 0))[early].all()
+    vals, _ = stopped.encode(x[:1000])
+    assert (vals > 0).sum(1).float().mean() < (plain.encode(x[:1000])[0] > 0).sum(1).float().mean()
+    stopped.save(tmp_path / "s")
+    assert SAE.load(tmp_path / "s").cfg.mp_threshold == stopped.cfg.mp_threshold
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"architecture": "mp", "k": 0}, "'k'"),
+    ({"architecture": "mp", "mp_threshold": -0.1}, "mp_threshold"),
+    ({"architecture": "topk", "mp_threshold": 0.1}, "mp_threshold"),
+])
+def test_mp_config_refusals(values, match):
+    with pytest.raises(SaekitError, match=match):
+        make_config(TrainConfig, values)
+
+
+def test_mp_is_one_tied_hookpoint():
+    with pytest.raises(SaekitError, match="tied SAE of one hookpoint"):
+        SAEConfig(8, 16, 2, "mp", sources=["a"], targets=["b"], dims={"a": 8, "b": 8})
+    with pytest.raises(SaekitError, match="mp_threshold"):
+        SAEConfig(8, 16, 2, "topk", mp_threshold=1.0)
+
+
+def test_mp_resumes_exactly_and_revives_dead_latents(tmp_path):
+    cache = _family_cache(tmp_path / "cache")
+    cfg = make_config(TrainConfig, {"n_latents": 32, "k": 3, "batch_size": 500, "epochs": 2, "buffer_tokens": 3000,
+                                    "dead_tokens": 1000, "warmup_steps": 2, "architecture": "mp",
+                                    "hookpoints": ["a"]})
+    full = _steps(cache, cfg, 10**9)
+    _steps(cache, cfg, 9, run_dir=tmp_path / "run")
+    resumed = _steps(cache, cfg, 10**9, resume_from=tmp_path / "run")
+    for (n, p), q in zip(full.saes["a"].named_parameters(), resumed.saes["a"].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    assert Run.open(tmp_path / "run").sae("a").cfg.architecture == "mp"
+
+
+def test_mp_auxk_reaches_dead_rows_through_the_residual():
+    """AuxK of the tied pursuit: dead rows get a gradient from their correlation with the residual."""
+    x, _, _ = planted(2000, 12, 24, 3, seed=2)
+    cfg = make_config(TrainConfig, {"n_latents": 256, "k": 1, "batch_size": 50, "architecture": "mp",
+                                    "hookpoints": ["a"], "dead_tokens": 1, "k_aux": 4})
+    tr = Trainer(cfg, {"a": 12}, {"a": x}, 10, torch.device("cpu"))
+    sae = tr.saes["a"]
+    before = sae.W_dec.detach().clone()
+    chosen = set(sae.encode(x[:50] / tr.scales["a"])[1].flatten().tolist())
+    m = tr.train_step({"a": x[:50]})["a"]
+    assert m["dead_fraction"] > 0.5 and float(m["aux_loss"]) > 0
+    moved = set(((sae.W_dec - before).norm(dim=1) > 0).nonzero().flatten().tolist())
+    assert len(moved - chosen) >= 4  # dead rows moved: only AuxK reaches them
