@@ -133,6 +133,22 @@ def test_rows_without_a_positive_correlation_stop():
     assert torch.equal(dense(vals, idx, 3), z)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pursuit_matches_cpu():
+    """One block of rows and the Triton gathers on the GPU: the CPU's latents, values and gradients."""
+    W, x = dictionary(2048, 64, dtype=torch.float32), inputs(300, 64, dtype=torch.float32)
+    order, _ = mp_pursue(x, W, 16)
+    assert torch.equal(mp_pursue(x.cuda(), W.cuda(), 16)[0].cpu(), order)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        xd, Wd = x.to(dev).requires_grad_(), W.to(dev).requires_grad_()
+        vals, idx = mp_values(xd, Wd, order.to(dev))
+        (sparse_decode(vals, idx, Wd) - xd.detach()).pow(2).sum().backward()
+        grads.append((vals.detach().cpu(), xd.grad.cpu(), Wd.grad.cpu()))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_gram_is_reused():
     W, x = dictionary(20, 5), inputs(10, 5)
     G = gram(W)
