@@ -77,14 +77,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--ks", default="2,6", help="k values: one binding (below ~3.4 active), one loose")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=24_000)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=12_000)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--out", default=str(ROOT / "analysis" / "results" / "planted_hierarchy.md"))
     a = p.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     d, parents, children, independent = 48, 6, 4, 18
-    n_feat = parents * (1 + children) + independent
     rows = []
     for fam in a.families.split(","):
         for k in [int(v) for v in a.ks.split(",")] if fam != "jumprelu" else [None]:
@@ -106,6 +105,11 @@ def main():
                       + f" ({time.time() - t:.0f} s)", flush=True)
                 per_seed.append(r)
             rows.append((fam, k, {n: [r[n] for r in per_seed] for n in per_seed[0]}))
+            write(rows, a, d, parents, children, independent)  # after every row: a partial table survives
+
+
+def write(rows, a, d, parents, children, independent):
+    n_feat = parents * (1 + children) + independent
     active_child = 2 + independent * 0.08  # parent + child + the independent ones on a child token
     lines = [
         "# Planted hierarchy: absorption per dictionary family",
@@ -129,7 +133,7 @@ def main():
         lines.append(f"| {fam} | {k if k is not None else '-'} | " + " | ".join(cell(r[n]) for n in r) + " |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines[-1:]), flush=True)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,7 @@ class TrainConfig:
     matryoshka_groups: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5, 1.0])
     l0_coeff: float = 1e-3  # jumprelu: weight of the L0 (active latents per token) next to the FVU loss
     jumprelu_bandwidth: float = 0.01  # jumprelu: straight-through rectangle width, in unit-RMS input units
-    # mp: stop a token's pursuit once its residual norm is below this (unit-RMS input units)
-    mp_threshold: float | None = None
+    mp_threshold: float | None = None  # mp: stop a token once its residual norm is below this (unit-RMS units)
     # one dictionary over several activations instead of one SAE per hookpoint: the hookpoints it reads
     # (sources) and writes (targets; null = the sources). A crosscoder: several layers as both; a
     # transcoder: sources [mlp input], targets [mlp output]. hookpoints becomes sources + targets.
