@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
-from test_dictionary import _family_cache, _steps, fvu, planted, recovery
+from test_dictionary import fvu, planted, recovery
 
 from saekit.config import TrainConfig, make_config
 from saekit.errors import SaekitError
 from saekit.evaluate import reconstruction_metrics
 from saekit.kernels import sparse_decode
 from saekit.kernels.pursuit import distinct, gram, mp_pursue, mp_reference, mp_select, mp_values
-from saekit.run import Run
 from saekit.sae import SAE, SAEConfig
 from saekit.trainer import Trainer, fit
 
@@ -211,19 +210,6 @@ def test_mp_is_one_tied_hookpoint():
         SAEConfig(8, 16, 2, "mp", sources=["a"], targets=["b"], dims={"a": 8, "b": 8})
     with pytest.raises(SaekitError, match="mp_threshold"):
         SAEConfig(8, 16, 2, "topk", mp_threshold=1.0)
-
-
-def test_mp_resumes_exactly_and_revives_dead_latents(tmp_path):
-    cache = _family_cache(tmp_path / "cache")
-    cfg = make_config(TrainConfig, {"n_latents": 32, "k": 3, "batch_size": 500, "epochs": 2, "buffer_tokens": 3000,
-                                    "dead_tokens": 1000, "warmup_steps": 2, "architecture": "mp",
-                                    "hookpoints": ["a"]})
-    full = _steps(cache, cfg, 10**9)
-    _steps(cache, cfg, 9, run_dir=tmp_path / "run")
-    resumed = _steps(cache, cfg, 10**9, resume_from=tmp_path / "run")
-    for (n, p), q in zip(full.saes["a"].named_parameters(), resumed.saes["a"].parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
-    assert Run.open(tmp_path / "run").sae("a").cfg.architecture == "mp"
 
 
 def test_mp_auxk_reaches_dead_rows_through_the_residual():
