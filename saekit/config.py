@@ -83,7 +83,7 @@ class TrainConfig:
     shard_hookpoints: bool = False
 
     def __post_init__(self):
-        if self.sources is not None:
+        if self.sources:
             self.hookpoints = list(dict.fromkeys(self.sources + (self.targets or [])))
         for key, ok, allowed in _RULES:
             value = getattr(self, key)
@@ -100,16 +100,17 @@ _RULES: list[tuple[str, typing.Callable, str]] = [
     ("val_tokens", lambda v, c: 1 <= v < c.n_tokens, "in [1, n_tokens) (held-out text smaller than the training text)"),
     ("expansion", lambda v, c: v >= 1, ">= 1 (n_latents = expansion * d_in)"),
     ("n_latents", lambda v, c: v >= 1, ">= 1"),
-    ("k", lambda v, c: v >= 1 and (c.n_latents is None or v <= c.n_latents), "in [1, n_latents]"),
+    ("k", lambda v, c: v >= 1 and (c.n_latents is None or v <= c.n_latents or c.architecture == "jumprelu"),
+     "in [1, n_latents]"),
     ("matryoshka_groups", lambda v, c: c.architecture != "matryoshka" or _groups_ok(v, c.n_latents),
      "increasing fractions of n_latents (ending at 1.0) or increasing sizes (ending at n_latents)"),
     ("l0_coeff", lambda v, c: v >= 0, ">= 0"),
     ("jumprelu_bandwidth", lambda v, c: v > 0, "> 0"),
     ("mp_threshold", lambda v, c: v >= 0 and c.architecture == "mp", ">= 0, with architecture mp"),
-    ("sources", lambda v, c: len(v) > 0 and len(set(v)) == len(v) and all(map(parse_source, v)),
-     "a non-empty list of distinct hookpoint names"),
-    ("targets", lambda v, c: c.sources is not None and len(v) > 0 and len(set(v)) == len(v)
-     and all(map(parse_source, v)), "a non-empty list of distinct hookpoint names, with sources set"),
+    ("sources", lambda v, c: _names_ok(v), "a non-empty list of distinct names (hookpoint, model:hookpoint or "
+     "model@revision:hookpoint)"),
+    ("targets", lambda v, c: c.sources is not None and _names_ok(v), "a non-empty list of distinct names, with "
+     "sources set"),
     ("subspace_rank", lambda v, c: v >= 1, ">= 1"),
     ("subspace_variance", lambda v, c: 0 < v <= 1, "in (0, 1]"),
     ("ortho_penalty", lambda v, c: v >= 0, ">= 0"),
@@ -129,6 +130,13 @@ _RULES: list[tuple[str, typing.Callable, str]] = [
     ("collapse_every", lambda v, c: v >= 0, ">= 0 (0 = off)"),
     ("eval_contexts", lambda v, c: v >= 1, ">= 1"),
 ]
+
+
+def _names_ok(names: list[str]) -> bool:
+    try:
+        return len(names) > 0 and len(set(names)) == len(names) and all(parse_source(n) for n in names)
+    except SaekitError:
+        return False
 
 
 def _groups_ok(groups: list[float], n_latents: int | None) -> bool:

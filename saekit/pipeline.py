@@ -194,10 +194,11 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
                               ".safetensors file of its hookpoint's activations)")
         name = model_name or run.model_name
         cfg = TrainConfig(model=name, hookpoints=run.hookpoints) if name else None
-    if cfg is not None and model is None:
+    spliced = [h for h in run.hookpoints if run.parts(h) is None]  # crosscoders: reconstruction only
+    if cfg is not None and model is None and spliced:
         device = resolve_device(cfg.device)
         model = lm.load_model(cfg.model, device=str(device))
-        lm.check_hookpoints(model, run.hookpoints)
+        lm.check_hookpoints(model, spliced)
         ctx = contexts(cfg, model.tokenizer)
     n_ctx = n_contexts or (cfg.eval_contexts if cfg else 0)
     results = {}

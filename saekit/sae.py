@@ -299,19 +299,41 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def select_jump(self, xc: torch.Tensor, theta: torch.Tensor, eps: float):
-        """JumpReLU training selection from fp32 pre-activations: the pairs above their latent's
-        theta (`vals, idx [B, w]`, zero-padded), the pairs less than eps/2 below it (`idx, live
-        [B, w']`: their threshold gradient, see `_JumpBelow`) and per latent the count of pairs
-        within eps/2 of theta on either side (`near [m]`, the L0 penalty's gradient)."""
+        """JumpReLU training selection: the pairs above their latent's theta (`vals, idx [B, w]`,
+        zero-padded), the pairs less than eps/2 below it (`idx, live [B, w']`: their threshold
+        gradient, see `_JumpBelow`) and per latent the count of pairs within eps/2 of theta on
+        either side (`near [m]`, the L0 penalty's gradient), all from fp32 pre-activations.
+
+        With a bf16 encoder matmul (CPU), every pair whose bf16 pre-activation lies above
+        theta - eps/2 - delta is rescored in fp32, delta = 2^-7 (|x_c| max_i |W_enc[i]| + max |b_enc|)
+        + 2^-8 theta bounding the bf16 error (inputs and output rounded, fp32 accumulation), so
+        the selection is fp32's."""
         near = torch.zeros(self.n_latents, dtype=xc.dtype, device=xc.device)
+        dt = self._matmul_dtype()
+        rescore = dt != self.W_enc.dtype and not self.W_enc.is_cuda
+        if rescore:
+            w_max = float(self.W_enc.detach().norm(dim=1).max()) + float(self.b_enc.detach().abs().max())
+            slack = eps / 2 + theta / 256
         above, below = [], []
-        for _, pre in self._preacts(xc, self.W_enc.dtype):
-            gap = pre - theta
+        for rows, pre in self._preacts(xc, dt):
+            ids = None
+            if rescore:
+                margin = xc[rows].norm(dim=1, keepdim=True).add_(1.0).mul_(w_max / 128)  # [r, 1]
+                cand = pre > theta - slack - margin
+                live, ids = _pack(cand, cand)
+                pre = backend(xc).gather_dot(ids, self.W_enc, xc[rows]) + self.b_enc[ids]  # fp32 [r, w]
+                pre = pre.masked_fill(~live, float("-inf"))  # padding: never selected
+            else:
+                pre = pre.to(self.W_enc.dtype)
+            gap = pre - (theta if ids is None else theta[ids])
             on = gap > 0
             close = gap.abs() < eps / 2
-            near += close.sum(0)
-            above.append(_pack(on, pre))
-            below.append(_pack(close & ~on, close))
+            if ids is None:
+                near += close.sum(0)
+            else:
+                near.index_add_(0, ids[close], torch.ones_like(ids[close], dtype=near.dtype))
+            above.append(_pack(on, pre, ids))
+            below.append(_pack(close & ~on, close, ids))
         (vals, idx), (live, idx_below) = _cat_padded(above), _cat_padded(below)
         return vals, idx, idx_below, live, near
 
@@ -549,9 +571,10 @@ class Crosscoder(SAE):
         return cc
 
 
-def _pack(mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The entries of `values [R, m]` where `mask`, as zero-padded rows `(vals, ids) [R, w]`
-    (ascending latent ids; w the longest row, at least 1)."""
+def _pack(mask: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of `values [R, n]` where `mask`, as zero-padded rows `(vals, ids) [R, w]` (w the
+    longest row, at least 1); `ids [R, n]` name the columns' latents (default: the column)."""
     rows, cols = mask.nonzero(as_tuple=True)
     counts = mask.sum(1)
     width = max(int(counts.max()) if len(counts) else 0, 1)
@@ -559,7 +582,7 @@ def _pack(mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch
     vals = torch.zeros(mask.shape[0], width, dtype=values.dtype, device=mask.device)
     idx = torch.zeros(mask.shape[0], width, dtype=torch.long, device=mask.device)
     vals[rows, pos] = values[rows, cols]
-    idx[rows, pos] = cols
+    idx[rows, pos] = cols if ids is None else ids[rows, cols]
     return vals, idx
 
 

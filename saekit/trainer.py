@@ -88,7 +88,7 @@ def loss_matryoshka(st: StepState) -> torch.Tensor:
     prefixes are running sums of those partial decodes."""
     sae = st.sae
     ends = torch.tensor(sae.cfg.matryoshka_groups, device=st.idx.device)
-    group = torch.bucketize(st.idx, ends, right=True)  # [b, k] the group of each slot
+    group = torch.bucketize(st.idx.contiguous(), ends, right=True)  # [b, k] the group of each slot
     x_hat, total = sae.b_dec, 0.0
     for g in range(len(ends)):
         x_hat = x_hat + sparse_decode(st.vals * (group == g), st.idx, sae.W_dec)
@@ -200,15 +200,17 @@ class Trainer:
                                   "NaN or Inf" if len(parts) > 1 else f"every activation of hookpoint {name!r} in the "
                                   "initialisation sample is NaN or Inf")
             xs = {n: t[ok] for n, t in xs.items()}
-            for n, t in xs.items():
+            for n, t in xs.items():  # unit RMS; with several parts, of each one's deviations from its mean,
+                t = t - t.mean(0) if len(parts) > 1 else t  # so a large offset does not shrink one part's features
                 self.scales[n] = float(t.pow(2).sum(1).mean().div(dims[n]).sqrt().clamp_min(1e-8))
             m = cfg.n_latents or cfg.expansion * max(dims[n] for n in sources)
             groups = matryoshka_ends(cfg.matryoshka_groups, m) if cfg.architecture == "matryoshka" else None
+            k = min(cfg.k, m) if cfg.architecture == "jumprelu" else cfg.k  # its k: only the starting L0
             if cfg.sources is None:
-                scfg = SAEConfig(dims[name], m, cfg.k, cfg.architecture, hookpoint=name, model=cfg.model,
+                scfg = SAEConfig(dims[name], m, k, cfg.architecture, hookpoint=name, model=cfg.model,
                                  matryoshka_groups=groups, mp_threshold=cfg.mp_threshold)
             else:
-                scfg = SAEConfig(sum(dims[n] for n in sources), m, cfg.k, cfg.architecture, model=cfg.model,
+                scfg = SAEConfig(sum(dims[n] for n in sources), m, k, cfg.architecture, model=cfg.model,
                                  matryoshka_groups=groups, sources=sources, targets=targets,
                                  dims={n: dims[n] for n in parts})
             sae = SAE(scfg, device=device).make_trainable(cfg.jumprelu_bandwidth)

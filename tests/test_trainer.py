@@ -7,7 +7,7 @@ from saekit.activations import ActivationCache, ShuffledBatches, build_cache
 from saekit.config import TrainConfig, load_config, make_config
 from saekit.errors import SaekitError
 from saekit.run import Run
-from saekit.trainer import Trainer, fit, lr_factor
+from saekit.trainer import StepState, Trainer, fit, loss_auxk, lr_factor
 
 
 def planted(n=60_000, d=48, n_feat=192, active=4, seed=0):
@@ -66,7 +66,9 @@ def test_auxk_loss_matches_dense_reference():
     sae = tr.saes["x"].double()
     err = torch.randn(64, 8, dtype=torch.float64)
     dead = torch.tensor([1, 4, 5, 9, 17, 23, 30, 39])
-    loss = tr._aux_loss(sae, x, err, dead)
+    st = StepState(sae, cfg, x, x, None, None, {}, [], len(x), dead, 0, False, x_hat=x - err)  # y - x_hat = err
+    loss_auxk(st)
+    loss = st.extra["aux_loss"]
     grads = torch.autograd.grad(loss, [sae.W_enc, sae.b_enc, sae.W_dec])
     pre = (x - sae.b_dec.detach()) @ sae.W_enc.T + sae.b_enc
     pre_dead = torch.full_like(pre, -torch.inf)
