@@ -79,16 +79,16 @@ def main():
     W = torch.randn(a.m, a.d, device=a.device)
     W /= W.norm(dim=1, keepdim=True)
     G = gram(W)
-    steps = {
-        "topk": make_trainer_step(x, a, "topk"),
-        "mp": make_trainer_step(x, a, "mp"),
-        "plain": make_plain(x, a),
-        "matmul": lambda: x @ W.T,
-        "gram": lambda: gram(W),
-        "select": lambda: mp_pursue(x, W, a.k, G=G),
-        "select-dense": torch.no_grad()(lambda: mp_reference(x, W, a.k)),
+    makers = {  # built only when timed
+        "topk": lambda: make_trainer_step(x, a, "topk"),
+        "mp": lambda: make_trainer_step(x, a, "mp"),
+        "plain": lambda: make_plain(x, a),
+        "matmul": lambda: lambda: x @ W.T,
+        "gram": lambda: lambda: gram(W),
+        "select": lambda: lambda: mp_pursue(x, W, a.k, G=G),
+        "select-dense": lambda: torch.no_grad()(lambda: mp_reference(x, W, a.k)),
     }
-    steps = {n: f for n, f in steps.items() if n not in a.skip.split(",")}
+    steps = {n: make() for n, make in makers.items() if n not in a.skip.split(",")}
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     times = {n: [] for n in steps}
     print(f"d {a.d}, m {a.m}, k {a.k}, batch {a.batch}, {a.device}, threads {torch.get_num_threads()}, "
