@@ -31,6 +31,7 @@ from saekit.runtime import resolve_device
 from saekit.sae import SAE, Crosscoder, SAEConfig, jumprelu_l0
 
 INIT_SAMPLE = 16_384  # tokens for b_dec's geometric median and the input scale
+JUMPRELU_THRESHOLD_LR = 10.0  # JumpReLU's log-threshold learning rate, relative to lr (see Trainer)
 # Out-of-memory errors of the devices (torch < 2.5 has only the CUDA one); a CPU allocation
 # failure is a RuntimeError ("can't allocate memory"), checked by message in `run_steps`.
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -226,7 +227,12 @@ class Trainer:
                 sae.batch_cut = dist.batch_cut
             self.saes[name] = sae
             lr = cfg.lr or 2e-4 / math.sqrt(m / 2**14)
-            self.opts[name] = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10, fused=True)
+            # Adam moves log(theta) by about lr per step: JUMPRELU_THRESHOLD_LR times that lets the
+            # thresholds travel in runs of hundreds of steps, not only hundreds of thousands
+            groups = [{"params": [p for n, p in sae.named_parameters() if n != "log_threshold"]}]
+            if hasattr(sae, "log_threshold"):
+                groups.append({"params": [sae.log_threshold], "lr": lr * JUMPRELU_THRESHOLD_LR})
+            self.opts[name] = torch.optim.Adam(groups, lr=lr, eps=6.25e-10, fused=True)
             self.stats[name] = {
                 "tokens_since_fired": torch.zeros(m, dtype=torch.long, device=device),
                 "first_fired": torch.full((m,), -1, dtype=torch.long, device=device),
