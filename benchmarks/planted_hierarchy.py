@@ -120,7 +120,8 @@ def write(rows, a, d, parents, children, independent):
         f"d {d}; {parents} parents with {children} children each (a child only with its parent, one at a "
         f"time) and {independent} independent features: {n_feat} directions, 64 latents. A token with a "
         f"child holds ~{active_child:.1f} active features, so k=2 binds and k=6 is loose. Mean over "
-        f"{a.seeds} seeds, range in brackets. `parent|child`: how often the latent closest to a parent "
+        f"{a.seeds} seed{'s' * (a.seeds > 1)}, range in brackets. `parent|child`: how often the latent "
+        "closest to a parent "
         "fires on its children's tokens (1 = no absorption); `parent|alone`: on the parent's tokens "
         "without a child; `recovery`: best decoder cosine of each planted direction (mean, and the "
         "worst one); JumpReLU has no k (l0_coeff 1e-3).",
