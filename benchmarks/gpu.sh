@@ -32,3 +32,8 @@ for arch in topk batchtopk; do
     python3 benchmarks/bench_step.py --device cuda --only saekit --profile --architecture $arch \
         --d 2304 --m 65536 --k 32 --batch 16384 > "$LOGS/profile_$arch.txt" 2>&1
 done
+# matching pursuit: its tests on the GPU, then its step against TopK and the plain unrolled loop
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_pursuit.py 2>&1 | tee "$LOGS/pytest_mp.txt" | tail -n 5
+python3 benchmarks/bench_mp.py --device cuda --reps 10 2>&1 | tee "$LOGS/mp.txt"
+python3 benchmarks/bench_mp.py --device cuda --reps 5 --d 2304 --m 65536 --batch 16384 --skip plain,select-dense \
+    2>&1 | tee -a "$LOGS/mp.txt"

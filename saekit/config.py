@@ -37,8 +37,9 @@ class TrainConfig:
     # -- the dictionary ------------------------------------------------------------------
     # topk: k per token | batchtopk: k*B per batch (Bussmann et al. 2024) | matryoshka: BatchTopK codes,
     # nested prefixes each reconstruct (Bussmann et al. 2025) | jumprelu: learned per-latent thresholds
-    # with an L0 penalty (Rajamanoharan et al. 2024)
-    architecture: Literal["topk", "batchtopk", "matryoshka", "jumprelu"] = "topk"
+    # with an L0 penalty (Rajamanoharan et al. 2024) | mp: k matching-pursuit steps over a tied
+    # dictionary (Costa et al. 2025)
+    architecture: Literal["topk", "batchtopk", "matryoshka", "jumprelu", "mp"] = "topk"
     expansion: int = 16  # n_latents = expansion * d_in (the widest source's) unless n_latents is set
     n_latents: int | None = None
     k: int = 32  # latents per token; jumprelu: the initial L0 only (thresholds start at each latent's k/m quantile)
@@ -46,6 +47,7 @@ class TrainConfig:
     matryoshka_groups: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5, 1.0])
     l0_coeff: float = 1e-3  # jumprelu: weight of the L0 (active latents per token) next to the FVU loss
     jumprelu_bandwidth: float = 0.01  # jumprelu: straight-through rectangle width, in unit-RMS input units
+    mp_threshold: float | None = None  # mp: stop a token once its residual norm is below this (unit-RMS units)
     # one dictionary over several activations instead of one SAE per hookpoint: the hookpoints it reads
     # (sources) and writes (targets; null = the sources). A crosscoder: several layers as both; a
     # transcoder: sources [mlp input], targets [mlp output]. hookpoints becomes sources + targets.
@@ -106,6 +108,7 @@ _RULES: list[tuple[str, typing.Callable, str]] = [
      "increasing fractions of n_latents (ending at 1.0) or increasing sizes (ending at n_latents)"),
     ("l0_coeff", lambda v, c: v >= 0, ">= 0"),
     ("jumprelu_bandwidth", lambda v, c: v > 0, "> 0"),
+    ("mp_threshold", lambda v, c: v >= 0 and c.architecture == "mp", ">= 0, with architecture mp"),
     ("sources", lambda v, c: _names_ok(v), "a non-empty list of distinct names (hookpoint, model:hookpoint or "
      "model@revision:hookpoint)"),
     ("targets", lambda v, c: c.sources is not None and _names_ok(v), "a non-empty list of distinct names, with "

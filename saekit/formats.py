@@ -235,6 +235,10 @@ def export_sae_lens(cfg: dict, tensors: dict[str, torch.Tensor], path: Path) -> 
         arch = "standard"
     elif c.architecture == "jumprelu":
         arch, weights["threshold"] = "jumprelu", t["threshold"]
+    elif c.architecture == "mp":
+        raise SaekitError("a matching-pursuit SAE has no SAELens equivalent: SAELens's matching_pursuit runs until "
+                          "a token's support stops changing (its first repeated latent) or its residual is small, "
+                          "saekit's runs k steps and accumulates repeats, so the codes would differ")
     elif c.threshold is not None:  # batchtopk at inference: every pre-activation above one threshold
         arch, weights["threshold"] = "jumprelu", torch.full((c.n_latents,), float(c.threshold))
     else:

@@ -13,8 +13,9 @@ its exact arithmetic and its file layout (cfg.json + sae.safetensors with W_enc/
 
 How each architecture picks a row's latents is one table, `RULES`: TopK, BatchTopK, Matryoshka
 (BatchTopK codes; its nested-prefix loss lives in saekit.trainer), JumpReLU (trained with a
-straight-through estimator, Rajamanoharan et al. 2024) and ReLU (loaded from other tools,
-inference only). Codes are sparse (`values [B, k]`, `indices [B, k]`, zero values are padding),
+straight-through estimator, Rajamanoharan et al. 2024), matching pursuit (`mp`: k
+residual-guided steps over the tied decoder, Costa et al. 2025) and ReLU (loaded from other
+tools, inference only). Codes are sparse (`values [B, k]`, `indices [B, k]`, zero values are padding),
 so no step ever builds a dense [batch, m] latent tensor beyond the encoder matmul itself.
 """
 
@@ -35,6 +36,7 @@ from saekit.errors import SaekitError
 from saekit.formats import detect, export
 from saekit.io import atomic_write
 from saekit.kernels import backend, row_topk, selected_preacts, sparse_decode
+from saekit.kernels.pursuit import distinct, gram, mp_pursue, mp_values
 from saekit.runtime import BF16_RESCORE, ENCODER_PATHS, cpu_encoder_path
 
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -66,6 +68,8 @@ class SAEConfig:
     # per source/target: the factor its weights were scaled by when the training units were folded
     # out (activations / scale are the training units; see `fold_input_scales`)
     part_scales: dict[str, float] | None = None
+    # matching pursuit: stop a token's pursuit once its residual norm falls below this (input units)
+    mp_threshold: float | None = None
 
     def __post_init__(self):
         if self.d_in < 1:
@@ -80,6 +84,12 @@ class SAEConfig:
             g = self.matryoshka_groups
             if not (g and all(a < b for a, b in zip([0] + g, g, strict=False)) and g[-1] == self.n_latents):
                 raise SaekitError(f"matryoshka_groups must increase and end at n_latents={self.n_latents}, got {g}")
+        if self.mp_threshold is not None and not (self.architecture == "mp" and self.mp_threshold >= 0):
+            raise SaekitError(f"mp_threshold must be >= 0 and is for architecture 'mp', got {self.mp_threshold!r} "
+                              f"with {self.architecture!r}")
+        if self.architecture == "mp" and self.sources is not None:
+            raise SaekitError("architecture 'mp' is a tied SAE of one hookpoint (its encoder is its decoder); "
+                              "crosscoders and transcoders are not supported")
         if self.sources is not None:
             self.targets = list(self.targets or self.sources)
             dims = self.dims or {}
@@ -415,6 +425,8 @@ class SAE(nn.Module):
         self.b_enc.mul_(sigma)
         if self.cfg.threshold is not None:
             self.cfg.threshold *= sigma
+        if self.cfg.mp_threshold is not None:
+            self.cfg.mp_threshold *= sigma
         if self.cfg.architecture == "jumprelu":
             self.threshold.mul_(sigma)
             if hasattr(self, "log_threshold"):
@@ -428,6 +440,8 @@ class SAE(nn.Module):
         """Unit-norm decoder rows; for several targets the stacked row (sum over targets of the
         squared norms = 1), so each target's share of a latent is free (Lindsey et al. 2024)."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        if self.cfg.architecture == "mp":  # tied: the stored encoder is the decoder
+            self.W_enc.copy_(self.W_dec)
 
     # -- files ----------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -690,6 +704,22 @@ def _encode_selected(select):
     return encode
 
 
+def encode_mp(sae: SAE, x: torch.Tensor, aux: dict | None) -> SparseCode:
+    """Matching pursuit over the tied dictionary W_dec (Costa et al. 2025; saekit.kernels.pursuit):
+    k steps from r = x - b_dec, or fewer once a residual falls below `mp_threshold`. The selection
+    runs without grad; with grad, the values are the pursuit's solve, differentiable in x, b_dec
+    and every chosen row."""
+    W, xc = sae.W_dec, x.to(sae.W_dec.dtype) - sae.b_dec
+    key = (W.data_ptr(), W._version)  # the Gram matrix holds while W is unchanged (evaluation)
+    if getattr(sae, "_gram", (None,))[0] != key:
+        sae._gram = (key, gram(W.detach()))
+    G = sae._gram[1]
+    order, coeffs = mp_pursue(xc.detach(), W.detach(), sae.k, sae.cfg.mp_threshold, G)
+    if torch.is_grad_enabled():
+        return SparseCode(*mp_values(xc, W, order, G))
+    return SparseCode(*distinct(coeffs, order))
+
+
 class Rule(NamedTuple):
     encode: Callable  # (sae, x [B, d_in], aux dict | None) -> SparseCode
     trainable: bool
@@ -701,7 +731,9 @@ RULES = {
     "batchtopk": Rule(_encode_selected(_select_batchtopk), True),
     "matryoshka": Rule(_encode_selected(_select_batchtopk), True),  # BatchTopK codes, nested-prefix loss
     "jumprelu": Rule(encode_jumprelu, True),
+    "mp": Rule(encode_mp, True),  # tied matching pursuit; AuxK: dead rows' correlations with the residual
     "relu": Rule(_encode_selected(lambda sae, xc: sae.select_threshold(xc, 0.0)), False),
 }
 TRAINABLE = tuple(a for a, r in RULES.items() if r.trainable)
-_OPTIONAL = ("matryoshka_groups", "sources", "targets", "dims", "part_scales")  # omitted from cfg.json when unset
+# omitted from cfg.json when unset
+_OPTIONAL = ("matryoshka_groups", "sources", "targets", "dims", "part_scales", "mp_threshold")

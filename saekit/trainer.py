@@ -111,7 +111,9 @@ def loss_ortho(st: StepState) -> torch.Tensor | None:
 
 def loss_auxk(st: StepState) -> torch.Tensor | None:
     """AuxK (Gao et al. 2024): reconstruct the residual from the top-k_aux dead latents (no b_dec),
-    weight auxk_alpha, scaled by min(n_dead / k_aux, 1); none while nothing is dead."""
+    weight auxk_alpha, scaled by min(n_dead / k_aux, 1); none while nothing is dead. Dead latents
+    are ranked by their encoder pre-activations, or for the tied `mp` by their decoder rows'
+    correlations with the residual (as one more pursuit step would)."""
     cfg, sae, dead = st.cfg, st.sae, st.dead
     if not len(dead) or cfg.auxk_alpha <= 0:
         return None
@@ -121,11 +123,13 @@ def loss_auxk(st: StepState) -> torch.Tensor | None:
     else:
         denom = (err - err.mean(0)).pow(2).sum()
     k_aux = cfg.k_aux or sae.d_in // 2
-    c = sae.centre().detach()
-    W, b = sae.W_enc[dead], sae.b_enc[dead]
+    if sae.cfg.architecture == "mp":  # tied pursuit: the dead rows' correlations with the residual itself
+        x, c, W, b = err, torch.zeros_like(sae.b_dec), sae.W_dec[dead], err.new_zeros(len(dead))
+    else:
+        x, c, W, b = st.x, sae.centre().detach(), sae.W_enc[dead], sae.b_enc[dead]
     with torch.no_grad():
-        vals, idx = torch.addmm(b, st.x - c, W.T).topk(min(k_aux, len(dead)), dim=1, sorted=False)
-    vals = selected_preacts(st.x, c, W, b, idx, vals).relu()
+        vals, idx = torch.addmm(b, x - c, W.T).topk(min(k_aux, len(dead)), dim=1, sorted=False)
+    vals = selected_preacts(x, c, W, b, idx, vals).relu()
     err_hat = sparse_decode(vals, dead[idx], sae.W_dec)
     scale = min(len(dead) / k_aux, 1.0)
     aux = scale * (err_hat - err).pow(2).sum() / denom.clamp_min(1e-12)
@@ -148,6 +152,7 @@ LOSSES = {
     "batchtopk": (loss_fvu, loss_ortho, loss_auxk),
     "matryoshka": (loss_matryoshka, loss_ortho, loss_auxk),
     "jumprelu": (loss_fvu, loss_ortho, loss_l0),
+    "mp": (loss_fvu, loss_ortho, loss_auxk),
 }
 
 
@@ -208,7 +213,7 @@ class Trainer:
             k = min(cfg.k, m) if cfg.architecture == "jumprelu" else cfg.k  # its k: only the starting L0
             if cfg.sources is None:
                 scfg = SAEConfig(dims[name], m, k, cfg.architecture, hookpoint=name, model=cfg.model,
-                                 matryoshka_groups=groups, encoder_path=path)
+                                 matryoshka_groups=groups, encoder_path=path, mp_threshold=cfg.mp_threshold)
             else:
                 scfg = SAEConfig(sum(dims[n] for n in sources), m, k, cfg.architecture, model=cfg.model,
                                  matryoshka_groups=groups, sources=sources, targets=targets,

@@ -244,6 +244,7 @@ def _steps(cache, cfg, steps, run_dir=None, resume_from=None):
 
 @pytest.mark.parametrize("values", [
     {"architecture": "jumprelu", "hookpoints": ["a"]},
+    {"architecture": "mp", "hookpoints": ["a"]},
     {"architecture": "matryoshka", "hookpoints": ["a"], "matryoshka_groups": [0.25, 1.0]},
     {"architecture": "topk", "sources": ["a", "b"]},
     {"architecture": "batchtopk", "sources": ["a"], "targets": ["b"]},

@@ -117,7 +117,7 @@ def _two_process_jobs(root: str, total: int) -> dict:
     return out
 
 
-ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu")
+ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "mp")
 
 
 def test_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):

@@ -4,6 +4,7 @@ Triton is an optional extra (`saekit[gpu]`): nothing on the CPU path imports it.
 `sparse_decode` and `selected_preacts` are the only places a training step touches the
 latent dimension after the encoder matmul: both cost O(B * k * d), never O(B * m * d).
 Set `SAEKIT_KERNELS=torch` to force the torch path on a GPU (for comparison or debugging).
+Matching pursuit (the `mp` architecture) has its own selection and solve: `saekit.kernels.pursuit`.
 """
 
 import os
