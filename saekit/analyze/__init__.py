@@ -13,8 +13,11 @@ from saekit.analyze.geometry import (
     lobes,
     multidim_features,
 )
+from saekit.analyze.supervised import SupervisedDictionary, supervised_dictionary
+from saekit.analyze.task import TaskEvalResult, task_eval
 from saekit.analyze.universality import UniversalityResult, universality
 
-__all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult", "UniversalityResult",
-           "absorption", "collapse", "crystals", "dead", "decoder_collapse", "geometry", "geometry_bundle", "lobes",
-           "multidim_features", "universality"]
+__all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult", "SupervisedDictionary",
+           "TaskEvalResult", "UniversalityResult", "absorption", "collapse", "crystals", "dead", "decoder_collapse",
+           "geometry", "geometry_bundle", "lobes", "multidim_features", "supervised_dictionary", "task_eval",
+           "universality"]
