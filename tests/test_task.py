@@ -143,3 +143,55 @@ def test_bad_inputs_are_refused(tmp_path, capsys):
     planted_sae().save(tmp_path / "sae")
     assert cli.main(["analyze", "task", str(tmp_path / "sae"), "--task", "nope", "--quiet"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+HOOK = "blocks.2.hook_resid_post"
+
+
+def test_ioi_prompts_on_the_offline_tokenizer(smollm2):
+    from saekit.analyze import ioi
+
+    tok = smollm2.tokenizer
+    train, test = ioi.names(tok, "train"), ioi.names(tok, "test")
+    assert not set(train) & set(test) and len(test) >= 4
+    assert all(len(tok.encode(" " + n, add_special_tokens=False)) == 1 for n in train + test)
+    p = ioi.ioi_prompts(tok, 12, seed=3, split="test")
+    assert set(p.labels.io) <= set(test) and (p.labels.io != p.labels.s).all()
+    assert set(ioi.ioi_prompts(tok, len(train), seed=5).labels.s) == set(train)  # balanced: every name as S
+    r = torch.arange(12)
+    assert (p.tokens[r, p.where["io"]] == p.answer).all() and (p.tokens[r, p.where["s2"]] == p.distractor).all()
+    assert (p.tokens[r, p.where["s1"]] == p.distractor).all() and (p.where["s1"] < p.where["s2"]).all()
+    abb = torch.tensor((p.labels.order == "ABB").to_numpy())
+    assert ((p.where["io"] < p.where["s1"]) == abb).all()
+    sw = ioi.counterfactuals(tok, p, "swap")
+    assert (sw.answer == p.distractor).all() and (sw.labels.template == p.labels.template).all()
+    with pytest.raises(SaekitError, match="unknown IOI edit"):
+        ioi.counterfactuals(tok, p, "nope")
+
+
+def test_logits_at_matches_logprobs_with_a_replacement(smollm2):
+    from saekit.analyze import ioi
+    from saekit.model import logits_at, logprobs
+
+    p = ioi.ioi_prompts(smollm2.tokenizer, 2, seed=4)
+
+    def halve(act):
+        return act * 0.5
+
+    r = torch.arange(2)
+    ref = logprobs(smollm2, p.tokens, HOOK, halve)[r, p.where["end"]]
+    got = logits_at(smollm2, p.tokens, p.where["end"], HOOK, halve).log_softmax(-1)
+    assert torch.allclose(got, ref, atol=1e-3)
+    assert not torch.allclose(logits_at(smollm2, p.tokens, p.where["end"]).log_softmax(-1), ref, atol=1e-2)
+
+
+def test_task_eval_on_the_offline_model(smollm2, tmp_path):
+    from saekit.analyze import task_eval
+
+    sae = SAE(SAEConfig(d_in=576, n_latents=256, k=8, hookpoint=HOOK, model="smollm2-135m")).eval()
+    res = task_eval(sae, model=smollm2, n_fit=48, n_eval=4, n_pairs=2, max_edits=1).to_dict()
+    r = res["hookpoints"][HOOK]
+    ap = {row["dictionary"]: row for row in r["approximation"]}
+    assert ap["clean"]["recovered"] == 1 and ap["mean ablation"]["recovered"] == 0 and ap["clean"]["kl"] < 1e-4
+    assert {"sae", "supervised"} <= set(ap) and set(r["control"]) == {"io", "swap"}
+    assert {row["attribute"] for row in r["attributes"]} == {"io", "s", "order"}

@@ -90,15 +90,20 @@ def render(tokenizer, labels: pd.DataFrame) -> IOIPrompts:
 
 
 def ioi_prompts(tokenizer, n: int, seed: int = 0, split: str = "train") -> IOIPrompts:
-    """`n` IOI prompts: templates, names (two distinct, from the `split` of `names`), places,
-    objects and orders drawn uniformly with `seed`."""
+    """`n` IOI prompts: templates, places, objects and orders drawn uniformly with `seed`; names
+    (two distinct, from the `split` of `names`) balanced: every run of len(pool) prompts names
+    each name once as IO and once as S (so a supervised dictionary fitted on n >= len(pool)
+    prompts has a vector for every name), in shuffled order."""
     pool = names(tokenizer, split)
     rng = random.Random(seed)
     rows = []
-    for _ in range(n):
-        io, s = rng.sample(pool, 2)
+    for i in range(n):
+        if i % len(pool) == 0:
+            shift = rng.randrange(1, len(pool))
+        io, s = pool[i % len(pool)], pool[(i + shift) % len(pool)]
         rows.append({"io": io, "s": s, "order": rng.choice(("ABB", "BAB")), "template": rng.randrange(len(TEMPLATES)),
                      "place": rng.choice(PLACES), "object": rng.choice(OBJECTS)})
+    rng.shuffle(rows)
     return render(tokenizer, pd.DataFrame(rows))
 
 
@@ -138,7 +143,8 @@ def subset(prompts: IOIPrompts, rows: torch.Tensor) -> IOIPrompts:
 @torch.no_grad()
 def task_figure(model, prompts: IOIPrompts, batch_size: int = 32) -> dict:
     """The model's IOI figure: mean (and std) logit difference IO - S at the last position, the
-    share of prompts with IO above S, and the share where IO is the top token of the vocabulary."""
+    share of prompts with IO above S, the share where IO is the top token of the vocabulary, and
+    each prompt's logit difference (`per_prompt`)."""
     lds, top = [], []
     for s in range(0, len(prompts), batch_size):
         rows = torch.arange(s, min(s + batch_size, len(prompts)))
@@ -148,7 +154,7 @@ def task_figure(model, prompts: IOIPrompts, batch_size: int = 32) -> dict:
         top.append(lp.argmax(1) == prompts.answer[rows])
     ld, top = torch.cat(lds), torch.cat(top)
     return {"prompts": len(prompts), "logit_diff": float(ld.mean()), "logit_diff_std": float(ld.std()),
-            "accuracy": float((ld > 0).float().mean()), "top1": float(top.float().mean())}
+            "accuracy": float((ld > 0).float().mean()), "top1": float(top.float().mean()), "per_prompt": ld.tolist()}
 
 
 @torch.no_grad()

@@ -280,9 +280,11 @@ class DictionaryComparison(Result):
 
 def compare(readout: Readout, acts: torch.Tensor, labels: pd.DataFrame, answer: torch.Tensor,
             distractor: torch.Tensor, sup: SupervisedDictionary, sae: SAE | None = None,
-            pairs: dict[str, torch.Tensor] | None = None, max_edits: int = 64) -> DictionaryComparison:
+            pairs: dict[str, torch.Tensor] | None = None, max_edits: int = 64,
+            interp: tuple[torch.Tensor, pd.DataFrame] | None = None) -> DictionaryComparison:
     """Approximation, control (for each named set of counterfactual `pairs`) and interpretability
-    of `sae` next to `sup` on held-out `acts [N, d]` with their `labels` (`sup` fitted on others)."""
+    of `sae` next to `sup` on held-out `acts [N, d]` with their `labels` (`sup` fitted on others).
+    `interp`: other (activations, labels) to measure interpretability on (e.g. a larger set)."""
     attrs = sup.attributes
     with torch.no_grad():
         recs = {"supervised": sup.reconstruct(labels[attrs]).to(acts.dtype)}
@@ -292,6 +294,7 @@ def compare(readout: Readout, acts: torch.Tensor, labels: pd.DataFrame, answer: 
     approx = approximation(readout, acts, answer, distractor, recs, clean)
     ctrl = {name: control(readout, acts, labels[attrs], answer, distractor, p, sae, sup, max_edits, clean)
             for name, p in (pairs or {}).items()}
-    values, per = interpretability(sae, acts, labels[attrs]) if sae is not None else (None, None)
+    ia, il = interp if interp is not None else (acts, labels)
+    values, per = interpretability(sae, ia, il[attrs]) if sae is not None else (None, None)
     return DictionaryComparison(approx, ctrl, values, per, {"precision": PRECISION, "recall": RECALL,
                                                            "piece_recall": PIECE_RECALL, "max_edits": max_edits})

@@ -4,8 +4,10 @@ approximation, control and interpretability (`saekit.analyze.supervised`). The t
 prompts, attributes, counterfactual edits and the model readout; IOI (`saekit.analyze.ioi`) is
 the one task so far.
 
-The supervised dictionary is fitted on `n_fit` prompts; every axis is measured on `n_eval`
-other prompts plus, for each edit, counterfactuals of the first `n_pairs` of them.
+The supervised dictionary is fitted on `n_fit` prompts; approximation and control are measured
+on `n_eval` other prompts plus, for each edit, counterfactuals of the first `n_pairs` of them;
+interpretability (which concerns the SAE alone) on the `n_fit` prompts, which give each name
+about n_fit / 24 examples.
 """
 
 import time
@@ -88,7 +90,7 @@ def task_eval(sae_or_run, task: str = "ioi", hookpoint: str | None = None, posit
         sup = supervised_dictionary(fit_acts[h, position], fit.labels[list(ioi.ATTRIBUTES)])
         read = ioi.readout(lm, every, h, position)
         res = compare(read, ev_acts[h, position], every.labels, every.answer, every.distractor, sup, sae.cpu(), pairs,
-                      max_edits)
+                      max_edits, interp=(fit_acts[h, position], fit.labels))
         out[h] = res.to_dict()
         if progress:
             print(f"{h}: done ({time.perf_counter() - t0:.0f} s)")
@@ -101,8 +103,9 @@ def markdown(res: dict) -> str:
     """The result of `task_eval(...).to_dict()` as markdown tables, one section per hookpoint."""
     s = res["settings"]
     lines = [f"# Task evaluation: {res['task']} on {res['model']} (position {res['position']})", "",
-             f"Supervised dictionary fitted on {s['n_fit']} prompts; axes measured on {s['n_eval']} others plus "
-             f"{s['n_pairs']} counterfactuals per edit ({', '.join(s['edits'])}); {res['wall_time_s']:.0f} s.", ""]
+             f"Supervised dictionary fitted on {s['n_fit']} prompts (interpretability measured on them too); "
+             f"approximation and control on {s['n_eval']} others plus {s['n_pairs']} counterfactuals per edit "
+             f"({', '.join(s['edits'])}); {res['wall_time_s']:.0f} s.", ""]
     for h, r in res["hookpoints"].items():
         th = r["thresholds"]
         lines += [f"## {h}", "", "Approximation (logit difference IO - S at the answer position; recovered = share "
