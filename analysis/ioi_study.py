@@ -84,7 +84,9 @@ def write_md(res: dict, argv: list[str]) -> None:
         if r := res.get(part):
             md = markdown(r["eval"]).replace("# Task evaluation", "### Task evaluation").replace("\n## ", "\n#### ")
             lines += [f"## {title}", "", *(f"{k}: {v}" for k, v in r.get("info", {}).items()), "", md, ""]
-    lines += ["## Wall time (s)", "", md_table([{"part": k, "seconds": v} for k, v in res["wall_time_s"].items()]), ""]
+    cpu = res.get("cpu_time_s", {})
+    lines += ["## Time (s; CPU = this process's CPU time over all threads, not recorded for the first parts)", "",
+              md_table([{"part": k, "wall": v, "CPU": cpu.get(k, "")} for k, v in res["wall_time_s"].items()]), ""]
     atomic_write(OUT / "ioi.md", lambda p: p.write_text("\n".join(lines)))
 
 
@@ -108,7 +110,7 @@ def main():
         if part in res:
             print(f"{part}: done before, skipped")
             continue
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if part == "figure":
             res[part] = figure(lm, args.figure_prompts)
         elif part == "probes":
@@ -127,10 +129,11 @@ def main():
                                   "SAE": "TopK, 2,304 latents, k 16, 20 epochs, batch 512"}, "eval": ev.to_dict()}
         else:
             sys.exit(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
-        wall = round(time.perf_counter() - t0, 1)
+        wall, cpu = round(time.perf_counter() - t0, 1), round(time.process_time() - c0, 1)
         if file.exists():  # parts may run in separate processes: keep what the others wrote
             res = {**json.loads(file.read_text()), part: res[part]}
         res["wall_time_s"][part] = wall
+        res.setdefault("cpu_time_s", {})[part] = cpu
         atomic_write(file, lambda p: p.write_text(json.dumps(res, indent=1)))  # noqa: B023
         write_md(res, argv)
         print(f"{part}: {res['wall_time_s'][part]:.0f} s")

@@ -35,6 +35,7 @@ class TaskEvalResult(Result):
     hookpoints: dict  # hookpoint -> DictionaryComparison.to_dict()
     settings: dict  # prompt counts, seed, thresholds
     wall_time_s: float
+    cpu_time_s: float  # this process's CPU time (all threads): what a shared machine's load does not inflate
 
 
 def _saes(sae_or_run, hookpoint: str | None) -> tuple[list[tuple[str, SAE]], str | None]:
@@ -56,7 +57,7 @@ def task_eval(sae_or_run, task: str = "ioi", hookpoint: str | None = None, posit
     the supervised dictionary at its hookpoint, on `task`. `model`: a loaded model or a name
     (default: the one the SAEs were trained on). `position`: the prompt position whose
     activation is read and replaced (IOI: end, io, s1, s2)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if task not in TASKS:
         raise SaekitError(f"unknown task {task!r}; saekit knows: {', '.join(TASKS)}")
     if position not in ioi.POSITIONS:
@@ -96,7 +97,8 @@ def task_eval(sae_or_run, task: str = "ioi", hookpoint: str | None = None, posit
             print(f"{h}: done ({time.perf_counter() - t0:.0f} s)")
     return TaskEvalResult(task, name or type(lm).__name__, position, out,
                           {"n_fit": n_fit, "n_eval": n_eval, "n_pairs": n_pairs, "seed": seed, "edits": list(ioi.EDITS),
-                           "max_edits": max_edits}, round(time.perf_counter() - t0, 1))
+                           "max_edits": max_edits}, round(time.perf_counter() - t0, 1),
+                          round(time.process_time() - c0, 1))
 
 
 def markdown(res: dict) -> str:
@@ -105,7 +107,7 @@ def markdown(res: dict) -> str:
     lines = [f"# Task evaluation: {res['task']} on {res['model']} (position {res['position']})", "",
              f"Supervised dictionary fitted on {s['n_fit']} prompts (interpretability measured on them too); "
              f"approximation and control on {s['n_eval']} others plus {s['n_pairs']} counterfactuals per edit "
-             f"({', '.join(s['edits'])}); {res['wall_time_s']:.0f} s.", ""]
+             f"({', '.join(s['edits'])}); {res['wall_time_s']:.0f} s wall, {res['cpu_time_s']:.0f} s CPU.", ""]
     for h, r in res["hookpoints"].items():
         th = r["thresholds"]
         lines += [f"## {h}", "", "Approximation (logit difference IO - S at the answer position; recovered = share "
