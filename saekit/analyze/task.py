@@ -107,7 +107,8 @@ def markdown(res: dict) -> str:
     lines = [f"# Task evaluation: {res['task']} on {res['model']} (position {res['position']})", "",
              f"Supervised dictionary fitted on {s['n_fit']} prompts (interpretability measured on them too); "
              f"approximation and control on {s['n_eval']} others plus {s['n_pairs']} counterfactuals per edit "
-             f"({', '.join(s['edits'])}); {res['wall_time_s']:.0f} s wall, {res['cpu_time_s']:.0f} s CPU.", ""]
+             f"({', '.join(s['edits'])}); {res['wall_time_s']:.0f} s wall"
+             + (f", {res['cpu_time_s']:.0f} s CPU." if "cpu_time_s" in res else "."), ""]
     for h, r in res["hookpoints"].items():
         th = r["thresholds"]
         lines += [f"## {h}", "", "Approximation (logit difference IO - S at the answer position; recovered = share "
