@@ -96,6 +96,20 @@ def _eval(args, extra):
 def _analyze(args, extra):
     from saekit.analyze.report import ANALYSES, analyze_run
 
+    if args.analysis == "task":
+        from saekit.analyze.task import markdown, task_eval
+        from saekit.io import atomic_write
+        from saekit.run import Run
+
+        res = task_eval(args.run, args.task, hookpoint=args.hookpoint, position=args.position, model=args.model,
+                        n_eval=args.prompts, n_pairs=min(args.pairs, args.prompts), progress=not args.quiet).to_dict()
+        run = Run.open(args.run)
+        run.write_json(f"analysis/task_{args.task}.json", res)
+        md = markdown(res)
+        atomic_write(run.analysis_dir / f"task_{args.task}.md", lambda p: p.write_text(md))
+        print(md)
+        return
+
     analyze_run(args.run, ANALYSES if args.analysis == "all" else (args.analysis,), hookpoint=args.hookpoint,
                 activations=args.activations, tokens=args.tokens, words=args.words, f1_threshold=args.f1_threshold,
                 min_letters=args.min_letters, model=args.model, quiet=args.quiet, against=args.against)
@@ -291,7 +305,9 @@ ANALYSES_HELP = """analyses:
   geometry    the decoder's covariance spectrum and its power law, co-occurrence lobes, multi-
               dimensional features and crystals (Li et al. 2024, "The Geometry of Concepts")
   all         every one of them, plus RUN/analysis/report.md and PNG plots (absorption is skipped,
-              with a note, for an SAE that names no model)"""
+              with a note, for an SAE that names no model)
+  task        a task evaluation against supervised dictionaries (Makelov et al. 2025; --task ioi):
+              approximation, control and interpretability of each SAE next to the supervised one"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,10 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="model for the downstream loss of a bare SAE folder")
     e.set_defaults(func=_eval)
 
-    a = sub.add_parser("analyze", help="dead/dense latents, collapse, absorption, feature geometry of a run's SAEs "
-                                       "(writes RUN/analysis/)", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=ANALYSES_HELP)
-    a.add_argument("analysis", choices=["dead", "collapse", "absorption", "geometry", "all"],
+    a = sub.add_parser("analyze", help="dead/dense latents, collapse, absorption, feature geometry of a run's SAEs, "
+                                       "or a task evaluation against supervised dictionaries (writes RUN/analysis/)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ANALYSES_HELP)
+    a.add_argument("analysis", choices=["dead", "collapse", "absorption", "geometry", "all", "task"],
                    help="which analysis (each is described below)")
     a.add_argument("run", help="a run folder or a bare SAE folder")
     a.add_argument("--hookpoint", default=None, help="analyse only this hookpoint of the run")
@@ -346,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--min-letters", type=int, default=20, help="absorption: letters that must pass the probe")
     a.add_argument("--against", default=None, help="another run of the same config (e.g. --seed 1): add the seed "
                                                    "stability of each hookpoint against it")
+    a.add_argument("--task", default="ioi", help="task: the task (ioi: indirect object identification)")
+    a.add_argument("--position", default="end", help="task: prompt position read and replaced (ioi: end, io, s1, s2)")
+    a.add_argument("--prompts", type=int, default=64, help="task: held-out prompts the axes are measured on")
+    a.add_argument("--pairs", type=int, default=16, help="task: counterfactual pairs per edit")
     a.set_defaults(func=_analyze)
 
     mt = sub.add_parser("match", usage="saekit match A B [options] | saekit match RUN --chain [options]",

@@ -246,3 +246,38 @@ def logprobs(model, tokens: torch.Tensor, hookpoint: str | None = None,
     with torch.inference_mode():
         logits = model.run_with_hooks(tokens.to(device), fwd_hooks=hooks)
     return logits.float().log_softmax(-1)
+
+
+def logits_at(model, tokens: torch.Tensor, at: torch.Tensor, hookpoint: str | None = None,
+              replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Next-token logits `[n, vocab]` at one position per row (`at [n]`) of `tokens [n, ctx]`,
+    optionally with the activation at `hookpoint` replaced by `replace(acts)` as in `logprobs`.
+    The unembedding runs only at those positions, and a hookpoint that is a module's input or
+    output runs on the plain HF model behind the bridge (as `harvest` does): both save time
+    when a task reads one answer position per prompt."""
+    device = next(model.parameters()).device
+    rows = torch.arange(len(tokens), device=device)
+    where = _twin_hooks(model, [hookpoint] if hookpoint else [])
+    if where is None or "lm_head" not in dict(_TWINS[model].named_children()):
+        hooks = () if replace is None else ((hookpoint, replace),)
+        return logprobs(model, tokens, hooks=hooks)[rows, at.to(device)]
+    twin, handle = _TWINS[model], None
+    if replace is not None:
+        _, path, side = where[0]
+        mod = twin.get_submodule(path)
+        if side == "out":
+            handle = mod.register_forward_hook(
+                lambda m, a, o: (replace(o[0]), *o[1:]) if isinstance(o, tuple) else replace(o))
+        else:
+            handle = mod.register_forward_pre_hook(
+                lambda m, a, kw: ((replace(a[0]), *a[1:]), kw) if a else (a, {**kw, "hidden_states":
+                                                                               replace(kw["hidden_states"])}),
+                with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            hidden = twin.base_model(tokens.to(device), use_cache=False).last_hidden_state
+            return twin.lm_head(hidden[rows, at.to(device)]).float()
+    finally:
+        if handle is not None:
+            handle.remove()
+

@@ -15,8 +15,11 @@ from saekit.analyze.geometry import (
     multidim_features,
 )
 from saekit.analyze.stability import StabilityResult, stability
+from saekit.analyze.supervised import SupervisedDictionary, supervised_dictionary
+from saekit.analyze.task import TaskEvalResult, task_eval
 from saekit.analyze.universality import UniversalityResult, universality
 
 __all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult", "StabilityResult",
-           "UniversalityResult", "absorption", "collapse", "crystals", "dead", "decoder_collapse", "evolution",
-           "geometry", "geometry_bundle", "lobes", "multidim_features", "stability", "universality"]
+           "SupervisedDictionary", "TaskEvalResult", "UniversalityResult", "absorption", "collapse", "crystals", "dead",
+           "decoder_collapse", "evolution", "geometry", "geometry_bundle", "lobes", "multidim_features", "stability",
+           "supervised_dictionary", "task_eval", "universality"]
