@@ -37,3 +37,8 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_pursuit.py 2>&1 
 python3 benchmarks/bench_mp.py --device cuda --reps 10 2>&1 | tee "$LOGS/mp.txt"
 python3 benchmarks/bench_mp.py --device cuda --reps 5 --d 2304 --m 65536 --batch 16384 --skip plain,select-dense \
     2>&1 | tee -a "$LOGS/mp.txt"
+# every trainable family's step at the GPU size, against the encoder matmul
+for arch in topk batchtopk matryoshka jumprelu mp; do
+    python3 benchmarks/bench_step.py --device cuda --reps 10 --only saekit,matmul --architecture $arch \
+        --d 2304 --m 65536 --k 32 --batch 16384 2>&1 | tee -a "$LOGS/families.txt"
+done
