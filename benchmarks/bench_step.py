@@ -270,7 +270,8 @@ def main():
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "mp"], help="saekit's SAE")
+    p.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "mp"],
+                   help="saekit's SAE")
     p.add_argument("--ortho-penalty", type=float, default=0.0, help="saekit's OrtSAE weight (0: off)")
     p.add_argument("--ortho-every", type=int, default=1, help="apply the OrtSAE penalty every n-th step")
     p.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
