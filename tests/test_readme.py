@@ -2,8 +2,9 @@
 the blocks run on a small run of the same shape made here (SmolLM2's blocks.6.hook_resid_post,
 9,216 latents, its atlas built), its folder and config file standing in for `runs/default` and
 `configs/default.yaml`; absorption reads 400 words instead of 3,000 (its model passes over the
-first-letter prompts are most of the time). A block that cannot run offline (CUDA, several nodes)
-may opt out by starting with the line `# readme: not run here (REASON)`."""
+first-letter prompts are most of the time) and universality draws 10 shuffles instead of 100.
+A block that cannot run offline (CUDA, several nodes) may opt out by starting with the line
+`# readme: not run here (REASON)`."""
 
 import functools
 import re
@@ -50,6 +51,7 @@ def test_readme_python_blocks_run_as_pasted(small_run, smollm2, tmp_path, monkey
     assert len(blocks) >= 5
     monkeypatch.setattr(lm, "load_model", lambda *a, **k: smollm2)  # loaded once for the session
     monkeypatch.setattr(analyze, "absorption", functools.partial(analyze.absorption, n_words=400, min_letters=3))
+    monkeypatch.setattr(analyze, "universality", functools.partial(analyze.universality, n_shuffles=10))
     monkeypatch.chdir(tmp_path)  # files a block writes (m.parquet)
     for i, code in enumerate(blocks, 1):
         if code.startswith(OPT_OUT):
