@@ -140,7 +140,7 @@ def test_cuda_pursuit_matches_cpu():
     assert torch.equal(mp_pursue(x.cuda(), W.cuda(), 16)[0].cpu(), order)
     grads = []
     for dev in ("cpu", "cuda"):
-        xd, Wd = x.to(dev).requires_grad_(), W.to(dev).requires_grad_()
+        xd, Wd = (t.detach().to(dev).clone().requires_grad_() for t in (x, W))  # leaves on each device
         vals, idx = mp_values(xd, Wd, order.to(dev))
         (sparse_decode(vals, idx, Wd) - xd.detach()).pow(2).sum().backward()
         grads.append((vals.detach().cpu(), xd.grad.cpu(), Wd.grad.cpu()))
