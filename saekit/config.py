@@ -270,15 +270,21 @@ def load_values(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def config_help() -> str:
-    """Every TrainConfig key with its default and comment, read from the class source (for --help)."""
-    lines = []
+    """Every TrainConfig key with its default and comment (the comment lines above it, then the one
+    after it), read from the class source (for --help)."""
+    lines, above = [], []
     for line in inspect.getsource(TrainConfig).splitlines():
         if m := re.match(r"    # -- (.*?) -+$", line):
             lines.append(f"{m.group(1)}:")
+            above = []
+        elif m := re.match(r"    # (.*)$", line):
+            above.append(m.group(1))
         elif m := re.match(r"    (\w+): ([^=]+?) = (.+?)(?:  # (.*))?$", line):
-            name, default, note = m.group(1), m.group(3), m.group(4) or ""
+            name, default = m.group(1), m.group(3)
+            note = " ".join(above + ([m.group(4)] if m.group(4) else []))
             default = re.sub(r"field\(default_factory=lambda: (.*)\)", r"\1", default)
             lines.append(f"  --{name} {default}" + (f"   {note}" if note else ""))
+            above = []
     return "\n".join(lines)
 
 

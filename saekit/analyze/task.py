@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from saekit.analyze import ioi
+import saekit.analyze.ioi as ioi
 from saekit.analyze.common import Result
 from saekit.analyze.supervised import compare, supervised_dictionary
 from saekit.errors import SaekitError
