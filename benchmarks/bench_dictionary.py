@@ -13,7 +13,6 @@ the table gives medians and the ratios the README claims.
     python3 benchmarks/bench_dictionary.py --threads 2     # d 576, m 9216, k 32, batch 4096
 """
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from sizes import size_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,14 +54,8 @@ def step_of(pkg, x, a, **values):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--d", type=int, default=576)
-    p.add_argument("--m", type=int, default=9216)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
+    p = size_parser(__doc__, reps=5, threads=2)
     p.add_argument("--sources", type=int, default=2, help="the crosscoder's sources")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--before", default="e33de65", help="git revision of the SAE step to compare with")
     a = p.parse_args()

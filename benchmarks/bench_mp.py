@@ -18,13 +18,13 @@ after one warm-up step each; the table gives medians and the ratios benchmarks/R
     python3 benchmarks/bench_mp.py --device cuda --d 2304 --m 65536 --batch 16384 --skip plain
 """
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from sizes import size_parser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,13 +62,7 @@ def make_plain(x, a):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--d", type=int, default=576)
-    p.add_argument("--m", type=int, default=9216)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p = size_parser(__doc__, reps=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip", default="", help="comma-separated contenders to leave out (e.g. plain)")
     a = p.parse_args()

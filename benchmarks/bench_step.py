@@ -49,6 +49,7 @@ import types
 from pathlib import Path
 
 import torch
+from sizes import size_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "benchmarks" / ".venv"
@@ -261,13 +262,7 @@ def peak_mib(name: str, a) -> float | None:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--d", type=int, default=576)
-    p.add_argument("--m", type=int, default=9216)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
-    p.add_argument("--reps", type=int, default=7)
+    p = size_parser(__doc__, reps=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "mp"],
