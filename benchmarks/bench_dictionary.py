@@ -17,11 +17,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from sizes import size_parser
+from sizes import interleaved, size_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,15 +73,7 @@ def main():
         "crosscoder": step_of(saekit, x, a, names=src, sources=src),
         "transcoder": step_of(saekit, x, a, names=["a", "b"], sources=["a"], targets=["b"]),
     }
-    times = {n: [] for n in steps}
-    for _ in range(a.warmup):
-        for f in steps.values():
-            f()
-    for _ in range(a.reps):
-        for n, f in steps.items():
-            t = time.perf_counter()
-            f()
-            times[n].append(time.perf_counter() - t)
+    times = interleaved(steps, a.reps, a.warmup)
     med = {n: statistics.median(t) for n, t in times.items()}
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} CPU threads; d {a.d}, m {a.m}, k {a.k}, "
           f"batch {a.batch}; median of {a.reps} after {a.warmup} warm-up")

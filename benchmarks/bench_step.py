@@ -44,12 +44,11 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
 import torch
-from sizes import size_parser
+from sizes import interleaved, size_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "benchmarks" / ".venv"
@@ -301,17 +300,7 @@ def main():
     if a.device == "cuda" and not a.no_memory:  # before the timed SAEs exist: one at a time
         cuda_mem = {n: cuda_peak_mib(n, x, a) for n in names}
     steps = build(names, x, a)
-    times = {n: [] for n in steps}
-    for _ in range(a.warmup):
-        for f in steps.values():
-            f()
-    for _ in range(a.reps):
-        for n, f in steps.items():
-            sync(a.device)
-            t = time.perf_counter()
-            f()
-            sync(a.device)
-            times[n].append(time.perf_counter() - t)
+    times = interleaved(steps, a.reps, a.warmup, lambda: sync(a.device))
     med = {n: statistics.median(t) for n, t in times.items()}
     mem = cuda_mem if a.device == "cuda" or a.fit else {} if a.no_memory else {n: peak_mib(n, a) for n in steps}
 

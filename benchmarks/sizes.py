@@ -1,6 +1,9 @@
-"""The command line every step benchmark shares: the problem size (d, m, k, batch), threads, reps."""
+"""What the step benchmarks share: the command line (problem size d, m, k, batch; threads; reps)
+and the interleaved timing of several contenders."""
 
 import argparse
+import time
+from collections.abc import Callable
 
 
 def size_parser(doc: str, reps: int, threads: int = 0) -> argparse.ArgumentParser:
@@ -14,3 +17,21 @@ def size_parser(doc: str, reps: int, threads: int = 0) -> argparse.ArgumentParse
     p.add_argument("--threads", type=int, default=threads, help="torch threads (0: torch's default, one per core)")
     p.add_argument("--reps", type=int, default=reps)
     return p
+
+
+def interleaved(steps: dict[str, Callable[[], object]], reps: int, warmup: int,
+                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds of each step per repetition; every repetition times each step once, in turn, so a
+    change of load hits all contenders alike. `sync` waits for the device around each timing."""
+    for _ in range(warmup):
+        for f in steps.values():
+            f()
+    times = {n: [] for n in steps}
+    for _ in range(reps):
+        for n, f in steps.items():
+            sync()
+            t = time.perf_counter()
+            f()
+            sync()
+            times[n].append(time.perf_counter() - t)
+    return times
