@@ -319,34 +319,35 @@ class SAE(nn.Module):
         gradient, see `_JumpBelow`) and per latent the count of pairs within eps/2 of theta on
         either side (`near [m]`, the L0 penalty's gradient), all from fp32 pre-activations.
 
-        With a bf16 encoder matmul (CPU), every pair whose bf16 pre-activation lies above
-        theta - eps/2 - delta is rescored in fp32, delta = 2^-7 (|x_c| max_i |W_enc[i]| + max |b_enc|)
-        + 2^-8 theta bounding the bf16 error (inputs and output rounded, fp32 accumulation), so
-        the selection is fp32's."""
+        One pass over each dense block keeps the candidates, the pairs above theta - eps/2;
+        everything else works on them. With a bf16 encoder matmul (CPU), the candidates are the
+        pairs above theta - eps/2 - delta in bf16, rescored in fp32, delta = 2^-7 (|x_c| max_i
+        |W_enc[i]| + max |b_enc|) + 2^-8 theta bounding the bf16 error (inputs and output rounded,
+        fp32 accumulation) for the block's largest |x_c|, so the selection is fp32's."""
         near = torch.zeros(self.n_latents, dtype=xc.dtype, device=xc.device)
         dt = self._matmul_dtype()
         rescore = dt != self.W_enc.dtype and not self.W_enc.is_cuda
+        low = theta - eps / 2
         if rescore:
             w_max = float(self.W_enc.detach().norm(dim=1).max()) + float(self.b_enc.detach().abs().max())
-            slack = eps / 2 + theta / 256
+            low = low - theta / 256
         above, below = [], []
         for rows, pre in self._preacts(xc, dt):
-            ids = None
+            lo = low
+            if rescore:  # lowered by the block's error bound, then rounded down into bf16
+                lo = lo - (float(xc[rows].norm(dim=1).max()) + 1.0) * w_max / 128
+                lo = (lo - lo.abs() / 128).to(dt)
+            cand = pre > lo
+            live, ids = _pack(cand, cand)
             if rescore:
-                margin = xc[rows].norm(dim=1, keepdim=True).add_(1.0).mul_(w_max / 128)  # [r, 1]
-                cand = pre > theta - slack - margin
-                live, ids = _pack(cand, cand)
                 pre = backend(xc).gather_dot(ids, self.W_enc, xc[rows]) + self.b_enc[ids]  # fp32 [r, w]
-                pre = pre.masked_fill(~live, float("-inf"))  # padding: never selected
             else:
-                pre = pre.to(self.W_enc.dtype)
-            gap = pre - (theta if ids is None else theta[ids])
+                pre = pre.gather(1, ids)
+            pre = pre.masked_fill(~live, float("-inf"))  # padding: never selected
+            gap = pre - theta[ids]
             on = gap > 0
             close = gap.abs() < eps / 2
-            if ids is None:
-                near += close.sum(0)
-            else:
-                near.index_add_(0, ids[close], torch.ones_like(ids[close], dtype=near.dtype))
+            near.index_add_(0, ids[close], torch.ones_like(ids[close], dtype=near.dtype))
             above.append(_pack(on, pre, ids))
             below.append(_pack(close & ~on, close, ids))
         (vals, idx), (live, idx_below) = _cat_padded(above), _cat_padded(below)
@@ -591,7 +592,7 @@ def _pack(mask: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None = N
     """The entries of `values [R, n]` where `mask`, as zero-padded rows `(vals, ids) [R, w]` (w the
     longest row, at least 1); `ids [R, n]` name the columns' latents (default: the column)."""
     rows, cols = mask.nonzero(as_tuple=True)
-    counts = mask.sum(1)
+    counts = torch.bincount(rows, minlength=mask.shape[0])
     width = max(int(counts.max()) if len(counts) else 0, 1)
     pos = torch.arange(len(rows), device=mask.device) - (counts.cumsum(0) - counts)[rows]
     vals = torch.zeros(mask.shape[0], width, dtype=values.dtype, device=mask.device)

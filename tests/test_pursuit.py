@@ -12,6 +12,7 @@ from saekit.errors import SaekitError
 from saekit.evaluate import reconstruction_metrics
 from saekit.kernels import sparse_decode
 from saekit.kernels.pursuit import distinct, gram, mp_pursue, mp_reference, mp_select, mp_values
+from saekit.runtime import torch_threads
 from saekit.sae import SAE, SAEConfig
 from saekit.trainer import Trainer, fit
 
@@ -30,14 +31,17 @@ def dense(vals, idx, m):
     return torch.zeros(vals.shape[0], m, dtype=vals.dtype).scatter_add(1, idx, vals)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 128])
-def test_codes_equal_the_plain_pursuit(rows):
-    """Same latents and values as the unrolled loop, whatever the block of rows; each latent once."""
-    W, x = dictionary(40, 8), inputs(50, 8)  # 40 atoms in 8 dims: coherent, so latents repeat
+@pytest.mark.parametrize("rows,threads", [(1, 1), (7, 2), (7, 3), (128, 2)])
+@pytest.mark.parametrize("m", [40, 150])  # 150: two chunks of the row argmax and a short tail
+def test_codes_equal_the_plain_pursuit(rows, threads, m):
+    """Same latents and values as the unrolled loop, whatever the block of rows or the threads
+    sharing the blocks; each latent once."""
+    W, x = dictionary(m, 8), inputs(50, 8)  # m atoms in 8 dims: coherent, so latents repeat
     k = 12
     z, _ = mp_reference(x, W, k)
-    vals, idx = distinct(*reversed(mp_pursue(x, W, k, rows=rows)))
-    torch.testing.assert_close(dense(vals, idx, 40), z, rtol=0, atol=1e-12)
+    with torch_threads(threads):
+        vals, idx = distinct(*reversed(mp_pursue(x, W, k, rows=rows)))
+    torch.testing.assert_close(dense(vals, idx, m), z, rtol=0, atol=1e-12)
     live = vals != 0
     assert all(len(set(i[v].tolist())) == int(v.sum()) for i, v in zip(idx, live, strict=True))
     assert bool((z != 0).sum(1).lt(k).any()), "the case should include repeated picks"

@@ -20,6 +20,9 @@ Codes follow saekit's sparse convention: `vals [B, k]`, `idx [B, k]`, one slot p
 latent, padding slots with value 0 (and the row's first latent as id, or 0 for an empty row).
 """
 
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,8 +32,9 @@ from saekit.kernels.torch_ops import _by_latent, _segment_sums
 from saekit.runtime import torch_threads
 
 # Rows per block of the selection on CPU: their [rows, m] correlations stay in cache across the
-# k steps (128 measured fastest of 32-4096 at m 9,216: benchmarks/RESULTS.md). CUDA: one block.
-ROWS = 128
+# k steps. CUDA: one block. Columns per chunk of the two-level row argmax (`_row_max`).
+ROWS = 256
+CHUNK = 64
 
 
 @torch.no_grad()
@@ -45,39 +49,71 @@ def mp_pursue(xc: Tensor, W: Tensor, k: int, threshold: float | None = None,
     """The pursuit's selection order `order [B, k]` (latent ids, -1 once a row has stopped)
     and each step's coefficient `coeffs [B, k]` (0 where stopped). `G`: `gram(W)` if known.
 
-    On CPU the k small steps per block run on one thread: with the cores shared, each
-    multi-threaded op waits for a time slice at its barrier (measured 3-5x slower per step)."""
+    On CPU the blocks of rows are shared by as many Python threads as torch has intra-op
+    threads, each running its block's k small steps on one thread: no barrier per op (with
+    the cores shared, each multi-threaded op can wait a time slice at its barrier)."""
     B = xc.shape[0]
     G = gram(W) if G is None else G
-    if W.is_cuda:
-        return _pursue(xc, W, k, threshold, G, max(B, 1))
-    with torch_threads(1):
-        return _pursue(xc, W, k, threshold, G, rows)
-
-
-def _pursue(xc, W, k, threshold, G, rows):
-    B = xc.shape[0]
-    sq_norms = W.square().sum(1)
     order = torch.full((B, k), -1, dtype=torch.long, device=xc.device)
     coeffs = torch.zeros(B, k, dtype=W.dtype, device=xc.device)
-    for s in range(0, B, rows):
-        x = xc[s : s + rows].to(W.dtype)
-        c = x @ W.T  # [R, m] correlations of the current residual
-        rr = x.square().sum(1)  # ||r||^2, updated exactly per step: ||r - a w||^2 = rr - 2a c_j + a^2 ||w||^2
-        alive = torch.ones(len(x), dtype=torch.bool, device=xc.device)
-        for t in range(k):
-            best, j = c.max(1)
-            alive &= best > 0
-            if threshold is not None:
-                alive &= rr >= threshold * threshold
-            if not alive.any():
-                break
-            a = best * alive
-            order[s : s + rows, t] = torch.where(alive, j, -1)
-            coeffs[s : s + rows, t] = a
-            rr = rr - a * (2 * best - a * sq_norms[j])
-            c.sub_(F.embedding_bag(j[:, None], G, per_sample_weights=a[:, None].to(G.dtype), mode="sum"))  # a G[j]
+    sq_norms = W.square().sum(1)
+    rows = max(B, 1) if W.is_cuda else rows
+
+    def block(s: int) -> None:
+        _pursue_block(xc[s : s + rows].to(W.dtype), W, G, sq_norms, k, threshold,
+                      order[s : s + rows], coeffs[s : s + rows])
+
+    if W.is_cuda:
+        block(0)
+        return order, coeffs
+    starts = range(0, B, rows)
+    workers = min(torch.get_num_threads(), len(starts))
+    with torch_threads(1):
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(block, starts))
+        else:
+            for s in starts:
+                block(s)
     return order, coeffs
+
+
+def _pursue_block(x, W, G, sq_norms, k, threshold, order, coeffs):
+    """k pursuit steps for the rows `x [R, d]`, writing their `order` and `coeffs` [R, k]."""
+    c = x @ W.T  # [R, m] correlations of the current residual
+    rr = x.square().sum(1)  # ||r||^2, updated exactly per step: ||r - a w||^2 = rr - 2a c_j + a^2 ||w||^2
+    alive = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    crow = torch.arange(len(x) + 1, device=x.device)
+    for t in range(k):
+        best, j = _row_max(c)
+        alive &= best > 0
+        if threshold is not None:
+            alive &= rr >= threshold * threshold
+        if not alive.any():
+            break
+        a = best * alive
+        order[:, t] = torch.where(alive, j, -1)
+        coeffs[:, t] = a
+        rr = rr - a * (2 * best - a * sq_norms[j])
+        if c.is_cuda:
+            c.sub_(F.embedding_bag(j[:, None], G, per_sample_weights=a[:, None].to(G.dtype), mode="sum"))
+        else:  # c -= a G[j] as a one-entry-per-row CSR product: one pass over c, half the gather's
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                c.addmm_(torch.sparse_csr_tensor(crow, j, a.to(G.dtype), size=c.shape), G, alpha=-1)
+
+
+def _row_max(c: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-wise (max, argmax) of `c [R, m]`: chunk maxima by the vectorised `amax`, then the argmax
+    inside each row's best chunk. `c.max(1)` with indices is ~4x slower on CPU."""
+    R, m = c.shape
+    n = m - m % CHUNK
+    chunks = c.as_strided((R, n // CHUNK, CHUNK), (c.stride(0), CHUNK, 1)).amax(2)
+    if n < m:
+        chunks = torch.cat([chunks, c[:, n:].amax(1, keepdim=True)], 1)
+    best, ch = chunks.max(1)
+    cols = (ch[:, None] * CHUNK + torch.arange(CHUNK, device=c.device)).clamp_max(m - 1)
+    return best, cols.gather(1, c.gather(1, cols).argmax(1, keepdim=True)).squeeze(1)
 
 
 def distinct(coeffs: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
