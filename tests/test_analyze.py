@@ -320,3 +320,31 @@ def test_geometry_plots_fit_their_titles_and_label_their_axes(n_clusters):
     panels = figs["multidim"].axes
     assert len(panels) == n_clusters and panels[-1].get_xlabel() == f"PC {g['multidim'][n_clusters - 1]['pcs'][0] + 1}"
     assert all(ax.get_ylabel().startswith("PC ") and "1234" in ax.get_title() for ax in panels)
+
+
+@pytest.mark.parametrize("architecture", ["mp", "jumprelu", "matryoshka"])
+def test_new_families_run_every_downstream_verb(architecture, act_cache_dir, tmp_path, capsys):
+    """A run of each newer family, on two layers of the real model, goes through eval, `analyze
+    all`, the atlas and `match` like a TopK run."""
+    from saekit.atlas import Atlas
+    from saekit.matching import Match
+
+    hooks = ["blocks.1.hook_resid_post", HOOK]
+    run = tmp_path / "run"
+    assert cli.main(["train", "--hookpoints", f"[{', '.join(hooks)}]", "--architecture", architecture,
+                     "--n_tokens", "6000", "--val_tokens", "600", "--ctx_len", "64", "--epochs", "2", "--expansion",
+                     "2", "--k", "16", "--batch_size", "500", "--eval_contexts", "2", "--cache_dir",
+                     str(act_cache_dir), "--dead_tokens", "3000", "--out", str(run), "--quiet"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert all(0 < ev[h]["fvu"] < 1 and ev[h]["l0"] > 0 for h in hooks)
+    assert cli.main(["analyze", "all", str(run), "--words", "400", "--min-letters", "3", "--quiet"]) == 0
+    report = json.loads((run / "analysis" / "report.json").read_text())
+    assert all(len(report[h]["dead"]["density"]) == 1152 and report[h]["absorption"]["n_letters"] >= 3 for h in hooks)
+    assert cli.main(["atlas", "build", str(run), "--quiet"]) == 0
+    atlas = Atlas.open(run / "atlas.sqlite")
+    assert atlas.hookpoints == hooks and len(atlas.features(HOOK)) == 1152
+    live = int(atlas.features(HOOK).sort_values("max_act").latent.iloc[-1])
+    assert len(atlas.card(live, HOOK).top_examples) > 0
+    a, b = (str(run / h) for h in hooks)
+    assert cli.main(["match", a, b, "--out", str(tmp_path / "m.parquet")]) == 0
+    assert Match.load(tmp_path / "m.parquet").m_a == 1152
