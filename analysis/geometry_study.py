@@ -5,11 +5,12 @@ Per layer: the decoder covariance power law α (raw and on shrunk eigenvalues) w
 the clustering entropy with its bootstrap CI, co-occurrence lobes against geometric lobes, and
 the best multi-dimensional clusters with the tokens on which they fire most. Also looks for the
 circles Engels et al. found (days of the week, months): which latents fire on those tokens and
-whether they form one cluster. Writes analysis/results/geometry.{md,json} and
-geometry_spectrum.png.
+whether they form one cluster. Writes analysis/results/geometry{_NAME}.{md,json} and
+geometry{_NAME}_spectrum.png.
 
     saekit train configs/layers.yaml
     python3 analysis/geometry_study.py --run runs/layers
+    saekit train configs/depth.yaml && python3 analysis/geometry_study.py --run runs/depth --name depth
 """
 
 import argparse
@@ -67,7 +68,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/layers")
     p.add_argument("--tokens", type=int, default=None, help="held-out tokens (default: all)")
+    p.add_argument("--name", default=None, help="results as geometry_NAME.* (default: geometry.*)")
     args = p.parse_args()
+    stem = f"geometry_{args.name}" if args.name else "geometry"
     run = Run.open(args.run)
     model = load_model(run.model_name)
     vt, vm = contexts(run.config, model.tokenizer)["val"]
@@ -97,7 +100,7 @@ def main() -> None:
     lines = ["# Feature geometry across layers", "", f"Run `{args.run}`: {len(rows)} residual-stream SAEs "
              f"({run.config.expansion}x, k {run.config.k}), held-out tokens of its validation cache.", "",
              md_table(rows), "", f"Published shape: {PUBLISHED}; a Gaussian cloud gives ≈ 0.", "",
-             "![decoder covariance spectra](geometry_spectrum.png)", ""]
+             f"![decoder covariance spectra]({stem}_spectrum.png)", ""]
     for h, d in details.items():
         lines += [f"## {h}", ""]
         if d["multidim"]:
@@ -113,10 +116,10 @@ def main() -> None:
                                                       for w, v in found.items()) for g, found in cal.items() if found)
                   + ".", ""]
         lines += [f"Note: {n}." for n in d["notes"]]
-    atomic_write(OUT / "geometry.md", lambda q: q.write_text("\n".join(lines) + "\n"))
-    atomic_write(OUT / "geometry.json", lambda q: q.write_text(json.dumps({"rows": rows, "details": details},
+    atomic_write(OUT / f"{stem}.md", lambda q: q.write_text("\n".join(lines) + "\n"))
+    atomic_write(OUT / f"{stem}.json", lambda q: q.write_text(json.dumps({"rows": rows, "details": details},
                                                                          indent=1, default=str)))
-    _plot(spectra, OUT / "geometry_spectrum.png")
+    _plot(spectra, OUT / f"{stem}_spectrum.png")
     print("\n".join(lines))
 
 

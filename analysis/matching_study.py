@@ -1,12 +1,16 @@
 """Cross-layer matching study on the multi-layer run (`configs/layers.yaml`).
 
-Matches every pair of the run's six residual-stream SAEs (SAE Match, decoder folding), then
-sets the numbers between two nulls: a second SAE on the middle layer trained from another
-seed on the same activations (the ceiling: the same features, learned twice) and shuffled
-pairs (the floor). Writes RUN/analysis/matching.* and analysis/results/matching.{md,json}.
+Matches every pair of the run's residual-stream SAEs (SAE Match, decoder folding), then
+sets the numbers between two nulls: a second SAE trained from another seed on the same
+activations (the ceiling: the same features, learned twice) and shuffled pairs (the floor).
+The ceiling is the middle layer's, fit here, or with `--ceiling-run` (the same config trained
+with another `--seed`) every layer's. Writes RUN/analysis/matching.* and
+analysis/results/matching{_NAME}.{md,json}.
 
     saekit train configs/layers.yaml
     python3 analysis/matching_study.py --run runs/layers
+    saekit train configs/depth.yaml && saekit train configs/depth.yaml --seed 1 --out runs/depth-seed1
+    python3 analysis/matching_study.py --run runs/depth --ceiling-run runs/depth-seed1 --name depth
 """
 
 import argparse
@@ -26,13 +30,17 @@ from saekit.matching import match, nearest, pair_scores
 OUT = Path(__file__).parent / "results"
 
 
-def ceiling(run: Run, hookpoint: str, tokens: int) -> dict:
-    """The run's SAE at `hookpoint` against one trained from seed 1 on the same activations."""
+def ceiling(run: Run, hookpoint: str, tokens: int, other: Run | None = None) -> dict:
+    """The run's SAE at `hookpoint` against `other`'s there, or one fit from seed + 1 on the same
+    activations."""
     cfg = run.config
     a = run.sae(hookpoint)
-    train = run.cache("train").tensor(hookpoint)
-    b = fit(train, a.n_latents, cfg.k, seed=cfg.seed + 1, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
-            architecture=cfg.architecture)
+    if other is not None:
+        b = other.sae(hookpoint)
+    else:
+        train = run.cache("train").tensor(hookpoint)
+        b = fit(train, a.n_latents, cfg.k, seed=cfg.seed + 1, lr=cfg.lr, batch_size=cfg.batch_size,
+                epochs=cfg.epochs, architecture=cfg.architecture)
     acts = run.activations(hookpoint)
     ca, cb = encode_all(a, acts, tokens), encode_all(b, acts, tokens)
     m = match(a, b, codes=(ca, cb))
@@ -50,21 +58,28 @@ def main() -> None:
     p.add_argument("--run", default="runs/layers")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--contexts", type=int, default=None, help="contexts for Δloss (default: the run's)")
+    p.add_argument("--ceiling-run", default=None, help="the same config from another seed: a ceiling per layer")
+    p.add_argument("--name", default=None, help="results as matching_NAME.* (default: matching.*)")
     args = p.parse_args()
     run = Run.open(args.run)
     chain = chain_report(run, max_tokens=args.tokens, n_contexts=args.contexts, quiet=True)
-    mid = run.hookpoints[len(run.hookpoints) // 2 - 1]
-    top = ceiling(run, mid, args.tokens)
+    other = Run.open(args.ceiling_run) if args.ceiling_run else None
+    mid = [run.hookpoints[len(run.hookpoints) // 2 - 1]]
+    hooks = [h for h in run.hookpoints if h in other.hookpoints] if other else mid
+    tops = [ceiling(run, h, args.tokens, other) for h in hooks]
     f = lambda v: f"{v:.4g}" if isinstance(v, float) else v  # noqa: E731
+    stem = f"matching_{args.name}" if args.name else "matching"
     OUT.mkdir(exist_ok=True)
     if (run.analysis_dir / "matching.png").is_file():
-        shutil.copy(run.analysis_dir / "matching.png", OUT / "matching.png")
-    md = ((run.analysis_dir / "matching.md").read_text() + "\n## Nulls\n\n"
-          f"Ceiling: `{mid}` against an SAE trained on the same activations from another seed. "
+        shutil.copy(run.analysis_dir / "matching.png", OUT / f"{stem}.png")
+    seeds = f"`{args.ceiling_run}` (another seed, same config)" if other else "an SAE fit here from another seed"
+    md = ((run.analysis_dir / "matching.md").read_text().replace("(matching.png)", f"({stem}.png)")
+          + "\n## Nulls\n\n"
+          f"Ceiling: each SAE against {seeds} on the same activations. "
           f"Floor: shuffled pairs, mean decoder cosine {chain['shuffled_cosine']:.4g}.\n\n"
-          + md_table([{k: f(v) for k, v in top.items()}]) + "\n")
-    atomic_write(OUT / "matching.md", lambda q: q.write_text(md))
-    atomic_write(OUT / "matching.json", lambda q: q.write_text(json.dumps({"chain": chain, "ceiling": top}, indent=1)))
+          + md_table([{k: f(v) for k, v in top.items()} for top in tops]) + "\n")
+    atomic_write(OUT / f"{stem}.md", lambda q: q.write_text(md))
+    atomic_write(OUT / f"{stem}.json", lambda q: q.write_text(json.dumps({"chain": chain, "ceiling": tops}, indent=1)))
     print(md)
 
 
