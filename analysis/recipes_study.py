@@ -1,90 +1,146 @@
-"""Recipe study: TopK vs BatchTopK vs OrtSAE vs subspace init on the same cached SmolLM2
-activations (layer-6 residual stream and attention output).
+"""Recipe study: every dictionary family on the same cached SmolLM2 activations (the main job's
+layer-6 residual stream, data, width, k and budget), over several seeds, with first-letter
+absorption (Chanin et al. 2024) and seed stability per recipe.
 
-    python analysis/recipes_study.py [--n_tokens 350000 --epochs 3 --out analysis/results/recipes.md]
+    nice -n 15 python3 analysis/recipes_study.py [--seeds 0,1,2] [--recipes TopK,MP,...]
 
-Harvests (or reuses) the activation cache of configs/subspace.yaml's hookpoints, trains every
-recipe with identical data order, and writes one markdown table: held-out FVU, L0, dead %,
-mean max decoder cosine, decoder effective rank, and step time relative to TopK. Step times
-are measured after training, interleaved (one step of each recipe in turn on the same batch,
-so load on a shared machine hits all alike), as the mean of `--reps` steps: the amortised
-cost, which for OrtSAE's every-5th-step penalty includes its penalty steps.
+Each (recipe, seed) is one `saekit train` run under runs/recipes/<recipe>/s<seed> with the
+config of configs/default.yaml plus the recipe's keys (the seed sets initialisation and batch
+order; every run reads the same activation cache). Resumable: finished runs are read back,
+killed ones resume, and each run's absorption is stored next to it (absorption.json). Writes
+analysis/results/recipes.{md,json} after every run. Step costs are not timed here: side by side
+timings of the families are in benchmarks/RESULTS.md (bench_dictionary.py, bench_mp.py).
 """
 
 import argparse
+import itertools
+import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-from saekit.activations import ShuffledBatches
-from saekit.config import TrainConfig, load_config, make_config
-from saekit.evaluate import reconstruction_metrics
+from saekit import Run
+from saekit.analyze.absorption import absorption_from_data, first_letter_data
+from saekit.analyze.stability import stability
+from saekit.config import load_config
+from saekit.io import atomic_write, md_table
 from saekit.linalg import effective_dimension
+from saekit.model import load_model
 from saekit.ortho import max_cosine
-from saekit.pipeline import prepare
-from saekit.trainer import INIT_SAMPLE, Trainer
+from saekit.pipeline import train
 
-RECIPES = {
+OUT = Path(__file__).parent / "results"
+RECIPES = {  # name -> config keys on top of configs/default.yaml
     "TopK": {},
     "BatchTopK": {"architecture": "batchtopk"},
-    "OrtSAE (BatchTopK, gamma .25, every 5)": {"architecture": "batchtopk", "ortho_penalty": 0.25, "ortho_every": 5},
+    "OrtSAE": {"architecture": "batchtopk", "ortho_penalty": 0.25, "ortho_every": 5},
     "TopK + subspace init": {"init": "subspace"},
+    "Matryoshka": {"architecture": "matryoshka", "matryoshka_groups": [0.0625, 0.125, 0.25, 0.5, 1.0]},
+    "JumpReLU": {"architecture": "jumprelu", "l0_coeff": 1e-3},
+    "MP": {"architecture": "mp"},
 }
+
+
+def slug(name: str) -> str:
+    return name.lower().replace(" + ", "-").replace(" ", "-")
+
+
+def run_one(name: str, seed: int, root: Path) -> Path:
+    """Train (or finish, or read back) one recipe at one seed."""
+    out = root / slug(name) / f"s{seed}"
+    if (out / "eval.json").is_file():
+        return out
+    overrides = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in RECIPES[name].items()]
+    cfg = load_config("configs/default.yaml", [*overrides, "--seed", str(seed), "--out", str(out)])
+    return train(cfg, resume=(out / "state.safetensors").is_file(), quiet=True)
+
+
+def measure(out: Path, data) -> dict:
+    """Held-out figures from the run's eval, decoder geometry, and first-letter absorption."""
+    run = Run.open(out)
+    h = run.hookpoints[0]
+    sae, ev = run.sae(h), json.loads((out / "eval.json").read_text())[h]
+    file = out / "absorption.json"
+    if not file.is_file():
+        res = absorption_from_data(sae, data)
+        atomic_write(file, lambda p: p.write_text(json.dumps({  # noqa: B023
+            "mean_absorption_fraction": res.mean_absorption_fraction,
+            "mean_full_absorption": res.mean_full_absorption, "n_letters": res.n_letters})))
+    ab = json.loads(file.read_text())
+    return {"fvu": ev["fvu"], "l0": ev["l0"], "dead": ev["dead_fraction"],
+            "max_cos": float(max_cosine(sae.W_dec)[0].mean()),
+            "eff_rank": effective_dimension(sae.W_dec, center=False)["effective_rank"],
+            "absorption": ab["mean_absorption_fraction"], "full_absorption": ab["mean_full_absorption"],
+            "letters": ab["n_letters"]}
+
+
+def spread(vals: list[float], digits: int = 4) -> str:
+    """Mean and range over seeds, e.g. '0.0773 (0.0770–0.0776)'."""
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ({min(vals):.{digits}f}–{max(vals):.{digits}f})"
+
+
+def write(res: dict, argv: list[str], hookpoint: str) -> None:
+    rows = []
+    for name in RECIPES:
+        per = [res["runs"][k] for k in sorted(res["runs"]) if k.startswith(f"{name}|")]
+        if not per:
+            continue
+        col = {c: [p[c] for p in per] for c in per[0]}
+        pairs = [v for k, v in res["stability"].items() if k.startswith(f"{name}|")]
+        rows.append({"recipe": name, "seeds": len(per), "FVU (held out)": spread(col["fvu"]),
+                     "L0": spread(col["l0"], 1), "dead %": spread([100 * d for d in col["dead"]], 2),
+                     "mean max dec cos": spread(col["max_cos"], 3), "dec eff. rank": spread(col["eff_rank"], 0),
+                     "absorption": spread(col["absorption"], 3), "full absorption": spread(col["full_absorption"], 3),
+                     "shared_0.7 (seed pairs)": spread(pairs, 3) if pairs else "",
+                     "train s": spread(col["wall_s"], 0)})
+    cmd = " ".join(["nice -n 15 python3 analysis/recipes_study.py", *map(shlex.quote, argv)])
+    lines = [f"# Recipes on SmolLM2-135M {hookpoint}", "",
+             f"Command: `{cmd}`; 2-core CPU, other jobs beside it (train s is an upper bound).", "",
+             "Every run: configs/default.yaml (350k Shakespeare tokens × 3 epochs = 255 steps, 9,216 latents, k 32, "
+             "Adam lr 2e-3) plus the recipe's keys; seeds differ in initialisation and batch order only (one "
+             "activation cache). Cells: mean (min–max) over seeds. FVU, L0 and dead % on the held-out tokens; "
+             "absorption: mean absorption fraction over letters whose probe passes F1 0.6 (and full absorption), "
+             "3,000 vocabulary words, in-context first-letter prompts; shared_0.7: share of latents matched "
+             "one-to-one across two seeds at decoder cosine ≥ 0.7, over every pair of seeds.", "",
+             md_table(rows), ""]
+    atomic_write(OUT / "recipes.md", lambda p: p.write_text("\n".join(lines)))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n_tokens", type=int, default=350_000)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=10, help="interleaved timed steps per recipe (a multiple of 5)")
-    ap.add_argument("--out", default="analysis/results/recipes.md")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--root", default="runs/recipes")
     args = ap.parse_args()
-    base = load_config("configs/subspace.yaml", ["--n_tokens", str(args.n_tokens), "--epochs", str(args.epochs)])
-    _, _, caches = prepare(base)
-    train, val = caches["train"], caches["val"]
-    rows = []
-    for h in base.hookpoints:
-        dims = effective_dimension(train.tensor(h, INIT_SAMPLE))
-        print(f"{h}: 90 % variance in {dims['dims_90']} dims, 99 % in {dims['dims_99']} of {dims['d']}")
-        trainers, stats = {}, {}
-        for name, opts in RECIPES.items():
-            values = {k: v for k, v in vars(base).items() if k not in ("hookpoints", "init")}
-            cfg = make_config(TrainConfig, {**values, "hookpoints": [h], **opts})
-            batches = ShuffledBatches(train, [h], cfg.batch_size, cfg.seed, cfg.buffer_tokens)
-            total = cfg.epochs * batches.steps_per_epoch
-            tr = Trainer(cfg, {h: train.dim(h)}, {h: train.tensor(h, INIT_SAMPLE)}, total, torch.device("cpu"))
-            for batch in batches.batches(0, cfg.epochs):
-                tr.train_step(batch)
-            sae = tr.final_sae(h)
-            ev = reconstruction_metrics(sae, val.batches(h))
-            stats[name] = (ev["fvu"], ev["l0"], 100 * ev["dead_fraction"], float(max_cosine(sae.W_dec)[0].mean()),
-                           effective_dimension(sae.W_dec, center=False)["effective_rank"])
-            trainers[name] = tr
-            print(h, name, stats[name], flush=True)
-        timing = [{h: b[h]} for b, _ in zip(batches.batches(0, 1), range(3), strict=False)]
-        times = {name: [] for name in trainers}
-        for rep in range(args.reps + 2):  # 2 warm-up rounds
-            for name, tr in trainers.items():
-                t0 = time.perf_counter()
-                tr.train_step(timing[rep % len(timing)])
-                if rep >= 2:
-                    times[name].append(time.perf_counter() - t0)
-        base_time = statistics.mean(times["TopK"])
-        rows += [(h, name, *stats[name], statistics.mean(times[name]) / base_time) for name in trainers]
-    lines = [f"Command: `python analysis/recipes_study.py --n_tokens {args.n_tokens} --epochs {args.epochs}` "
-             f"(SmolLM2-135M, Shakespeare, 16x expansion, k=32, batch 4096, Adam lr {base.lr:g}, 2-core CPU; "
-             "step times: "
-             f"mean of {args.reps} interleaved steps after training)", "",
-             "| hookpoint | recipe | FVU (held out) | L0 | dead % | mean max dec cos | dec eff. rank "
-             "| step time / TopK |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {h} | {n} | {f:.4f} | {l0:.1f} | {d:.2f} | {c:.3f} | {r:.0f} | {t:.2f} |"
-              for h, n, f, l0, d, c, r, t in rows]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    seeds, names, root = [int(s) for s in args.seeds.split(",")], args.recipes.split(","), Path(args.root)
+    if unknown := set(names) - set(RECIPES):
+        sys.exit(f"unknown recipes {sorted(unknown)}; recipes: {', '.join(RECIPES)}")
+    file = OUT / "recipes.json"
+    res = json.loads(file.read_text()) if file.exists() else {"runs": {}, "stability": {}}
+    hookpoint = load_config("configs/default.yaml", []).hookpoints[0]
+    data = None
+    for seed, name in itertools.product(seeds, names):  # seed-major: every recipe gets seed 0 first
+        key = f"{name}|{seed}"
+        if key in res["runs"]:
+            continue
+        t0 = time.perf_counter()
+        out = run_one(name, seed, root)
+        wall = round(time.perf_counter() - t0, 1)
+        data = data or first_letter_data(load_model(), hookpoint)
+        res["runs"][key] = {**measure(out, data), "wall_s": wall}
+        print(key, res["runs"][key], flush=True)
+        done = sorted(s for s in seeds if f"{name}|{s}" in res["runs"])
+        for a, b in itertools.combinations(done, 2):
+            pair = f"{name}|{a}-{b}"
+            if pair not in res["stability"]:
+                sa, sb = (Run.open(root / slug(name) / f"s{s}").sae(hookpoint) for s in (a, b))
+                res["stability"][pair] = stability(sa, sb).to_dict()["shared_0.7"]
+        atomic_write(file, lambda p: p.write_text(json.dumps(res, indent=1)))  # noqa: B023
+        write(res, sys.argv[1:], hookpoint)
 
 
 if __name__ == "__main__":

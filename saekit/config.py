@@ -95,7 +95,8 @@ class TrainConfig:
 
 # (key, check(value, config), what it allows); None values are "use the default" and skip the check.
 _RULES: list[tuple[str, typing.Callable, str]] = [
-    ("hookpoints", lambda v, c: len(v) > 0 and len(set(v)) == len(v), "a non-empty list of distinct names"),
+    ("hookpoints", lambda v, c: len(v) > 0 and len(set(v)) == len(v) and (c.sources or ":" not in "".join(v)),
+     "a non-empty list of distinct hookpoints of the config's model (other models' go in sources/targets)"),
     ("ctx_len", lambda v, c: v >= 2, ">= 2"),
     ("n_tokens", lambda v, c: v >= 1, ">= 1"),
     ("epochs", lambda v, c: v >= 1, ">= 1"),

@@ -221,16 +221,16 @@ def harvest(model, tokens: torch.Tensor, mask: torch.Tensor, hookpoints: list[st
     device = next(model.parameters()).device
     where = _twin_hooks(model, hookpoints)
     bar = tqdm(total=int(mask.sum()), disable=not progress, desc=desc, unit="tok", unit_scale=True)
-    with torch.inference_mode():
-        for s in range(0, len(tokens), batch_size):
+    for s in range(0, len(tokens), batch_size):
+        with torch.inference_mode():  # not held across the yield: interleaved harvests would unwind it out of order
             toks, m = tokens[s : s + batch_size].to(device), mask[s : s + batch_size].to(device)
             if where:
                 cache = _twin_forward(_TWINS[model], toks, where)
             else:
                 _, cache = model.run_with_cache(toks, names_filter=lambda n: n in hookpoints, stop_at_layer=stop)
             out = {h: cache[h][m].flatten(1).float().cpu() for h in hookpoints}
-            bar.update(int(m.sum()))
-            yield out
+        bar.update(int(m.sum()))
+        yield out
     bar.close()
 
 

@@ -37,8 +37,9 @@ def contexts(cfg: TrainConfig, tokenizer) -> dict[str, tuple[torch.Tensor, torch
     return {"train": (tt, tm), "val": (vt, vm)}
 
 
-def activation_cache(cfg: TrainConfig, model, split: str, tokens, mask, quiet: bool = False) -> ActivationCache:
-    """The cached activations of one split, harvested now if no finished cache exists.
+def activation_cache(cfg: TrainConfig, models, split: str, tokens, mask, quiet: bool = False) -> ActivationCache:
+    """The cached activations of one split, harvested now if no finished cache exists. `models`:
+    the config's model, or `{name: model}` by `source_models` when sources name other models.
 
     Every process (of a process group, or the only one) harvests its own contiguous slice of the
     contexts into its own part of the cache, continuing the part a killed harvest left; the main
@@ -53,7 +54,7 @@ def activation_cache(cfg: TrainConfig, model, split: str, tokens, mask, quiet: b
         cache = _finished(path) if dist.is_main() else None  # another command may have finished it meanwhile
         if dist.broadcast_object(cache is not None):
             return cache or ActivationCache.open(path)
-        return _harvest(cfg, model, split, tokens, mask, path, quiet)
+        return _harvest(cfg, models, split, tokens, mask, path, quiet)
     finally:
         if lock is not None:
             lock.release()
@@ -76,15 +77,20 @@ def _job_lock(file: Path, doing: str) -> FileLock | None:
     return lock
 
 
-def _harvest(cfg: TrainConfig, model, split: str, tokens, mask, path: Path, quiet: bool) -> ActivationCache:
-    """Every process's share of the harvest into its part of the cache at `path`, then the parts merged."""
+def _harvest(cfg: TrainConfig, models, split: str, tokens, mask, path: Path, quiet: bool) -> ActivationCache:
+    """Every process's share of the harvest into its part of the cache at `path`, then the parts
+    merged. Each model runs on the same contexts; their rows are stored side by side."""
     r, world, b = dist.rank(), dist.world(), cfg.harvest_batch
     lo, hi = len(tokens) * r // world, len(tokens) * (r + 1) // world
     share = {"contexts": [lo, hi], "harvest_batch": b}  # a part of other bounds or batches starts afresh
     done = resume_point(path, r, share)
     start = lo + done * b
     toks, m = tokens[start:hi], mask[start:hi]
-    acts = lm.harvest(model, toks, m, cfg.hookpoints, batch_size=b, progress=not quiet, desc=f"harvest {split}")
+    models = models if isinstance(models, dict) else {None: models}
+    streams = [_named(lm.harvest(models[name], toks, m, [parse_source(h)[2] for h in hooks], batch_size=b,
+                                 progress=not quiet and i == 0, desc=f"harvest {split}"), hooks)
+               for i, (name, hooks) in enumerate(source_models(cfg).items())]
+    acts = ({k: v for part in parts for k, v in part.items()} for parts in zip(*streams, strict=True))
     firsts = range(0, len(toks), b)
     chunks = ({**a, **row_fields(toks[s : s + b], m[s : s + b], start + s)} for a, s in zip(acts, firsts, strict=True))
     dist.together(lambda: build_cache(path, chunks, share, chunks_done=done, part=r))
@@ -92,6 +98,12 @@ def _harvest(cfg: TrainConfig, model, split: str, tokens, mask, path: Path, quie
             "data_seed": cfg.data_seed, "n_contexts": len(tokens), "processes": world}
     dist.main_first(lambda: merge_parts(path, world, meta))
     return ActivationCache.open(path)
+
+
+def _named(batches, names: list[str]):
+    """A model's harvested batches with each hookpoint renamed to its source name (same order)."""
+    for acts in batches:
+        yield {n: a for n, a in zip(names, acts.values(), strict=True)}
 
 
 def row_fields(tokens: torch.Tensor, mask: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
@@ -102,23 +114,33 @@ def row_fields(tokens: torch.Tensor, mask: torch.Tensor, first: int) -> dict[str
 
 
 def prepare(cfg: TrainConfig, quiet: bool = False):
-    """Load the model, check hookpoints, and make sure both activation caches exist (in a process
-    group, every process calls this and harvests its share)."""
-    check_sources(cfg)
-    device = resolve_device(cfg.device)
-    model = lm.load_model(cfg.model, device=str(device))
-    lm.check_hookpoints(model, cfg.hookpoints)
+    """Load the model (and the other models or snapshots that sources name), check hookpoints and
+    tokenizers, and make sure both activation caches exist (in a process group, every process
+    calls this and harvests its share)."""
+    device = str(resolve_device(cfg.device))
+    model = lm.load_model(cfg.model, device=device)
+    models = {None: model}
+    for name, hooks in source_models(cfg).items():
+        if name is not None:
+            models[name] = lm.load_model(name, device=device)
+            if models[name].tokenizer.get_vocab() != model.tokenizer.get_vocab():
+                raise SaekitError(f"source model {name} has another tokenizer than {cfg.model}: a dictionary over "
+                                  "several models reads the same tokens in each, so their vocabularies must agree")
+        lm.check_hookpoints(models[name], [parse_source(h)[2] for h in hooks])
     ctx = contexts(cfg, model.tokenizer)
-    caches = {s: activation_cache(cfg, model, s, *ctx[s], quiet=quiet) for s in ("train", "val")}
+    caches = {s: activation_cache(cfg, models if len(models) > 1 else model, s, *ctx[s], quiet=quiet)
+              for s in ("train", "val")}
     return model, ctx, caches
 
 
-def check_sources(cfg: TrainConfig) -> None:
-    """Refuse sources and targets that this saekit cannot harvest: other models or snapshots."""
-    other = [n for n in (cfg.sources or []) + (cfg.targets or []) if parse_source(n)[0] is not None]
-    if other:
-        raise SaekitError(f"sources {other} name another model or snapshot (model@revision:hookpoint); saekit "
-                          f"harvests the hookpoints of the config's model ({cfg.model}) only: name hookpoints")
+def source_models(cfg: TrainConfig) -> dict[str | None, list[str]]:
+    """The names a config harvests, grouped by the model they are read from: None for the config's
+    model, else `model` or `model@revision` (see `saekit.config.parse_source`)."""
+    groups: dict[str | None, list[str]] = {}
+    for h in cfg.hookpoints:
+        model, revision, _ = parse_source(h)
+        groups.setdefault(model and (f"{model}@{revision}" if revision else model), []).append(h)
+    return groups
 
 
 def finished_caches(cfg: TrainConfig) -> dict[str, ActivationCache] | None:

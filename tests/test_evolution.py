@@ -123,22 +123,32 @@ def test_plots_are_written(tmp_path):
     assert plot_trajectories(df, tmp_path / "t.png", x=[0, 1, 2, 4, 8, 16]).stat().st_size > 1000
 
 
-def test_pretrain_snapshots_load_as_models_and_harvest(tmp_path):
-    """A few steps of training/pretrain.py (tiny model, 30 scenes), then `series@stepN` through
-    saekit's loader: the harvested activations are those of the saved weights, and a snapshot
-    that does not exist is refused with the list of those that do."""
+PRETRAIN = ["--steps", "6", "--snapshots", "4", "--d-model", "32", "--layers", "2", "--heads", "2", "--vocab", "300",
+            "--docs", "30", "--batch", "4", "--ctx-len", "32", "--val-contexts", "4", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    """A few steps of training/pretrain.py: a tiny model, 30 scenes, snapshots at steps 0, 1, 2, 6."""
+    out = tmp_path_factory.mktemp("pretrain") / "series"
+    subprocess.run([sys.executable, str(ROOT / "training/pretrain.py"), "--out", str(out), *PRETRAIN], check=True,
+                   capture_output=True)
+    return out
+
+
+def test_pretrain_snapshots_load_as_models_and_harvest(series):
+    """`series@stepN` through saekit's loader: the harvested activations are those of the saved
+    weights, a rerun trains nothing, and a snapshot that does not exist is refused with the list of
+    those that do."""
     from saekit import data
     from saekit import model as lm
 
-    out = tmp_path / "series"
-    cmd = [sys.executable, str(ROOT / "training/pretrain.py"), "--out", str(out), "--steps", "6", "--snapshots",
-           "4", "--d-model", "32", "--layers", "2", "--heads", "2", "--vocab", "300", "--docs", "30", "--batch",
-           "4", "--ctx-len", "32", "--val-contexts", "4", "--threads", "1"]
-    subprocess.run(cmd, check=True, capture_output=True)
+    out = series
     info = json.loads((out / "pretrain.json").read_text())
     assert info["schedule"] == [0, 1, 2, 6] and lm.snapshots(out) == ["step0", "step1", "step2", "step6"]
     log = json.loads((out / "loss.json").read_text())
     assert len(log["train"]) == 6 and set(log["val"]) == {"0", "1", "2", "6"} and (out / "loss.png").exists()
+    cmd = [sys.executable, str(ROOT / "training/pretrain.py"), "--out", str(out), *PRETRAIN]
     assert "done" in subprocess.run(cmd, check=True, capture_output=True, text=True).stdout  # nothing retrained
 
     m0, m6 = lm.load_model(f"{out}@step0"), lm.load_model(str(out), revision="step6")
@@ -151,3 +161,38 @@ def test_pretrain_snapshots_load_as_models_and_harvest(tmp_path):
     torch.testing.assert_close(a6, cache["blocks.1.hook_resid_post"][mask], rtol=1e-4, atol=1e-5)
     with pytest.raises(SaekitError, match="no snapshot 'step3'.*step0, step1, step2, step6"):
         lm.load_model(f"{out}@step3")
+
+
+def test_train_harvests_snapshot_sources_on_the_same_tokens(series, tmp_path):
+    """`saekit train` with sources `SERIES@stepN:hookpoint`: one cache holds every snapshot's rows
+    for the same tokens (equal to harvesting each snapshot alone), a crosscoder trains on it and
+    `evolution` reads its decoder norms per snapshot; a source model with another tokenizer, an
+    unknown hookpoint of a snapshot, and another model's hookpoint outside sources are refused."""
+    from saekit import Run, pipeline
+    from saekit import model as lm
+    from saekit.config import load_config
+
+    h = "blocks.1.hook_resid_post"
+    srcs = [f"{series}@step{s}:{h}" for s in (0, 2, 6)]
+    args = ["--model", f"{series}@step6", "--sources", json.dumps(srcs), "--hookpoints", "[unused]", "--n_tokens",
+            "3000", "--val_tokens", "400", "--ctx_len", "32", "--expansion", "2", "--k", "4", "--batch_size", "256",
+            "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "cc"), "--eval_contexts", "2"]
+    cfg = load_config(None, args)
+    path = pipeline.train(cfg, quiet=True)
+    val = pipeline.finished_caches(cfg)["val"]
+    assert set(val.hookpoints) == set(srcs)
+    toks, mask = pipeline.contexts(cfg, lm.load_model(f"{series}@step6").tokenizer)["val"]
+    for s, name in zip((0, 2, 6), srcs, strict=True):
+        alone = torch.cat([b[h] for b in lm.harvest(lm.load_model(f"{series}@step{s}"), toks, mask, [h])])
+        torch.testing.assert_close(val.tensor(name), alone, rtol=1e-3, atol=1e-3)
+    cc = Run.open(path).sae("crosscoder")
+    df = saekit.analyze.evolution(cc)
+    assert cc.decoder_norms().shape == (3, 64) and len(df) == 64 and {f"norm:{n}" for n in srcs} <= set(df.columns)
+
+    with pytest.raises(SaekitError, match="another tokenizer"):
+        pipeline.prepare(load_config(None, [*args[2:], "--model", "smollm2-135m", "--out", str(tmp_path / "x")]))
+    bad = json.dumps([f"{series}@step0:blocks.9.hook_resid_post"])
+    with pytest.raises(SaekitError, match="unknown hookpoint 'blocks.9.hook_resid_post'"):
+        pipeline.prepare(load_config(None, [*args, "--sources", bad, "--out", str(tmp_path / "y")]))
+    with pytest.raises(SaekitError, match="other models' go in sources"):
+        load_config(None, ["--hookpoints", json.dumps(srcs[:1])])
