@@ -1,9 +1,10 @@
 """IOI study: SmolLM2-135M's indirect-object identification, where its attributes are linearly
 present, and SAEs judged against supervised dictionaries there (Makelov, Lange & Nanda, ICLR
 2025) in the paper's two settings: an SAE trained on the general corpus (the default run) and
-one trained on the IOI prompts' own activations.
+one trained on the IOI prompts' own activations; then every recipe of analysis/recipes_study.py
+(seed 0, the same layer-6 data and budget) side by side.
 
-    nice -n 15 python3 analysis/ioi_study.py [--run /work/main/runs/default] [--parts figure,probes,default,ioi_sae]
+    nice -n 15 python3 analysis/ioi_study.py [--run runs/default] [--parts figure,probes,default,ioi_sae,recipes]
 
 Resumable by part: each finished part is kept in analysis/results/ioi.json and skipped on a
 rerun (parts may also run in separate processes); analysis/results/ioi.md is rewritten from it
@@ -27,7 +28,7 @@ from saekit.io import atomic_write, md_table
 from saekit.model import load_model
 
 OUT = Path(__file__).parent / "results"
-PARTS = ("figure", "probes", "default", "ioi_sae")
+PARTS = ("figure", "probes", "default", "ioi_sae", "recipes")
 LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
 
 
@@ -67,6 +68,23 @@ def ioi_sae(lm, hookpoint: str, n_prompts: int, n_latents: int, k: int):
     return sae, len(acts)
 
 
+def recipe_row(name: str, ev: dict) -> dict:
+    """One line per recipe: the SAE's approximation, control and interpretability in brief."""
+    (r,) = ev["hookpoints"].values()
+    sae = next(a for a in r["approximation"] if a["dictionary"] == "sae")
+    sup = next(a for a in r["approximation"] if a["dictionary"] == "supervised")
+    row = {"recipe": name, "recovered": sae["recovered"], "KL": sae["kl"], "supervised recovered": sup["recovered"]}
+    for edit, c in r["control"].items():
+        nan = float("nan")
+        row[f"control {edit}"] = f"{c.get('sae_success', nan):.2f} ({c.get('sae_median_edits', nan):g})"
+    attrs = r["attributes"] or []
+    row["values tracked"] = " / ".join(f"{a['attribute']} {a['tracked']:.2f}" for a in attrs)
+    row["over-split"] = " / ".join(f"{a['attribute']} {a['over_split']:.2f}" for a in attrs)
+    row["occluded"] = ", ".join(a["attribute"] for a in attrs if a["occluded"]) or "none"
+    row["eval s"] = round(ev["wall_time_s"])
+    return row
+
+
 def write_md(res: dict, argv: list[str]) -> None:
     lines = ["# IOI on SmolLM2-135M: the task, where its attributes live, and SAEs against supervised dictionaries", "",
              f"Command: `{' '.join(['nice -n 15 python3 analysis/ioi_study.py', *map(shlex.quote, argv)])}` (parts "
@@ -84,6 +102,15 @@ def write_md(res: dict, argv: list[str]) -> None:
         if r := res.get(part):
             md = markdown(r["eval"]).replace("# Task evaluation", "### Task evaluation").replace("\n## ", "\n#### ")
             lines += [f"## {title}", "", *(f"{k}: {v}" for k, v in r.get("info", {}).items()), "", md, ""]
+    if r := {k[7:]: v for k, v in res.items() if k.startswith("recipe:")}:
+        lines += ["## Every recipe (seed 0 of analysis/recipes_study.py: layer 6, 350k tokens × 3 epochs, 9,216 "
+                  "latents, k 32)", "", "recovered: share of the clean − mean-ablation logit-difference gap kept "
+                  "when the activation is replaced by the SAE's reconstruction (supervised: by the supervised "
+                  "dictionary's); "
+                  "control EDIT: success rate of the greedy latent edit (median latents edited); values tracked / "
+                  "over-split: share of each attribute's values with one latent of precision and recall above the "
+                  "thresholds / split over several.", "",
+                  md_table([recipe_row(name, ev) for name, ev in r.items()]), ""]
     cpu = res.get("cpu_time_s", {})
     lines += ["## Time (s; CPU = this process's CPU time over all threads, not recorded for the first parts)", "",
               md_table([{"part": k, "wall": v, "CPU": cpu.get(k, "")} for k, v in res["wall_time_s"].items()]), ""]
@@ -92,7 +119,8 @@ def write_md(res: dict, argv: list[str]) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", default="/work/main/runs/default")
+    ap.add_argument("--run", default="runs/default")
+    ap.add_argument("--recipes", default="runs/recipes", help="analysis/recipes_study.py's runs (part recipes)")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--position", default="end")
     ap.add_argument("--figure-prompts", type=int, default=192)
@@ -106,7 +134,11 @@ def main():
     lm = load_model()
     torch.manual_seed(0)
     argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--parts" and sys.argv[i] != "--parts"]
-    for part in args.parts.split(","):
+    parts = args.parts.split(",")
+    if "recipes" in parts:  # one part per recipe run found: recipe:<folder>
+        i = parts.index("recipes")
+        parts[i : i + 1] = [f"recipe:{d.parent.name}" for d in sorted(Path(args.recipes).glob("*/s0"))]
+    for part in parts:
         if part in res:
             print(f"{part}: done before, skipped")
             continue
@@ -127,6 +159,10 @@ def main():
                            progress=True)
             res[part] = {"info": {"trained on": f"{n_tok} tokens of {args.sae_prompts} IOI prompts ({h})",
                                   "SAE": "TopK, 2,304 latents, k 16, 20 epochs, batch 512"}, "eval": ev.to_dict()}
+        elif part.startswith("recipe:"):
+            ev = task_eval(Run.open(Path(args.recipes) / part[7:] / "s0"), model=lm, position=args.position,
+                           n_eval=args.eval_prompts, n_pairs=args.pairs, progress=True)
+            res[part] = ev.to_dict()
         else:
             sys.exit(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
         wall, cpu = round(time.perf_counter() - t0, 1), round(time.process_time() - c0, 1)
