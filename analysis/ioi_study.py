@@ -1,10 +1,11 @@
 """IOI study: SmolLM2-135M's indirect-object identification, where its attributes are linearly
 present, and SAEs judged against supervised dictionaries there (Makelov, Lange & Nanda, ICLR
-2025) in the paper's two settings: an SAE trained on the general corpus (the default run) and
-one trained on the IOI prompts' own activations; then every recipe of analysis/recipes_study.py
-(seed 0, the same layer-6 data and budget) side by side.
+2025) in the paper's two settings: SAEs trained on the general corpus and one trained on the IOI
+prompts' own activations. The general-corpus SAEs are every family's recipe in configs/ (the main
+job's data, width, k and budget) moved to `--hookpoint`, the site the probes pick; the main job
+itself (layer 6, where the answer position does not yet hold the names) is the `default` part.
 
-    nice -n 15 python3 analysis/ioi_study.py [--run runs/default] [--parts figure,probes,default,ioi_sae,recipes]
+    nice -n 15 python3 analysis/ioi_study.py [--parts figure,probes,default,ioi_sae,recipes]
 
 Resumable by part: each finished part is kept in analysis/results/ioi.json and skipped on a
 rerun (parts may also run in separate processes); analysis/results/ioi.md is rewritten from it
@@ -24,11 +25,14 @@ import torch
 from saekit import Run, fit
 from saekit.analyze import ioi
 from saekit.analyze.task import markdown, task_eval
+from saekit.config import load_config
 from saekit.io import atomic_write, md_table
 from saekit.model import load_model
+from saekit.pipeline import train
 
 OUT = Path(__file__).parent / "results"
 PARTS = ("figure", "probes", "default", "ioi_sae", "recipes")
+RECIPES = ("default", "batchtopk", "ortsae", "matryoshka", "jumprelu", "mp")  # configs/<name>.yaml
 LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
 
 
@@ -68,6 +72,15 @@ def ioi_sae(lm, hookpoint: str, n_prompts: int, n_latents: int, k: int):
     return sae, len(acts)
 
 
+def recipe_run(name: str, hookpoint: str, root: Path) -> Run:
+    """configs/<name>.yaml trained at `hookpoint` (or read back, or finished after a kill)."""
+    out = root / name
+    if not (out / "eval.json").is_file():
+        cfg = load_config(f"configs/{name}.yaml", ["--hookpoints", f"[{hookpoint}]", "--out", str(out)])
+        train(cfg, resume=(out / "state.safetensors").is_file(), quiet=True)
+    return Run.open(out)
+
+
 def recipe_row(name: str, ev: dict) -> dict:
     """One line per recipe: the SAE's approximation, control and interpretability in brief."""
     (r,) = ev["hookpoints"].values()
@@ -103,8 +116,9 @@ def write_md(res: dict, argv: list[str]) -> None:
             md = markdown(r["eval"]).replace("# Task evaluation", "### Task evaluation").replace("\n## ", "\n#### ")
             lines += [f"## {title}", "", *(f"{k}: {v}" for k, v in r.get("info", {}).items()), "", md, ""]
     if r := {k[7:]: v for k, v in res.items() if k.startswith("recipe:")}:
-        lines += ["## Every recipe (seed 0 of analysis/recipes_study.py: layer 6, 350k tokens × 3 epochs, 9,216 "
-                  "latents, k 32)", "", "recovered: share of the clean − mean-ablation logit-difference gap kept "
+        (h,) = next(iter(r.values()))["hookpoints"]
+        lines += [f"## Every family on the general corpus at {h} (configs/<recipe>.yaml: 350k tokens × 3 epochs, "
+                  "9,216 latents, k 32)", "", "recovered: share of the clean − mean-ablation logit-difference gap kept "
                   "when the activation is replaced by the SAE's reconstruction (supervised: by the supervised "
                   "dictionary's); "
                   "control EDIT: success rate of the greedy latent edit (median latents edited); values tracked / "
@@ -120,7 +134,8 @@ def write_md(res: dict, argv: list[str]) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="runs/default")
-    ap.add_argument("--recipes", default="runs/recipes", help="analysis/recipes_study.py's runs (part recipes)")
+    ap.add_argument("--hookpoint", default="blocks.24.hook_resid_post", help="site of the ioi_sae and recipes parts")
+    ap.add_argument("--recipes", default="runs/ioi", help="where the recipes part trains its runs")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--position", default="end")
     ap.add_argument("--figure-prompts", type=int, default=192)
@@ -135,9 +150,9 @@ def main():
     torch.manual_seed(0)
     argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--parts" and sys.argv[i] != "--parts"]
     parts = args.parts.split(",")
-    if "recipes" in parts:  # one part per recipe run found: recipe:<folder>
+    if "recipes" in parts:  # one part per recipe
         i = parts.index("recipes")
-        parts[i : i + 1] = [f"recipe:{d.parent.name}" for d in sorted(Path(args.recipes).glob("*/s0"))]
+        parts[i : i + 1] = [f"recipe:{r}" for r in RECIPES]
     for part in parts:
         if part in res:
             print(f"{part}: done before, skipped")
@@ -153,15 +168,16 @@ def main():
                            progress=True)
             res[part] = {"info": {"run": str(run.path), "hookpoints": ", ".join(run.hookpoints)}, "eval": ev.to_dict()}
         elif part == "ioi_sae":
-            h = "blocks.6.hook_resid_post"
+            h = args.hookpoint
             sae, n_tok = ioi_sae(lm, h, args.sae_prompts, 2304, 16)
             ev = task_eval(sae, model=lm, position=args.position, n_eval=args.eval_prompts, n_pairs=args.pairs,
                            progress=True)
             res[part] = {"info": {"trained on": f"{n_tok} tokens of {args.sae_prompts} IOI prompts ({h})",
                                   "SAE": "TopK, 2,304 latents, k 16, 20 epochs, batch 512"}, "eval": ev.to_dict()}
         elif part.startswith("recipe:"):
-            ev = task_eval(Run.open(Path(args.recipes) / part[7:] / "s0"), model=lm, position=args.position,
-                           n_eval=args.eval_prompts, n_pairs=args.pairs, progress=True)
+            run = recipe_run(part[7:], args.hookpoint, Path(args.recipes))
+            ev = task_eval(run, model=lm, position=args.position, n_eval=args.eval_prompts, n_pairs=args.pairs,
+                           progress=True)
             res[part] = ev.to_dict()
         else:
             sys.exit(f"unknown part {part!r}; parts: {', '.join(PARTS)}")
