@@ -83,7 +83,13 @@ def spread(vals: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(vals):.{digits}f} ({min(vals):.{digits}f}–{max(vals):.{digits}f})"
 
 
-def write(res: dict, argv: list[str], hookpoint: str) -> None:
+def train_seconds(out: Path) -> float:
+    """A run's training time from its last log line (tokens over the logged mean rate)."""
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return last["tokens"] / last["tokens_per_s"]
+
+
+def write(res: dict, argv: list[str], hookpoint: str, root: Path) -> None:
     rows = []
     for name in RECIPES:
         per = [res["runs"][k] for k in sorted(res["runs"]) if k.startswith(f"{name}|")]
@@ -96,10 +102,12 @@ def write(res: dict, argv: list[str], hookpoint: str) -> None:
                      "mean max dec cos": spread(col["max_cos"], 3), "dec eff. rank": spread(col["eff_rank"], 0),
                      "absorption": spread(col["absorption"], 3), "full absorption": spread(col["full_absorption"], 3),
                      "shared_0.7 (seed pairs)": spread(pairs, 3) if pairs else "",
-                     "train s": spread(col["wall_s"], 0)})
+                     "train s": spread([train_seconds(root / slug(name) / f"s{k.split('|')[1]}")
+                                        for k in sorted(res["runs"]) if k.startswith(f"{name}|")], 0)})
     cmd = " ".join(["nice -n 15 python3 analysis/recipes_study.py", *map(shlex.quote, argv)])
     lines = [f"# Recipes on SmolLM2-135M {hookpoint}", "",
-             f"Command: `{cmd}`; 2-core CPU, other jobs beside it (train s is an upper bound).", "",
+             f"Command: `{cmd}`; 2-core CPU shared with other jobs: train s (training alone, from the run's log) "
+             "is an upper bound.", "",
              "Every run: configs/default.yaml (350k Shakespeare tokens × 3 epochs = 255 steps, 9,216 latents, k 32, "
              "Adam lr 2e-3) plus the recipe's keys; seeds differ in initialisation and batch order only (one "
              "activation cache). Cells: mean (min–max) over seeds. FVU, L0 and dead % on the held-out tokens; "
@@ -142,7 +150,8 @@ def main():
                 sa, sb = (Run.open(root / slug(name) / f"s{s}").sae(hookpoint) for s in (a, b))
                 res["stability"][pair] = stability(sa, sb).to_dict()["shared_0.7"]
         atomic_write(file, lambda p: p.write_text(json.dumps(res, indent=1)))  # noqa: B023
-        write(res, sys.argv[1:], hookpoint)
+        write(res, sys.argv[1:], hookpoint, root)
+    write(res, sys.argv[1:], hookpoint, root)
 
 
 if __name__ == "__main__":
