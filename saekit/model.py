@@ -228,6 +228,9 @@ def harvest(model, tokens: torch.Tensor, mask: torch.Tensor, hookpoints: list[st
                 cache = _twin_forward(_TWINS[model], toks, where)
             else:
                 _, cache = model.run_with_cache(toks, names_filter=lambda n: n in hookpoints, stop_at_layer=stop)
+                if silent := [h for h in hookpoints if h not in cache.cache_dict]:
+                    raise SaekitError(f"hookpoints {silent} exist but the forward never reached them (TransformerLens "
+                                      "keeps some off by default, e.g. hook_mlp_in: read blocks.N.mlp.hook_in instead)")
             out = {h: cache[h][m].flatten(1).float().cpu() for h in hookpoints}
         bar.update(int(m.sum()))
         yield out

@@ -50,12 +50,14 @@ def test_harvest_reads_module_hookpoints_from_the_plain_model_equal_to_the_bridg
 
     tokens, mask = pack_contexts(load_texts("pydoc"), smollm2.tokenizer, ctx_len=32, n_tokens=150, seed=1)
     hooks = ["blocks.2.hook_resid_pre", HOOK, "blocks.3.hook_mlp_out", "blocks.3.hook_attn_out",
-             "blocks.4.hook_resid_mid", "blocks.1.attn.hook_z"]
+             "blocks.4.hook_resid_mid", "blocks.1.attn.hook_z", "blocks.3.mlp.hook_in"]
     assert [w[1:] for w in _twin_hooks(smollm2, hooks)] == [
         ("model.layers.2", "in"), ("model.layers.2", "out"), ("model.layers.3.mlp", "out"),
         ("model.layers.3.self_attn", "out"), ("model.layers.4.post_attention_layernorm", "in"),
-        ("model.layers.1.self_attn.o_proj", "in")]
+        ("model.layers.1.self_attn.o_proj", "in"), ("model.layers.3.mlp", "in")]
     assert _twin_hooks(smollm2, [HOOK, "blocks.1.attn.hook_rot_q"]) is None  # no module's input/output: bridge
+    with pytest.raises(SaekitError, match=r"\['blocks.3.hook_mlp_in'\] exist but the forward never reached"):
+        next(harvest(smollm2, tokens, mask, [HOOK, "blocks.3.hook_mlp_in"]))  # off by default in TransformerLens
     got = {h: torch.cat([c[h] for c in harvest(smollm2, tokens, mask, hooks, batch_size=4)]) for h in hooks}
     _, full = smollm2.run_with_cache(tokens, names_filter=lambda n: n in hooks)
     eps = torch.finfo(torch.float32).eps
