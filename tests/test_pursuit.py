@@ -48,6 +48,18 @@ def test_codes_equal_the_plain_pursuit(rows, threads, m):
     assert (vals >= 0).all()
 
 
+def test_threaded_pursuit_inside_inference_mode():
+    """The blocks' worker threads take the caller's inference mode (it is per thread): a model's
+    forward under inference mode that splices an MP SAE in (downstream evaluation) must work, and
+    give the same codes as outside it."""
+    W, x = dictionary(150, 8), inputs(50, 8)
+    with torch_threads(2):
+        want = mp_pursue(x, W, 12, rows=7)
+        with torch.inference_mode():
+            got = mp_pursue(x.clone(), W.clone(), 12, rows=7)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+
+
 def test_fp32_selection_matches_fp32_reference():
     """The Gram-updated correlations pick the plain loop's latents in fp32 too (no drift over k)."""
     W, x = dictionary(512, 64, dtype=torch.float32), inputs(64, 64, dtype=torch.float32)

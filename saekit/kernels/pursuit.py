@@ -59,9 +59,12 @@ def mp_pursue(xc: Tensor, W: Tensor, k: int, threshold: float | None = None,
     sq_norms = W.square().sum(1)
     rows = max(B, 1) if W.is_cuda else rows
 
-    def block(s: int) -> None:
-        _pursue_block(xc[s : s + rows].to(W.dtype), W, G, sq_norms, k, threshold,
-                      order[s : s + rows], coeffs[s : s + rows])
+    inference = torch.is_inference_mode_enabled()
+
+    def block(s: int) -> None:  # grad and inference modes are per thread: the workers take the caller's
+        with torch.inference_mode(inference), torch.no_grad():
+            _pursue_block(xc[s : s + rows].to(W.dtype), W, G, sq_norms, k, threshold,
+                          order[s : s + rows], coeffs[s : s + rows])
 
     if W.is_cuda:
         block(0)
