@@ -7,9 +7,10 @@ For each point (overrides of configs/default.yaml: more epochs over the same cac
 or a lever: data-initialised decoder rows, a higher learning rate) and each seed, `saekit train`
 writes runs/budget/<point>_s<seed>/. Then, per point: held-out FVU and dead fraction (the run's
 eval.json), seed stability between every pair of its seeds (`saekit.analyze.stability`: shares
-of latents at matched decoder cosine >= 0.7 and >= 0.9, mean matched cosine, co-firing), and the
+of latents at matched decoder cosine >= 0.7 and >= 0.9, mean matched cosine, co-firing), the
 mean cosine of each decoder row with its own initial direction (the trainer's initialisation,
-rebuilt from the run's config and cache).
+rebuilt from the run's config and cache), first-letter absorption (as in recipes_study.py) and
+the decoder covariance power law alpha (`saekit.analyze.geometry`).
 
 Resumable: a finished run (eval.json) is skipped, a killed one continues from its last
 checkpoint (`saekit train --resume`). `--until HH:MM` (UTC) starts no run after that time and
@@ -32,12 +33,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from recipes_study import measure
 
-from saekit.analyze.stability import run_stability
+from saekit.analyze.absorption import first_letter_data
+from saekit.analyze.geometry import geometry
+from saekit.analyze.stability import run_stability, stability
 from saekit.config import load_config
 from saekit.io import atomic_write, md_table
+from saekit.model import load_model
+from saekit.pipeline import init_sample
 from saekit.run import RESUMABLE_CHANGES, Run
-from saekit.trainer import INIT_SAMPLE, Trainer
+from saekit.trainer import Trainer
 
 CONFIG = "configs/default.yaml"
 ROOT = Path("runs/budget")
@@ -49,6 +55,7 @@ POINTS = {
     "e3-lr6e-3": ({"epochs": 3, "lr": 6e-3}, "3x the default config's learning rate"),
     "e12": ({"epochs": 12}, "4x the steps"),
     "e6-data-init": ({"epochs": 6, "init": "data"}, "data init at 2x the steps"),
+    "e12-lr6e-3": ({"epochs": 12, "lr": 6e-3}, "4x the steps at 3x the learning rate"),
     "e24": ({"epochs": 24}, "8x the steps"),
 }
 STABILITY_TOKENS = 16_384  # held-out tokens for the co-firing of matched pairs
@@ -83,7 +90,8 @@ def train(point: str, seed: int, deadline: float | None) -> None:
            f"--seed={seed}", f"--out={out}", "--quiet", *(["--resume"] if resume else [])]
     print(f"[{dt.datetime.now(dt.timezone.utc):%H:%M}] {' '.join(cmd[2:])}", flush=True)
     t0 = time.time()
-    proc = subprocess.Popen(cmd)
+    # SIGINT stops saekit cleanly at --until; a shell starts background jobs with it ignored, so restore it
+    proc = subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.wait(timeout=None if deadline is None else max(1.0, deadline - time.time()))
     except subprocess.TimeoutExpired:
@@ -97,19 +105,53 @@ def train(point: str, seed: int, deadline: float | None) -> None:
         raise SystemExit(f"training {out} failed with exit code {proc.returncode}")
 
 
+def initial_sae(path: Path):
+    """The SAE a run started from (the trainer's initialisation, rebuilt from the run's config and cache)."""
+    run = Run.open(path)
+    h = run.hookpoint()
+    cache = run.cache("train")
+    return Trainer(run.config, {h: cache.dim(h)}, init_sample(cache, [h], run.config), None,
+                   torch.device("cpu")).saes[h]
+
+
 def init_cosine(point: str, seed: int, path: Path) -> dict:
     """Mean cosine of each final decoder row with its initial direction (cached under runs/budget/,
     so a reused run elsewhere is only read)."""
     file = ROOT / f"init_cosine_{point}_s{seed}.json"
     if file.is_file():
         return json.loads(file.read_text())
-    run = Run.open(path)
-    h = run.hookpoint()
-    cache = run.cache("train")
-    sample = {h: cache.tensor(h, INIT_SAMPLE)}
-    start = Trainer(run.config, {h: cache.dim(h)}, sample, None, torch.device("cpu")).saes[h].W_dec.detach()
-    cos = torch.nn.functional.cosine_similarity(run.sae(h).W_dec.detach().float(), start.float(), dim=1)
+    start = initial_sae(path).W_dec.detach()
+    end = Run.open(path).sae().W_dec.detach()
+    cos = torch.nn.functional.cosine_similarity(end.float(), start.float(), dim=1)
     res = {"mean": float(cos.mean()), "above_0.5": float((cos > 0.5).double().mean())}
+    ROOT.mkdir(parents=True, exist_ok=True)
+    atomic_write(file, lambda p: p.write_text(json.dumps(res)))
+    return res
+
+
+def start_shared(point: str, a: tuple[int, Path], b: tuple[int, Path]) -> float:
+    """Share of latents two seeds' starting dictionaries already have in common at decoder cosine >= 0.7
+    (cached): the floor under their final shared fraction when rows start on data samples."""
+    file = ROOT / f"start_shared_{point}_s{a[0]}_s{b[0]}.json"
+    if not file.is_file():
+        res = stability(initial_sae(a[1]), initial_sae(b[1])).to_dict()["shared_0.7"]
+        ROOT.mkdir(parents=True, exist_ok=True)
+        atomic_write(file, lambda p: p.write_text(json.dumps(res)))
+    return json.loads(file.read_text())
+
+
+def features(point: str, seed: int, path: Path, data: dict) -> dict:
+    """First-letter absorption and the decoder's power-law alpha of one run (cached under runs/budget/;
+    the first-letter data, which needs the model, is built once, on first need, into `data`)."""
+    file = ROOT / f"features_{point}_s{seed}.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    run = Run.open(path)
+    if "letters" not in data:
+        data["letters"] = first_letter_data(load_model(run.model_name), run.hookpoint())
+    g = geometry(run.sae(run.hookpoint()))
+    res = {"absorption": measure(path, data["letters"])["absorption"], "alpha": g.power_law_alpha,
+           "alpha_shrunk": g.power_law_alpha_shrunk}
     ROOT.mkdir(parents=True, exist_ok=True)
     atomic_write(file, lambda p: p.write_text(json.dumps(res)))
     return res
@@ -132,7 +174,7 @@ def _mean(xs):
 
 
 def report(seeds: int, reuse: list[Path], command: str, started: float, out: Path) -> None:
-    rows, missing = [], []
+    rows, missing, data = [], [], {}
     for point, (over, what) in POINTS.items():
         runs = {s: find_run(point, s, reuse) for s in range(seeds)}
         done = {s: p for s, p in runs.items() if p is not None}
@@ -143,6 +185,7 @@ def report(seeds: int, reuse: list[Path], command: str, started: float, out: Pat
         evals = [next(iter(e.values())) for e in evals]
         steps = [json.loads((p / "metrics.jsonl").read_text().splitlines()[-1])["step"] for p in done.values()]
         inits = [init_cosine(point, s, p) for s, p in done.items()]
+        feats = [features(point, s, p, data) for s, p in done.items()]
         stab = [pair_stability(point, a, b) for a, b in itertools.combinations(sorted(done.items()), 2)]
         rows.append({
             "point": point, "what": what, "epochs": over["epochs"], "steps": max(steps), "seeds": len(done),
@@ -155,6 +198,11 @@ def report(seeds: int, reuse: list[Path], command: str, started: float, out: Pat
             "enc_shared_0.7": _mean([s["encoder"]["shared_0.7"] for s in stab]),
             "null_cos": _mean([s["null_mean"] for s in stab]),
             "jaccard": _mean([s["cofiring"]["mean_jaccard"] for s in stab if s.get("cofiring")]),
+            "start_shared_0.7": start_shared(point, *sorted(done.items())[:2])
+            if over.get("init") == "data" and len(done) > 1 else None,
+            "absorption": _mean([f["absorption"] for f in feats]),
+            "absorption_range": [min(f["absorption"] for f in feats), max(f["absorption"] for f in feats)],
+            "alpha": _mean([f["alpha"] for f in feats]), "alpha_shrunk": _mean([f["alpha_shrunk"] for f in feats]),
             "wall_s": [_logged_wall(p) for _, p in sorted(done.items())],
         })
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +210,8 @@ def report(seeds: int, reuse: list[Path], command: str, started: float, out: Pat
         {"command": command, "rows": rows, "not_run": missing}, indent=1)))
     plot = _plot(rows, out.with_suffix(".png"))
     show = ("point", "steps", "seeds", "fvu", "dead", "init_cos", "init_cos>0.5", "seed_pairs", "shared_0.7",
-            "shared_0.9", "matched_cos", "enc_shared_0.7", "null_cos", "jaccard", "wall_s")
+            "shared_0.9", "start_shared_0.7", "matched_cos", "enc_shared_0.7", "null_cos", "jaccard", "absorption",
+            "alpha", "wall_s")
     lines = ["# Training budget on the default hookpoint (SmolLM2-135M blocks.6.hook_resid_post, 9,216 latents)", "",
              f"Command: `{command}`; this invocation's wall time {time.time() - started:.0f} s "
              f"(2 shared cores; other jobs ran beside it, so wall times are upper bounds).", "",
@@ -170,10 +219,12 @@ def report(seeds: int, reuse: list[Path], command: str, started: float, out: Pat
              "Columns: held-out FVU and dead fraction (eval.json, mean over seeds); `init_cos` mean cosine of each "
              "final decoder row with its own initial direction (and the share above 0.5); stability over every pair "
              "of seeds (mean): shares of the smaller SAE's latents matched one-to-one at decoder cosine >= 0.7 / 0.9, "
+             "`start_shared_0.7` the share >= 0.7 of seeds 0 and 1's starting dictionaries (data init only), "
              "the mean matched cosine, the encoder rows' share >= 0.7, the mean matched cosine against a random "
              "unit dictionary (null), and the mean Jaccard co-firing of matched pairs on "
-             f"{STABILITY_TOKENS:,} held-out tokens; `wall_s` training + evaluation per seed (reused runs: "
-             "as logged, or None).", "",
+             f"{STABILITY_TOKENS:,} held-out tokens; `absorption` the mean first-letter absorption fraction "
+             "(mean over seeds; json: range), `alpha` the decoder covariance power law; `wall_s` training + "
+             "evaluation per seed (reused runs: as logged, or None).", "",
              "Points: " + "; ".join(f"`{p}` {w} ({', '.join(f'{k} {v}' for k, v in o.items())})"
                                     for p, (o, w) in POINTS.items()) + ".", ""]
     if missing:
@@ -197,9 +248,11 @@ def _plot(rows: list[dict], file: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    axes = axes.flatten()
     panels = (("fvu", "held-out FVU"), ("dead", "dead fraction"), ("shared_0.7", "seed-shared >= 0.7 (0.9 dashed)"),
-              ("init_cos", "cos(final row, initial row)"))
+              ("init_cos", "cos(final row, initial row)"), ("absorption", "first-letter absorption"),
+              ("alpha", "decoder power law alpha"))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for kind, style in (("", "o-"), ("-data-init", "s--"), ("-lr6e-3", "^:")):
             pts = sorted((r["steps"], r[key]) for r in rows if r[key] is not None

@@ -182,6 +182,19 @@ class ActivationCache:
             for s in range(0, len(shard[hookpoints[0]]), batch_size):
                 yield {h: shard[h][s : s + batch_size] for h in hookpoints}
 
+    def sample(self, hookpoints: list[str], n: int, seed: int) -> dict[str, torch.Tensor]:
+        """`n` rows (all if fewer) at positions drawn by `seed` over the whole cache, in stored order:
+        `{hookpoint: [n, d]}` float32, the same rows for every hookpoint. Reads every shard once."""
+        pick = torch.randperm(self.n_tokens, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        out, start = {h: [] for h in hookpoints}, 0
+        for part in self.batches_of(hookpoints, 1 << 16):
+            size = len(part[hookpoints[0]])
+            at = pick[(pick >= start) & (pick < start + size)] - start
+            for h in hookpoints:
+                out[h].append(part[h][at])
+            start += size
+        return {h: torch.cat(v) for h, v in out.items()}
+
     def tensor(self, hookpoint: str, max_tokens: int | None = None) -> torch.Tensor:
         """The first `max_tokens` activations of one hookpoint, `[n, d]` float32."""
         parts, n = [], 0

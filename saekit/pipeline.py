@@ -151,6 +151,16 @@ def finished_caches(cfg: TrainConfig) -> dict[str, ActivationCache] | None:
         return None
 
 
+def init_sample(cache: ActivationCache, hookpoints: list[str], cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The rows a run initialises from: the first `INIT_SAMPLE` tokens of the training cache (for the
+    geometric median and the input scale), or, for `init: data`, whose decoder rows are sample rows,
+    `INIT_SAMPLE` rows the seed draws over the whole cache, so that two seeds start on different rows
+    (from one shared pool of the first tokens they would share most of their starting rows)."""
+    if cfg.init == "data":
+        return cache.sample(hookpoints, INIT_SAMPLE, cfg.seed)
+    return {h: cache.tensor(h, INIT_SAMPLE) for h in hookpoints}
+
+
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     """Train one SAE per hookpoint as configured, evaluate them, return the run folder.
 
@@ -207,7 +217,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     if again:
         raise SaekitError(f"{run.path} holds an unfinished run (step {step} of {total}); continue it with "
                           f"`saekit train --out {run.path} --resume`, or choose another --out")
-    sample = {h: train_cache.tensor(h, INIT_SAMPLE) for h in hookpoints}
+    sample = init_sample(train_cache, hookpoints, cfg)
     dims = {h: train_cache.dim(h) for h in hookpoints}
     trainer = Trainer(cfg, dims, sample, total, resolve_device(cfg.device), data_parallel=not sharded)
     if run and run.has_state:

@@ -1,5 +1,6 @@
 """`saekit train/eval` end to end on the offline model: outputs, kill-and-resume, bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,8 +10,9 @@ from saekit import cli, pipeline
 from saekit.activations import ActivationCache, build_cache, cache_path, merge_parts, resume_point
 from saekit.config import TrainConfig, load_config
 from saekit.errors import SaekitError
+from saekit.init import init_sae
 from saekit.run import Run
-from saekit.sae import SAE
+from saekit.sae import SAE, SAEConfig
 from saekit.trainer import Trainer
 
 HOOK = "blocks.2.hook_resid_post"  # the hookpoint of the `tiny` run (conftest)
@@ -216,3 +218,27 @@ def test_cache_list_and_remove(tmp_path, capsys):
     assert [p.name for p in root.iterdir()] == ["notes"]
     assert cli.main(["cache", "--list", "--cache_dir", str(root)]) == 0
     assert "no activation caches" in capsys.readouterr().out
+
+
+def test_data_init_seeds_start_on_different_rows(tmp_path):
+    x = torch.randn(200_000, 16, generator=torch.Generator().manual_seed(0))
+    cache = build_cache(tmp_path / "c", iter([{"h": c} for c in x.split(25_000)]), {}, shard_tokens=50_000)
+    n, cfg = pipeline.INIT_SAMPLE, load_config("configs/default.yaml", [])
+    assert torch.equal(pipeline.init_sample(cache, ["h"], cfg)["h"], x[:n])  # other inits: the first tokens
+
+    def start(seed: int, sample: torch.Tensor) -> torch.Tensor:
+        sae = SAE(SAEConfig(d_in=16, n_latents=8_000, k=4))
+        init_sae(sae, sample, "data", torch.Generator().manual_seed(seed))
+        return sae.W_dec
+
+    def shared(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((a @ b.T).amax(1) > 0.9999).double().mean())
+
+    cfgs = [dataclasses.replace(cfg, init="data", seed=s) for s in (0, 1)]
+    samples = [pipeline.init_sample(cache, ["h"], c)["h"] for c in cfgs]
+    for s in samples:  # n distinct rows of the cache
+        assert s.shape == (n, 16) and len(torch.unique(s, dim=0)) == n
+        assert bool((torch.cdist(s[:50], x, compute_mode="donot_use_mm_for_euclid_dist").amin(1) == 0).all())
+    assert torch.equal(samples[1], pipeline.init_sample(cache, ["h"], cfgs[1])["h"])  # reproducible
+    assert shared(start(0, samples[0]), start(1, samples[1])) < 0.1  # ~8,000 / 200,000 expected
+    assert shared(start(0, x[:n]), start(1, x[:n])) > 0.4  # one shared pool of first tokens: ~8,000 / 16,384
