@@ -54,9 +54,9 @@ POINTS = {
     "e6": ({"epochs": 6}, "2x the steps over the same tokens"),
     "e3-lr6e-3": ({"epochs": 3, "lr": 6e-3}, "3x the default config's learning rate"),
     "e12": ({"epochs": 12}, "4x the steps"),
-    "e6-data-init": ({"epochs": 6, "init": "data"}, "data init at 2x the steps"),
-    "e12-lr6e-3": ({"epochs": 12, "lr": 6e-3}, "4x the steps at 3x the learning rate"),
     "e24": ({"epochs": 24}, "8x the steps"),
+    "e12-lr6e-3": ({"epochs": 12, "lr": 6e-3}, "4x the steps at 3x the learning rate"),
+    "e6-data-init": ({"epochs": 6, "init": "data"}, "data init at 2x the steps"),
 }
 STABILITY_TOKENS = 16_384  # held-out tokens for the co-firing of matched pairs
 
