@@ -13,8 +13,10 @@ rebuilt from the run's config and cache), first-letter absorption (as in recipes
 the decoder covariance power law alpha (`saekit.analyze.geometry`).
 
 Resumable: a finished run (eval.json) is skipped, a killed one continues from its last
-checkpoint (`saekit train --resume`). `--until HH:MM` (UTC) starts no run after that time and
-stops a running one there (it resumes next time). `--reuse RUN ...`: finished runs elsewhere
+checkpoint (`saekit train --resume`); a point none of whose runs is on this machine keeps its row
+from the previous budget.json (marked carried), so a study can go on across machines.
+`--until HH:MM` (UTC) starts no run after that time and stops a running one there (it resumes
+next time). `--reuse RUN ...`: finished runs elsewhere
 whose training config equals a point's (e.g. the main job's runs/default is e3, seed 0). Runs
 go in the order: every point's seeds 0 and 1, then every point's further seeds. Writes
 analysis/results/budget.{md,json,png} after every run, with the command, each run's wall time,
@@ -57,6 +59,8 @@ POINTS = {
     "e24": ({"epochs": 24}, "8x the steps"),
     "e12-lr6e-3": ({"epochs": 12, "lr": 6e-3}, "4x the steps at 3x the learning rate"),
     "e6-data-init": ({"epochs": 6, "init": "data"}, "data init at 2x the steps"),
+    "e12-lr6e-3-x8": ({"epochs": 12, "lr": 6e-3, "expansion": 8}, "the 3x-lr budget at half the width"),
+    "e12-lr6e-3-x4": ({"epochs": 12, "lr": 6e-3, "expansion": 4}, "the 3x-lr budget at a quarter of the width"),
 }
 STABILITY_TOKENS = 16_384  # held-out tokens for the co-firing of matched pairs
 
@@ -175,9 +179,15 @@ def _mean(xs):
 
 def report(seeds: int, reuse: list[Path], command: str, started: float, out: Path) -> None:
     rows, missing, data = [], [], {}
+    last = out.with_suffix(".json")
+    previous = {r["point"]: r for r in json.loads(last.read_text())["rows"]} if last.is_file() else {}
     for point, (over, what) in POINTS.items():
         runs = {s: find_run(point, s, reuse) for s in range(seeds)}
         done = {s: p for s, p in runs.items() if p is not None}
+        if not done and point in previous:  # measured by an earlier invocation whose runs are not here
+            rows.append({**previous[point], "carried": True})
+            missing += [f"{point} seed {s}" for s in range(previous[point]["seeds"], seeds)]
+            continue
         missing += [f"{point} seed {s}" for s in runs if s not in done]
         if not done:
             continue
@@ -203,7 +213,7 @@ def report(seeds: int, reuse: list[Path], command: str, started: float, out: Pat
             "absorption": _mean([f["absorption"] for f in feats]),
             "absorption_range": [min(f["absorption"] for f in feats), max(f["absorption"] for f in feats)],
             "alpha": _mean([f["alpha"] for f in feats]), "alpha_shrunk": _mean([f["alpha_shrunk"] for f in feats]),
-            "wall_s": [_logged_wall(p) for _, p in sorted(done.items())],
+            "wall_s": [_logged_wall(p) for _, p in sorted(done.items())], "carried": False,
         })
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(
@@ -211,7 +221,7 @@ def report(seeds: int, reuse: list[Path], command: str, started: float, out: Pat
     plot = _plot(rows, out.with_suffix(".png"))
     show = ("point", "steps", "seeds", "fvu", "dead", "init_cos", "init_cos>0.5", "seed_pairs", "shared_0.7",
             "shared_0.9", "start_shared_0.7", "matched_cos", "enc_shared_0.7", "null_cos", "jaccard", "absorption",
-            "alpha", "wall_s")
+            "alpha", "wall_s", "carried")
     lines = ["# Training budget on the default hookpoint (SmolLM2-135M blocks.6.hook_resid_post, 9,216 latents)", "",
              f"Command: `{command}`; this invocation's wall time {time.time() - started:.0f} s "
              f"(2 shared cores; other jobs ran beside it, so wall times are upper bounds).", "",
@@ -224,7 +234,8 @@ def report(seeds: int, reuse: list[Path], command: str, started: float, out: Pat
              "unit dictionary (null), and the mean Jaccard co-firing of matched pairs on "
              f"{STABILITY_TOKENS:,} held-out tokens; `absorption` the mean first-letter absorption fraction "
              "(mean over seeds; json: range), `alpha` the decoder covariance power law; `wall_s` training + "
-             "evaluation per seed (reused runs: as logged, or None).", "",
+             "evaluation per seed (reused runs: as logged, or None); `carried` rows were measured by an earlier "
+             "invocation whose runs are not on this machine, copied from the previous budget.json.", "",
              "Points: " + "; ".join(f"`{p}` {w} ({', '.join(f'{k} {v}' for k, v in o.items())})"
                                     for p, (o, w) in POINTS.items()) + ".", ""]
     if missing:
