@@ -49,12 +49,24 @@ def cache_path(cfg, split: str) -> Path:
     """Folder of the activation cache of one split of a TrainConfig (no model needed to find it):
     `cache_root`, then a hash of what determines the content. The data seed is hashed under the name
     `seed` (what it was called when it also seeded the SAE), so caches built then keep their key; the
-    training seed is not in the key."""
+    training seed is not in the key. When the config's own cache is not finished, a finished cache of
+    the same data whose hookpoints include the config's serves it (the same rows, harvested once)."""
     root = cache_root(cfg)
-    key = cache_key(model=cfg.model, dataset=cfg.dataset, text_field=cfg.text_field, ctx_len=cfg.ctx_len,
-                    n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.data_seed,
-                    hookpoints=sorted(cfg.hookpoints), split=split, format=FORMAT)
-    return root / key
+
+    def key(hookpoints) -> str:
+        return cache_key(model=cfg.model, dataset=cfg.dataset, text_field=cfg.text_field, ctx_len=cfg.ctx_len,
+                         n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.data_seed,
+                         hookpoints=sorted(hookpoints), split=split, format=FORMAT)
+
+    own = root / key(cfg.hookpoints)
+    for path in [own, *sorted(p for p in root.iterdir() if _is_cache_key(p) and p != own)] if root.is_dir() else []:
+        try:
+            hooks = ActivationCache.open(path).hookpoints
+        except SaekitError:
+            continue
+        if path == own or (set(cfg.hookpoints) < set(hooks) and path.name == key(hooks)):
+            return path
+    return own
 
 
 def list_caches(root: Path) -> list[dict]:

@@ -102,6 +102,36 @@ def test_a_second_seed_reuses_the_cache(tiny, tmp_path, monkeypatch, capsys):
     assert Run.open(tmp_path / "old").config.data_seed == 1
 
 
+def test_a_cache_of_more_hookpoints_serves_a_subset_of_them(tiny, tmp_path, monkeypatch):
+    def given(args, key, value):
+        out = list(args)
+        if key in out:
+            out[out.index(key) + 1] = value
+        else:
+            out += [key, value]
+        return out
+
+    own = given(tiny, "--cache_dir", str(tmp_path / "own"))
+    shared = given(tiny, "--cache_dir", str(tmp_path / "shared"))
+    both = given(shared, "--hookpoints", json.dumps([HOOK, "blocks.3.hook_resid_post"]))
+    assert cli.main(["cache", *both, "--quiet"]) == 0
+    assert run_cli(*own, "--out", str(tmp_path / "a")) == 0  # harvests its own cache of one hookpoint
+
+    def harvest(*args, **kwargs):
+        raise AssertionError("a subset of a finished cache's hookpoints harvested again")
+
+    monkeypatch.setattr(pipeline.lm, "harvest", harvest)
+    assert run_cli(*shared, "--out", str(tmp_path / "b")) == 0
+    sub, sup = load_config(None, shared), load_config(None, both)
+    assert all(cache_path(sub, s) == cache_path(sup, s) != cache_path(load_config(None, own), s)
+               for s in ("train", "val"))
+    a, b = SAE.load(tmp_path / "a" / HOOK), SAE.load(tmp_path / "b" / HOOK)
+    assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.W_enc, b.W_enc)  # the same rows, the same batches
+    with pytest.raises(AssertionError, match="harvested"):  # hookpoints beyond the cache's are not in it
+        run_cli(*given(shared, "--hookpoints", json.dumps([HOOK, "blocks.1.hook_resid_post"])),
+                "--out", str(tmp_path / "c"))
+
+
 def test_bad_inputs_exit_cleanly(tiny, tmp_path, capsys):
     out = ["--out", str(tmp_path / "r")]
     assert run_cli(*tiny, *out, "--hookpoints", "blocks.2.hook_resid_psot") == 2
