@@ -45,7 +45,8 @@ def ceiling(run: Run, hookpoint: str, tokens: int, other: Run | None = None) -> 
     ca, cb = encode_all(a, acts, tokens), encode_all(b, acts, tokens)
     m = match(a, b, codes=(ca, cb))
     u = universality(a, b, m.b_for_a)
-    return {"hookpoint": hookpoint, "cos_match": float(m.score.nanmean()),
+    return {"hookpoint": hookpoint, "cos_match": float(m.score.nanmean()), "shared_0.7": m.shared(0.7),
+            "shared_0.9": m.shared(0.9),
             "cos_top1": float(pair_scores(a, b, nearest(a, b).b_for_a).nanmean()),
             "ev_match": layer_skip(a, b, m.b_for_a, ca, acts, tokens),
             "ev_own": layer_skip(a, a, torch.arange(a.n_latents), ca, acts, tokens),

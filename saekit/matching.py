@@ -295,12 +295,16 @@ class Match:
         return {"method": self.method, "solver": self.solver, "m_a": self.m_a, "m_b": self.m_b, "info": self.info,
                 "b_for_a": self.b_for_a.tolist(), "score": [None if math.isnan(x) else x for x in s]}
 
+    def shared(self, t: float) -> float:
+        """Fraction of the smaller side's latents matched at score >= t (Paulo & Belrose 2025's "shared")."""
+        return float((self.score[self.b_for_a >= 0] >= t).sum()) / min(self.m_a, self.m_b)
+
     def summary(self) -> dict:
         ok = self.b_for_a >= 0
         s = self.score[ok]
         q = s.quantile(torch.tensor([0.1, 0.5, 0.9])).tolist() if len(s) else [math.nan] * 3
         return {"matched": int(ok.sum()), "m_a": self.m_a, "m_b": self.m_b, "mean score": float(s.mean()),
-                "p10": q[0], "median": q[1], "p90": q[2]}
+                "p10": q[0], "median": q[1], "p90": q[2], **{f"shared_{t}": self.shared(t) for t in (0.7, 0.9)}}
 
     def save(self, path: str | Path) -> Path:
         """`.json` (everything) or `.parquet` (the table, the rest in its metadata)."""

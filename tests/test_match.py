@@ -134,6 +134,8 @@ def test_different_widths(narrower):
         assert int((m.b_for_a >= 0).sum()) == 384 and len(set(m.b_for_a[m.b_for_a >= 0].tolist())) == 384
         planted = want >= 0
         assert (m.b_for_a[planted] == want[planted]).float().mean() >= 0.99
+        # shared: a fraction of the narrower side's latents (all 384 matched well, none identical)
+        assert m.summary()["shared_0.7"] >= 0.99 and m.shared(0.999) < 0.01
 
 
 def test_activation_matching_across_models_of_different_width():

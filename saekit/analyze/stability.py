@@ -52,11 +52,11 @@ def _rows_sae(rows: torch.Tensor, k: int) -> SAE:
     return sae
 
 
-def _summary(m: Match, n_min: int) -> dict:
+def _summary(m: Match) -> dict:
     s = m.score[m.b_for_a >= 0].double()
     q = s.quantile(torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)).tolist()
     return {"mean": float(s.mean()), "p10": q[0], "p25": q[1], "median": q[2], "p75": q[3], "p90": q[4],
-            **{f"shared_{t}": float((s >= t).sum()) / n_min for t in THRESHOLDS}}
+            **{f"shared_{t}": m.shared(t) for t in THRESHOLDS}}
 
 
 def stability(sae_a: SAE, sae_b: SAE, activations: Activations | None = None, max_tokens: int | None = None,
@@ -84,7 +84,7 @@ def stability(sae_a: SAE, sae_b: SAE, activations: Activations | None = None, ma
             raise SaekitError("the activation stream gave the two SAEs different tokens; pass a tensor or a "
                               "stream that can be read twice")
         cofire = {"n_tokens": ca.n_tokens, **cofiring(ca, cb, dec.b_for_a)}
-    return StabilityResult(sae_a.n_latents, sae_b.n_latents, dec.solver, _summary(dec, n_min), _summary(enc, n_min),
+    return StabilityResult(sae_a.n_latents, sae_b.n_latents, dec.solver, _summary(dec), _summary(enc),
                            both, float(null.score[null.b_for_a >= 0].mean()), cofire)
 
 
