@@ -57,6 +57,20 @@ def test_planted_power_law_is_recovered(alpha):
     json.dumps(g.to_dict())
 
 
+def test_power_law_of_chosen_latents_ignores_the_others():
+    """The chosen (living) rows carry a planted law; larger isotropic rows beside them hide it."""
+    d = 256
+    live, dead = planted_cloud(0.6, d, 4096, seed=1), 3 * planted_cloud(0.0, d, 8192, seed=3)
+    sae = code_sae(torch.cat([dead[:4096], live, dead[4096:]]), k=1)
+    only = analyze.geometry(sae, latents=torch.arange(4096, 8192), max_rows=500, n_boot=0)
+    alone = analyze.geometry(code_sae(live, k=1), max_rows=500, n_boot=0)
+    assert only.n_latents == 4096 and only.power_law_alpha == alone.power_law_alpha
+    assert only.power_law_alpha == pytest.approx(0.6, abs=0.05)
+    assert analyze.geometry(sae, max_rows=500, n_boot=0).power_law_alpha < 0.4  # all rows: the law is hidden
+    with pytest.raises(SaekitError, match="at least 4"):
+        analyze.geometry(sae, latents=torch.arange(3))
+
+
 def test_isotropic_cloud_has_no_power_law_and_no_clustering():
     g = analyze.geometry(code_sae(planted_cloud(0.0, 64, 4000, seed=2), k=1), n_boot=200)
     assert g.rank_window == (10, 64)  # clipped to the ranks that exist

@@ -180,8 +180,9 @@ def _knn_log_terms(Y: np.ndarray, k: int, eps: float = 1e-2) -> np.ndarray:
 
 @torch.no_grad()
 def geometry(sae: SAE, rank_window: tuple[int, int] = (10, 150), max_rows: int = 5000, pca_dims: int = 100,
-             k: int = 1, n_boot: int = 200, seed: int = 0) -> GeometryResult:
-    """Galaxy-scale shape of the decoder rows (no data).
+             k: int = 1, n_boot: int = 200, seed: int = 0, latents: torch.Tensor | None = None) -> GeometryResult:
+    """Galaxy-scale shape of the decoder rows (no data); `latents` (indices) restricts it to those
+    rows, e.g. the living ones, whose dead neighbours still point near their random start.
 
     Power law: eigenvalues of the covariance of the rows, descending; `scipy.stats.linregress`
     of log10 lambda on log10 rank over `rank_window` (1-based, inclusive, clipped to the ranks
@@ -204,9 +205,11 @@ def geometry(sae: SAE, rank_window: tuple[int, int] = (10, 150), max_rows: int =
     duplicated point gets a zero distance), 2.5 and 97.5 percentiles.
     """
     W = sae.W_dec.detach().double().cpu()
+    if latents is not None:
+        W = W[torch.as_tensor(latents, dtype=torch.long).cpu()]
     m, d = W.shape
     if m < 4:
-        raise SaekitError(f"the SAE has {m} latents; geometry needs at least 4")
+        raise SaekitError(f"geometry needs at least 4 decoder rows, got {m}")
     cov = torch.cov(W.T).numpy()
     with _one_blas_thread():
         lam = np.clip(np.linalg.eigvalsh(cov)[::-1], 0, None).copy()
