@@ -2,7 +2,8 @@
 residual layers of SmolLM2-135M).
 
 Per layer: the decoder covariance power law α (raw and on shrunk eigenvalues) with its 95 % CI,
-over all rows and over the living ones (those that fire on the held-out tokens),
+over all rows and over the living ones (those that fire on the held-out tokens), and the share of
+living and of dead rows with a twin (another row at cosine >= 0.7),
 the clustering entropy with its bootstrap CI, co-occurrence lobes against geometric lobes, and
 the best multi-dimensional clusters with the tokens on which they fire most. Also looks for the
 circles Engels et al. found (days of the week, months): which latents fire on those tokens and
@@ -25,6 +26,7 @@ from saekit.analyze import geometry, geometry_bundle
 from saekit.codes import encode_all
 from saekit.io import atomic_write, md_table
 from saekit.model import load_model
+from saekit.ortho import max_cosine
 from saekit.pipeline import contexts
 
 OUT = Path(__file__).parent / "results"
@@ -83,15 +85,18 @@ def main() -> None:
         acts = run.activations(h)
         g = geometry_bundle(sae, acts, max_tokens=args.tokens)
         codes = encode_all(sae, acts, args.tokens)
-        live = (codes.counts() > 0).nonzero().flatten()  # dead rows stay near their random start
+        alive = codes.counts() > 0
+        live = alive.nonzero().flatten()  # dead rows stay near their start, or collapse onto each other
         gl = geometry(sae, latents=live, n_boot=0)
+        twin = max_cosine(sae.W_dec.detach().float())[0] >= 0.7  # another row of this SAE at cosine >= 0.7
         gal, lb = g["galaxy"], g["lobes"] or {}
         rows.append({"hookpoint": h, "α": gal["power_law_alpha"],
                      "α 95 % CI": f"{gal['power_law_ci'][0]:.3f} .. {gal['power_law_ci'][1]:.3f}",
                      "α shrunk": gal["power_law_alpha_shrunk"], "R²": gal["power_law_r2"], "live": len(live),
                      "α live": gl.power_law_alpha,
                      "α live 95 % CI": f"{gl.power_law_ci[0]:.3f} .. {gl.power_law_ci[1]:.3f}",
-                     "α live shrunk": gl.power_law_alpha_shrunk,
+                     "α live shrunk": gl.power_law_alpha_shrunk, "twins live": float(twin[alive].float().mean()),
+                     "twins dead": float(twin[~alive].float().mean()) if (~alive).any() else None,
                      "clustering": gal["clustering"],
                      "clustering 95 % CI": f"{gal['clustering_ci'][0]:.3g} .. {gal['clustering_ci'][1]:.3g}",
                      "lobe AMI": lb.get("ami"), "lobe z": lb.get("z_score"),

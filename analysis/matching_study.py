@@ -4,12 +4,14 @@ Matches every pair of the run's residual-stream SAEs (SAE Match, decoder folding
 sets the numbers between two nulls: a second SAE trained from another seed on the same
 activations (the ceiling: the same features, learned twice) and shuffled pairs (the floor).
 The ceiling is the middle layer's, fit here, or with `--ceiling-run` (the same config trained
-with another `--seed`) every layer's. Writes RUN/analysis/matching.* and
-analysis/results/matching{_NAME}.{md,json}.
+with another `--seed`) every layer's it shares; its shared fractions count all latents and, apart,
+pairs of latents that both fire on the held-out tokens (dead rows can collapse onto each other).
+Writes RUN/analysis/matching.* and analysis/results/matching{_NAME}.{md,json}.
 
     saekit train configs/layers.yaml
     python3 analysis/matching_study.py --run runs/layers
-    saekit train configs/depth.yaml && saekit train configs/depth.yaml --seed 1 --out runs/depth-seed1
+    saekit train configs/depth.yaml && saekit train configs/depth.yaml --seed 1 --out runs/depth-seed1 \
+        --hookpoints '[blocks.0.hook_resid_post, blocks.15.hook_resid_post, blocks.29.hook_resid_post]'
     python3 analysis/matching_study.py --run runs/depth --ceiling-run runs/depth-seed1 --name depth
 """
 
@@ -45,8 +47,12 @@ def ceiling(run: Run, hookpoint: str, tokens: int, other: Run | None = None) -> 
     ca, cb = encode_all(a, acts, tokens), encode_all(b, acts, tokens)
     m = match(a, b, codes=(ca, cb))
     u = universality(a, b, m.b_for_a)
+    live_a, live_b = ca.counts() > 0, cb.counts() > 0
+    both = live_a & (m.b_for_a >= 0) & live_b[m.b_for_a.clamp_min(0)]  # dead rows can collapse onto each other
+    n_live = max(1, min(int(live_a.sum()), int(live_b.sum())))
     return {"hookpoint": hookpoint, "cos_match": float(m.score.nanmean()), "shared_0.7": m.shared(0.7),
-            "shared_0.9": m.shared(0.9),
+            "shared_0.9": m.shared(0.9), "live_a": int(live_a.sum()), "live_b": int(live_b.sum()),
+            "live_shared_0.7": float((both & (m.score >= 0.7)).sum()) / n_live,
             "cos_top1": float(pair_scores(a, b, nearest(a, b).b_for_a).nanmean()),
             "ev_match": layer_skip(a, b, m.b_for_a, ca, acts, tokens),
             "ev_own": layer_skip(a, a, torch.arange(a.n_latents), ca, acts, tokens),
@@ -61,9 +67,13 @@ def main() -> None:
     p.add_argument("--contexts", type=int, default=None, help="contexts for Δloss (default: the run's)")
     p.add_argument("--ceiling-run", default=None, help="the same config from another seed: a ceiling per layer")
     p.add_argument("--name", default=None, help="results as matching_NAME.* (default: matching.*)")
+    p.add_argument("--reuse-chain", action="store_true",
+                   help="read the layer matching from RUN/analysis/matching.json (an earlier run) and redo the nulls")
     args = p.parse_args()
     run = Run.open(args.run)
-    chain = chain_report(run, max_tokens=args.tokens, n_contexts=args.contexts, quiet=True)
+    done = run.analysis_dir / "matching.json"
+    chain = (json.loads(done.read_text()) if args.reuse_chain and done.is_file()
+             else chain_report(run, max_tokens=args.tokens, n_contexts=args.contexts, quiet=True))
     other = Run.open(args.ceiling_run) if args.ceiling_run else None
     mid = [run.hookpoints[len(run.hookpoints) // 2 - 1]]
     hooks = [h for h in run.hookpoints if h in other.hookpoints] if other else mid
