@@ -182,7 +182,7 @@ def _knn_log_terms(Y: np.ndarray, k: int, eps: float = 1e-2) -> np.ndarray:
 def geometry(sae: SAE, rank_window: tuple[int, int] = (10, 150), max_rows: int = 5000, pca_dims: int = 100,
              k: int = 1, n_boot: int = 200, seed: int = 0, latents: torch.Tensor | None = None) -> GeometryResult:
     """Galaxy-scale shape of the decoder rows (no data); `latents` (indices) restricts it to those
-    rows, e.g. the living ones, whose dead neighbours still point near their random start.
+    rows, e.g. the living ones (dead rows keep their random start or collapse onto each other).
 
     Power law: eigenvalues of the covariance of the rows, descending; `scipy.stats.linregress`
     of log10 lambda on log10 rank over `rank_window` (1-based, inclusive, clipped to the ranks
