@@ -26,6 +26,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -36,6 +37,17 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         if isinstance(e, OSError):
             raise SaekitError(f"cannot write {path}: {e.strerror or e}; {kept}") from None
         raise
+
+
+def honour_umask(path: Path) -> None:
+    """Give the file at `path`, or every file and folder under it, the mode a plain `open` would
+    (0666 / 0777 less the umask): safetensors writes 0600, which locks other users out of a cache
+    or run folder on a shared disk."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _no_space(e: BaseException) -> bool:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saekit.errors import SaekitError
-from saekit.io import saekit_cache
+from saekit.io import honour_umask, saekit_cache
 from saekit.lock import FileLock
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -56,6 +56,7 @@ def _dequantise(out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     hf.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    honour_umask(tmp)
     os.replace(tmp, out)
 
 

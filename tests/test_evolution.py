@@ -163,6 +163,20 @@ def test_pretrain_snapshots_load_as_models_and_harvest(series):
         lm.load_model(f"{out}@step3")
 
 
+def test_pretrain_without_matplotlib_says_so_first_and_finishes(tmp_path):
+    """Without the plots extra the series still trains to the end: a note before the first step
+    says loss.png will be missing, and loss.json holds the curves."""
+    out = tmp_path / "series"
+    blocked = ("import runpy, sys; sys.modules['matplotlib'] = None; "  # an import of it raises ImportError
+               f"sys.argv = ['pretrain.py', '--out', {str(out)!r}, *{PRETRAIN!r}]; "
+               f"runpy.run_path({str(ROOT / 'training/pretrain.py')!r}, run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith("matplotlib is missing (pip install 'saekit[plots]')")
+    assert (out / "loss.json").exists() and not (out / "loss.png").exists()
+    assert json.loads((out / "pretrain.json").read_text())["wall_s"] is not None
+
+
 def test_train_harvests_snapshot_sources_on_the_same_tokens(series, tmp_path):
     """`saekit train` with sources `SERIES@stepN:hookpoint`: one cache holds every snapshot's rows
     for the same tokens (equal to harvesting each snapshot alone), a crosscoder trains on it and

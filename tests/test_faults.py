@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import re
 
 import pytest
@@ -111,6 +112,29 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SaekitError, match=r"cannot write .*eval\.json: Permission denied"):
         io.atomic_write(tmp_path / "eval.json", partial)
     assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_honour_the_umask(tmp_path, umask):
+    """Weights, checkpoints, exports and model folders get the mode a plain `open` gives (0666 less
+    the umask; safetensors alone writes 0600), so a cache or run on a shared disk serves other users."""
+    sae = SAE(SAEConfig(d_in=D, n_latents=32, k=4))
+    old = os.umask(umask)
+    try:
+        sae.save(tmp_path / "sae")
+        sae.save(tmp_path / "lens", format="sae-lens")
+        (tmp_path / "run").mkdir()
+        Run(tmp_path / "run", _trainer().cfg, ["h"]).save_state({"x": torch.ones(3)}, {"step": 1})
+        model = tmp_path / "model"
+        (model / "sub").mkdir(parents=True)
+        save_file({"w": torch.ones(2)}, model / "sub" / "model.safetensors")  # as save_pretrained writes
+        io.honour_umask(model)
+    finally:
+        os.umask(old)
+    files = [tmp_path / "sae/sae.safetensors", tmp_path / "sae/cfg.json", tmp_path / "lens/sae_weights.safetensors",
+             tmp_path / "run/state.safetensors", model / "sub/model.safetensors"]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o666 & ~umask) for f in files}
+    assert oct((model / "sub").stat().st_mode & 0o777) == oct(0o777 & ~umask)
 
 
 def test_out_of_memory_says_lower_batch_size(monkeypatch):

@@ -9,7 +9,8 @@ Writes into `--out`:
   step0/, step1/, ..., step<N>/  snapshots on a log-spaced schedule (HF format: weights, config and
                                  tokenizer), loadable by saekit as `--out@step<N>` (the revision of a
                                  local series is the snapshot folder name, as Pythia's are on the hub)
-  loss.json, loss.png            training loss per step and held-out loss at every snapshot
+  loss.json, loss.png            training loss per step and held-out loss at every snapshot (the PNG
+                                 needs the plots extra, matplotlib; without it only loss.json)
   pretrain.json                  the settings, the schedule, tokens seen and wall time
   tokenizer/                     the byte-level BPE trained on the corpus (vocabulary `--vocab`)
   state.pt                       the training state, refreshed every minute and at every snapshot
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from saekit import data
-from saekit.io import atomic_write
+from saekit.io import atomic_write, honour_umask
 
 SPECIAL = "<|endoftext|>"  # BOS and EOS, as in GPT-NeoX/Pythia
 
@@ -119,6 +120,7 @@ def save_snapshot(model, tok, path: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    honour_umask(tmp)
     os.replace(tmp, path)
 
 
@@ -169,6 +171,14 @@ def pretrain(args) -> Path:
             diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
             sys.exit(f"{out} holds a series with other settings ({diff}); use another --out")
     torch.set_num_threads(args.threads)
+    try:  # the plots extra draws loss.png at the very end: say now if it cannot
+        import matplotlib  # noqa: F401
+
+        plot = True
+    except ImportError:
+        plot = False
+        print("matplotlib is missing (pip install 'saekit[plots]'): loss.png will not be drawn; "
+              "loss.json holds the curves", file=sys.stderr, flush=True)
 
     texts = list(data.load_texts("shakespeare"))[: args.docs]
     tok = train_tokenizer(texts, args.vocab, out / "tokenizer")
@@ -222,7 +232,8 @@ def pretrain(args) -> Path:
             last_save = time.perf_counter()
     wall = time.perf_counter() - t0
     write_json(out / "loss.json", log)
-    plot_loss(log, out / "loss.png")
+    if plot:
+        plot_loss(log, out / "loss.png")
     write_json(info_path, {**info, "tokens_seen": args.steps * args.batch * args.ctx_len,
                            "wall_s": round(wall, 1), "final_val_loss": log["val"][str(args.steps)]})
     return out
