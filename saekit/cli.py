@@ -310,6 +310,20 @@ ANALYSES_HELP = """analyses:
               approximation, control and interpretability of each SAE next to the supervised one"""
 
 
+def _at_least(lo: int):
+    """An argparse type: an integer >= `lo`; anything else is refused with the flag's name."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from saekit.config import config_help
 
@@ -342,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run's SAEs on its held-out text (writes RUN/eval.json)")
     e.add_argument("run", help="a run folder or a bare SAE folder")
-    e.add_argument("--contexts", type=int, default=None, help="held-out contexts for the downstream loss")
+    e.add_argument("--contexts", type=_at_least(1), default=None, help="held-out contexts for the downstream loss")
     e.add_argument("--activations", default=None, help=ACTIVATIONS_HELP)
     e.add_argument("--model", default=None, help="model for the downstream loss of a bare SAE folder")
     e.set_defaults(func=_eval)
@@ -356,16 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--hookpoint", default=None, help="analyse only this hookpoint of the run")
     a.add_argument("--activations", default=None, help=ACTIVATIONS_HELP)
     a.add_argument("--model", default=None, help="model for absorption (default: the run's)")
-    a.add_argument("--tokens", type=int, default=None, help="tokens for dead/collapse/geometry (default: all)")
-    a.add_argument("--words", type=int, default=3000, help="vocabulary words for absorption")
+    a.add_argument("--tokens", type=_at_least(1), default=None, help="tokens for dead/collapse/geometry (default: all)")
+    a.add_argument("--words", type=_at_least(1), default=3000, help="vocabulary words for absorption")
     a.add_argument("--f1-threshold", type=float, default=0.6, help="absorption: keep letters whose probe F1 >= this")
-    a.add_argument("--min-letters", type=int, default=20, help="absorption: letters that must pass the probe")
+    a.add_argument("--min-letters", type=_at_least(1), default=20, help="absorption: letters that must pass the probe")
     a.add_argument("--against", default=None, help="another run of the same config (e.g. --seed 1): add the seed "
                                                    "stability of each hookpoint against it")
     a.add_argument("--task", default="ioi", help="task: the task (ioi: indirect object identification)")
     a.add_argument("--position", default="end", help="task: prompt position read and replaced (ioi: end, io, s1, s2)")
-    a.add_argument("--prompts", type=int, default=64, help="task: held-out prompts the axes are measured on")
-    a.add_argument("--pairs", type=int, default=16, help="task: counterfactual pairs per edit")
+    a.add_argument("--prompts", type=_at_least(1), default=64, help="task: held-out prompts the axes are measured on")
+    a.add_argument("--pairs", type=_at_least(1), default=16, help="task: counterfactual pairs per edit")
     a.set_defaults(func=_analyze)
 
     mt = sub.add_parser("match", usage="saekit match A B [options] | saekit match RUN --chain [options]",
@@ -377,17 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--method", choices=["decoder", "activations"], default="decoder",
                     help="decoder rows (SAE Match) or activation correlation on the same tokens")
     mt.add_argument("--solver", choices=["auto", "exact", "sparse", "argmax"], default="auto")
-    mt.add_argument("--candidates", type=int, default=16, help="sparse solver: neighbours per latent")
+    mt.add_argument("--candidates", type=_at_least(1), default=16, help="sparse solver: neighbours per latent")
     mt.add_argument("--min-score", type=float, default=None, help="unmatch pairs scoring at or below this")
-    mt.add_argument("--tokens", type=int, default=32768, help="held-out tokens to encode (activations, chain)")
-    mt.add_argument("--contexts", type=int, default=None, help="--chain: contexts for the layer-skip Δloss "
+    mt.add_argument("--tokens", type=_at_least(1), default=32768, help="held-out tokens to encode (activations, chain)")
+    mt.add_argument("--contexts", type=_at_least(0), default=None, help="--chain: contexts for the layer-skip Δloss "
                                                                "(default: the run's eval_contexts; 0 skips it)")
     mt.add_argument("--activations-a", default=None, help=ACTIVATIONS_HELP)
     mt.add_argument("--activations-b", default=None, help=ACTIVATIONS_HELP)
     mt.add_argument("--out", default=None, help="match file, .json or .parquet (default: "
                                                 "A_RUN/analysis/matches/<A hookpoint>__<B run>@<B hookpoint>.json)")
     mt.add_argument("--force", action="store_true", help="overwrite an existing match file")
-    mt.add_argument("--show", type=int, default=10, help="best pairs to print")
+    mt.add_argument("--show", type=_at_least(1), default=10, help="best pairs to print")
     mt.set_defaults(func=_match, strict=True)
 
 
@@ -397,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("b", help="run folder (or SAE folder) B")
     st.add_argument("--hookpoint", default=None, help="the hookpoint to compare (needed when A has several)")
     st.add_argument("--activations", default=None, help=ACTIVATIONS_HELP)
-    st.add_argument("--tokens", type=int, default=32768, help="held-out tokens for co-firing")
+    st.add_argument("--tokens", type=_at_least(1), default=32768, help="held-out tokens for co-firing")
     st.add_argument("--json", action="store_true", help="print the result as JSON")
     st.set_defaults(func=_stability, strict=True)
 
@@ -424,21 +438,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "the atlas file, e.g. RUN/site/)")
     at.add_argument("--port", type=int, default=8000, help="serve: the port on 127.0.0.1")
     at.add_argument("--run", default=None, help="add: the run whose analyses to add (default: the atlas's run)")
-    at.add_argument("--tokens", type=int, default=None, help="build: cached tokens to read (default: all)")
+    at.add_argument("--tokens", type=_at_least(1), default=None, help="build: cached tokens to read (default: all)")
     at.add_argument("--split", default="train", choices=["train", "val"],
                     help="build: the activation cache to read (default: train, the run's largest)")
     at.add_argument("--out", default=None, help="build: atlas file (default: RUN/atlas.sqlite)")
     at.add_argument("--hookpoint", default=None, help="query: this hookpoint (needed for a card of a multi-layer run)")
-    at.add_argument("--feature", type=int, default=None, help="the card of this latent")
+    at.add_argument("--feature", type=_at_least(0), default=None, help="the card of this latent")
     at.add_argument("--text", default=None, help="the latents active on each token of this text (loads the model)")
-    at.add_argument("--similar", type=int, default=None, help="the latents whose decoder rows are nearest this one's")
+    at.add_argument("--similar", type=_at_least(0), default=None, help="the latents whose decoder rows are "
+                                                                          "nearest this one's")
     at.add_argument("--token", default=None, help="latents whose top contexts peak on this token, e.g. ' king'")
     at.add_argument("--search", default=None, help="latents whose label or top peak tokens match this regex")
     at.add_argument("--dead", action="store_true", help="latents that never fired")
     at.add_argument("--dense", action="store_true", help="the densest latents")
     at.add_argument("--top-by", default=None, help="latents with the highest density, mean_act, max_act, "
                                                    "label_score or n_fires")
-    at.add_argument("--limit", type=int, default=20, help="rows to print")
+    at.add_argument("--limit", type=_at_least(1), default=20, help="rows to print")
     at.add_argument("--json", action="store_true", help="JSON instead of a table")
     at.set_defaults(func=_atlas, strict=True)
 
@@ -446,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--quiet", action="store_true", help="no progress bars")
     for s in (e, a, x):
         s.set_defaults(strict=True)
+    for s in (t, c, e, a, mt, st, x, at):
+        s.set_defaults(parser=s)  # a verb's own usage in its error messages
     return p
 
 
@@ -453,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "strict", False) and extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args, extra)
     except SaekitError as e:

@@ -188,6 +188,24 @@ def _twin_forward(twin, toks: torch.Tensor, where: list[tuple[str, str, str]]) -
     return got
 
 
+def check_layers(name: str, hookpoints: list[str]) -> None:
+    """Refuse `blocks.N....` hookpoints past model `name`'s last layer, reading only its config
+    file, so a wrong layer is named before any weights load (hook names are checked once the
+    model has loaded: `check_hookpoints`). A config that cannot be read is left to `load_model`."""
+    from transformers import AutoConfig
+
+    try:
+        path, revision = resolve_model(name)
+        n_layers = getattr(AutoConfig.from_pretrained(path, revision=revision), "num_hidden_layers", None)
+    except (OSError, ValueError):
+        return
+    for h in hookpoints:
+        m = re.match(r"blocks\.(\d+)\.", h)
+        if n_layers is not None and m and int(m.group(1)) >= n_layers:
+            raise SaekitError(f"unknown hookpoint {h!r}: {name} has {n_layers} layers, blocks.0 to "
+                              f"blocks.{n_layers - 1}")
+
+
 def check_hookpoints(model, hookpoints: list[str]) -> None:
     """Raise SaekitError naming each unknown hookpoint and the closest real ones."""
     names = list(model.hook_dict)

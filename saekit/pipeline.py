@@ -117,6 +117,8 @@ def prepare(cfg: TrainConfig, quiet: bool = False):
     """Load the model (and the other models or snapshots that sources name), check hookpoints and
     tokenizers, and make sure both activation caches exist (in a process group, every process
     calls this and harvests its share)."""
+    for name, hooks in source_models(cfg).items():  # a wrong layer is named before any weights load
+        lm.check_layers(name or cfg.model, [parse_source(h)[2] for h in hooks])
     device = str(resolve_device(cfg.device))
     model = lm.load_model(cfg.model, device=device)
     models = {None: model}
@@ -276,6 +278,11 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
         cfg = TrainConfig(model=name, hookpoints=run.hookpoints) if name else None
     say = Phases("eval", quiet)
     spliced = [h for h in run.hookpoints if run.parts(h) is None]  # crosscoders: reconstruction only
+    if activations is not None:  # activations of another width are refused before any model loads
+        from saekit.activations import batches
+
+        for h in spliced:
+            next(batches(run.activations(h, path=activations), run.sae(h).cfg.d_in), None)
     if cfg is not None and model is None and spliced:
         device = resolve_device(cfg.device)
         say.step(f"loading {cfg.model}")

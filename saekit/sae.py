@@ -77,7 +77,7 @@ class SAEConfig:
         if self.architecture not in RULES:
             raise SaekitError(f"architecture must be one of {tuple(RULES)}, got {self.architecture!r}")
         if not 0 < self.k <= self.n_latents:
-            raise SaekitError(f"k must be in [1, n_latents={self.n_latents}], got {self.k}")
+            raise SaekitError(f"k must be in [1, n_latents], got {self.k} (n_latents is {self.n_latents})")
         if self.encoder_path not in (None, *ENCODER_PATHS):
             raise SaekitError(f"encoder_path must be one of {ENCODER_PATHS}, got {self.encoder_path!r}")
         if self.matryoshka_groups is not None:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -144,6 +145,40 @@ def test_bad_inputs_exit_cleanly(tiny, tmp_path, capsys):
     assert run_cli(*tiny, *out, "--resume") == 2
     assert "nothing to resume" in capsys.readouterr().err
     assert cli.main(["eval", str(tmp_path), "--quiet"]) == 2
+
+
+def test_bad_values_are_named_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """A flag out of range names the flag under its verb's usage; a layer the model lacks and
+    activations of the wrong width are refused before the model's weights load; `k` out of range
+    reads the same whether the config or the SAE finds it."""
+    from safetensors.torch import save_file
+
+    from saekit import model as lm
+    from saekit.config import make_config
+
+    monkeypatch.setattr(lm, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    where = str(tmp_path)
+    for argv, usage, said in ((["analyze", "dead", where, "--tokens", "-10"], "analyze", "--tokens: must be >= 1"),
+                              (["analyze", "dead", where, "--tokens", "0"], "analyze", "--tokens: must be >= 1"),
+                              (["eval", where, "--foo", "3"], "eval", "unrecognized arguments: --foo 3"),
+                              (["atlas", "query", where, "--limit", "x"], "atlas", "--limit: must be an integer")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"usage: saekit {usage}") and said in err, err
+    assert run_cli("--hookpoints", "blocks.40.hook_resid_post", "--out", str(tmp_path / "r")) == 2
+    assert "'blocks.40.hook_resid_post': smollm2-135m has 30 layers, blocks.0 to blocks.29" in capsys.readouterr().err
+    sae = SAE(SAEConfig(d_in=576, n_latents=64, k=4, hookpoint="blocks.6.hook_resid_post", model="smollm2-135m"))
+    sae.save(tmp_path / "sae")
+    save_file({"x": torch.randn(10, 64)}, tmp_path / "acts.safetensors")
+    assert cli.main(["eval", f"{where}/sae", "--activations", f"{where}/acts.safetensors", "--quiet"]) == 2
+    assert "must be [batch, 576] to match the SAE's d_in, got shape (10, 64)" in capsys.readouterr().err
+    said = []
+    for make in (lambda: make_config(TrainConfig, {"k": -5}), lambda: SAEConfig(d_in=8, n_latents=16, k=100000)):
+        with pytest.raises(SaekitError) as e:
+            make()
+        said.append(str(e.value))
+    assert all(re.search(r"\bk'? must be in \[1, n_latents\], got (-5|100000)", m) for m in said), said
 
 
 def test_resume_with_other_config_and_corrupt_state_are_refused(tiny, tmp_path, capsys):
