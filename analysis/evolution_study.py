@@ -137,8 +137,8 @@ def study(args) -> None:
             timed(times, f"harvest {rev}", lambda rev=rev, path=path: harvest(series, rev, hook, toks, path))
             atomic_write(times_path, lambda q: q.write_text(json.dumps(times, indent=1)))
 
-    # fit scales each snapshot to unit mean square, and decoder_norms() are in those units:
-    # norms compare across snapshots whatever each snapshot's activation scale
+    # fit scales each snapshot to unit mean square; the analysis reads the norms in those units
+    # (units="normalised"): they compare across snapshots whatever each snapshot's activation scale
     acts = {r: load_file(work / "acts" / f"{r}.safetensors") for r in revs}
     train = {r: a["train"] for r, a in acts.items()}
     val = {r: a["val"] for r, a in acts.items()}
@@ -157,7 +157,7 @@ def study(args) -> None:
     fvu = {r: float(((val[r] - x_hat[r]) ** 2).sum() / ((val[r] - val[r].mean(0)) ** 2).sum()) for r in revs}
     codes = encode_all(cc, cc.concat(train))
     row_tokens = toks["train_tokens"][toks["train_mask"]]
-    df = evolution(cc, names=revs, codes=codes, tokens=row_tokens)
+    df = evolution(cc, names=revs, codes=codes, tokens=row_tokens, units="normalised")
     df = df[df["frequency"] > 0].reset_index(drop=True)  # latents that never fire say nothing
     s = summary(df)
     report(args, info, revs, hook, df, s, fvu, row_tokens, times, time.perf_counter() - t_all)

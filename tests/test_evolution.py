@@ -56,6 +56,43 @@ def test_a_transient_crossing_does_not_count_and_a_latent_that_falls_back_never_
     assert emergence_points(norms, threshold=0.05).tolist() == [1, 1]
 
 
+def snapshot_acts(S, d, F, n, seed):
+    """Activations of S snapshots on the same n tokens: every token holds exactly 3 of F features
+    (log-normal magnitudes); feature f is in every snapshot from its onset on, on a direction drawn
+    per snapshot. Later onsets enlarge the later snapshots' RMS. Returns (acts, onset, stacked rows)."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(S, F, d, generator=g)
+    dirs /= dirs.norm(dim=2, keepdim=True)
+    onset = torch.randint(0, S, (F,), generator=g)
+    onset[:S] = torch.arange(S)  # every snapshot has onsets
+    idx = torch.rand(n, F, generator=g).topk(3, dim=1).indices
+    codes = torch.zeros(n, F).scatter_(1, idx, (0.4 * torch.randn(n, 3, generator=g)).exp())
+    acts = {f"s{s}": (codes * (onset <= s)) @ dirs[s] for s in range(S)}
+    stacked = torch.cat([dirs[s] * (onset <= s)[:, None] for s in range(S)], 1)
+    return acts, onset.numpy(), stacked / stacked.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("S,d,F,seed", [(6, 24, 48, 0), (5, 16, 32, 1)])
+def test_a_trained_crosscoder_reads_back_planted_onsets(S, d, F, seed):
+    """Through saekit.fit: features switched on at a known snapshot and kept on. In the
+    activations' units the emergence of every recovered feature's latent is its onset; in the
+    normalised (training) units the first snapshot's features, diluted below half their first norm
+    as later ones raise the RMS, read as never emerging."""
+    acts, onset, stacked = snapshot_acts(S, d, F, 20_000, seed)
+    cc = saekit.fit(acts, n_latents=2 * F, k=3, batch_size=256, epochs=3, dead_tokens=5000, lr=3e-3, seed=seed)
+    W = torch.cat([cc.W_dec[t] for t in cc.targets], 1)
+    cos = stacked @ (W / W.norm(dim=1, keepdim=True)).T
+    found = (cos.max(1).values > 0.9).numpy()
+    best = cos.argmax(1).numpy()
+    assert found.mean() > 0.7
+    read = evolution(cc)["emergence"].to_numpy()[best]
+    assert (read == onset)[found].mean() >= 0.95, (read[found], onset[found])
+    diluted = evolution(cc, units="normalised")["emergence"].to_numpy()[best]
+    scales = cc.cfg.part_scales
+    if scales["s0"] < 0.4 * scales[f"s{S - 1}"]:  # the first case: the RMS grows 3x
+        assert (diluted[found & (onset == 0)] == -1).all()
+
+
 def test_crosscoder_duck_type_and_bad_input():
     class CC:
         targets = ["a@step0:h", "a@step9:h"]
@@ -73,6 +110,8 @@ def test_crosscoder_duck_type_and_bad_input():
         evolution(-np.ones((3, 4)))
     with pytest.raises(SaekitError, match="both"):
         evolution(np.ones((3, 4)), codes=torch.zeros(5, 4))
+    with pytest.raises(SaekitError, match="units"):
+        evolution(CC(), units="raw")
 
 
 def test_unigram_proxy_separates_a_token_latent_from_a_context_latent():

@@ -13,6 +13,15 @@ holds. Rules, with `threshold` = 0.5 by default (a latent's maximum is over its 
   (the initialisation features that training dissolves);
 - for layers: `n_present` counts the sources holding the latent (one layer or many).
 
+Units of a crosscoder's norms. "activations" (default): each source's decoder norm in that
+source's own units, so a feature whose part of the activations stays the same keeps its norm.
+"normalised": in the training units, each source divided by its RMS, which keeps the norms
+comparable when the activations' scale itself drifts across snapshots (residual norms grow in
+pre-training); there a norm is the feature's share of its snapshot, and it falls when other
+features form: a feature on from the first snapshot while later ones triple the RMS reads as
+fading and never emerging. The rule cannot tell such dilution from fading in either unit alone;
+choose the unit whose constant means "the feature did not change".
+
 Complexity proxy (with codes and the token id of every row): `unigram`, the held-out R^2 of the
 best predictor of a latent's activation from the current token alone (its mean activation on
 that token). Fit on even rows, scored on odd rows and the reverse, averaged: near 1 for a
@@ -35,12 +44,19 @@ from saekit.io import atomic_write
 
 # saekit.codes.Codes, (values, indices) [N, k] each, or dense [N, n_latents]
 CodesLike = Codes | tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+# a crosscoder's decoder norms in each source's own activation units, or in its training units
+UNITS = ("activations", "normalised")
 
 
-def _norms(cc_or_norms, names: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
-    """[n_sources, n_latents] float64 norms and their source names."""
+def _norms(cc_or_norms, names: Sequence[str] | None, units: str) -> tuple[np.ndarray, list[str]]:
+    """[n_sources, n_latents] float64 norms (a crosscoder's in `units`) and their source names."""
+    if units not in UNITS:
+        raise SaekitError(f"units must be one of {UNITS}, got {units!r}")
     if hasattr(cc_or_norms, "decoder_norms"):
-        norms = cc_or_norms.decoder_norms()
+        norms = cc_or_norms.decoder_norms()  # in training units: each source over its scale
+        if units == "activations":
+            scales = getattr(getattr(cc_or_norms, "cfg", None), "part_scales", None) or {}
+            norms = norms * torch.tensor([scales.get(t, 1.0) for t in cc_or_norms.targets], dtype=norms.dtype)[:, None]
         names = list(names) if names is not None else list(cc_or_norms.targets)
     else:
         norms = cc_or_norms
@@ -132,7 +148,8 @@ def unigram_r2(codes: CodesLike, tokens: torch.Tensor, n_latents: int) -> np.nda
 
 
 def evolution(cc_or_norms, names: Sequence[str] | None = None, codes: CodesLike | None = None,
-              tokens: torch.Tensor | None = None, threshold: float = 0.5, min_fires: int = 20) -> pd.DataFrame:
+              tokens: torch.Tensor | None = None, threshold: float = 0.5, min_fires: int = 20,
+              units: str = "activations") -> pd.DataFrame:
     """One row per latent of a crosscoder (anything with `.decoder_norms()` and `.targets`) or of
     decoder norms `[n_sources, n_latents]` (`names` name the sources, default s0, s1, ...).
 
@@ -141,10 +158,11 @@ def evolution(cc_or_norms, names: Sequence[str] | None = None, codes: CodesLike 
     `fading`; `norm:<source>` per source, in source order; with `codes` (`saekit.codes.Codes`,
     (values, indices) or dense, one row per token) and `tokens` (the token id of each row): `frequency` (share of rows
     where the latent fires) and `unigram` (held-out R^2 of a per-token predictor; NaN for a latent
-    firing on fewer than `min_fires` rows, where the R^2 of a handful of tokens says nothing)."""
+    firing on fewer than `min_fires` rows, where the R^2 of a handful of tokens says nothing).
+    `units` (a crosscoder's norms; see the module docstring): "activations" or "normalised"."""
     if not 0 < threshold < 1:
         raise SaekitError(f"threshold must be in (0, 1), got {threshold}")
-    norms, names = _norms(cc_or_norms, names)
+    norms, names = _norms(cc_or_norms, names, units)
     top = norms.max(0)
     present = (norms >= threshold * top) & (top > 0)
     initial = present[0]
