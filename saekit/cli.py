@@ -239,7 +239,8 @@ def _atlas(args, extra):
         if args.json:
             print(json.dumps(card.to_dict(), indent=1))
             return
-        print(f"{card.hookpoint} latent {card.latent}: label {card.label!r} (score {card.label_score}), "
+        score = "none" if card.label_score is None else f"{card.label_score:.3g}"
+        print(f"{card.hookpoint} latent {card.latent}: label {card.label!r} (score {score}), "
               f"density {card.density:.4g}, mean {card.mean_act:.4g}, max {card.max_act:.4g}")
         print(f"label: {card.label_note()}")
         tags = (("lobe", card.lobe), ("cluster", card.cluster), ("absorbs letters", card.absorbs))
@@ -276,7 +277,10 @@ def _atlas(args, extra):
     if args.json:
         print(df.to_json(orient="records"))
         return
-    print(df.head(args.limit).to_string(index=False) if len(df) else "(nothing)")
+    shown = df.head(args.limit).copy()
+    for col in set(shown.columns) & {"label", "token"}:  # quoted: a label's leading space (' king') shows
+        shown[col] = shown[col].map(lambda t: t if t is None else repr(t))
+    print(shown.to_string(index=False, float_format="{:.4g}".format) if len(df) else "(nothing)")
     if what in ("dense", "top_by"):  # the first --limit rows of a ranking of every latent
         f, col = atlas.features(h), "density" if what == "dense" else args.top_by
         _left_out(int(f[col].notna().sum()) - len(df) if col in f else len(f) - len(df), "--limit N shows more")
@@ -474,12 +478,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args, extra)
     except SaekitError as e:
+        _close_bars()
         print(f"saekit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a verb may say what was kept and how to continue
+        _close_bars()
         print("saekit: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     return 0
+
+
+def _close_bars() -> None:
+    """Close the progress bars an error or Ctrl-C left open, so the message starts on its own line
+    and no bar is redrawn after it."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 progress lines for long phases."""
 
 import errno
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -57,14 +59,22 @@ def _no_space(e: BaseException) -> bool:
     return isinstance(e, Exception) and ("No space left on device" in str(e) or "os error 28" in str(e))
 
 
+def figure(name: str, value) -> str:
+    """`value` as a table or line for people shows it: a share of latents or tokens (a name that
+    starts with dead, dense, share or shared) as a percentage to 3 significant digits, another float
+    to 4 (JSON files keep full precision)."""
+    if isinstance(value, float) and math.isfinite(value) and re.match(r"(dead|dense|shared?)(_|\s|$)", name):
+        return f"{100 * value:.3g} %"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def md_table(rows: list[dict]) -> str:
-    """A markdown table with the first row's keys as columns; floats to 4 significant digits."""
+    """A markdown table with the first row's keys as columns, each value as `figure` shows it."""
     if not rows:
         return ""
     keys = list(rows[0])
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-                      *("| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows)])
+                      *("| " + " | ".join(figure(k, r.get(k)) for k in keys) + " |" for r in rows)])
 
 
 class Phases:

@@ -17,7 +17,7 @@ from saekit.activations import ActivationCache, ShuffledBatches, build_cache, ca
 from saekit.config import TrainConfig, dictionaries, parse_source
 from saekit.errors import SaekitError
 from saekit.evaluate import downstream_metrics, reconstruction_metrics
-from saekit.io import Phases, md_table
+from saekit.io import Phases, figure, md_table
 from saekit.lock import POLL_S, FileLock
 from saekit.run import EVAL, Run
 from saekit.runtime import resolve_device
@@ -308,7 +308,8 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
                                              progress=None if quiet else f"eval {h}: downstream loss")
         results[h]["encoder_path"] = sae.encoder_path
     run.write_json(EVAL, results)
-    print(md_table([{"metric": k, **{h: r[k] for h, r in results.items()}} for k in next(iter(results.values()))]))
+    print(md_table([{"metric": k, **{h: figure(k, r[k]) for h, r in results.items()}}
+                    for k in next(iter(results.values()))]))
     return results
 
 

@@ -487,7 +487,9 @@ def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quie
     `checkpoint_every` steps (both optional).
     """
     cfg = trainer.cfg
-    bar = tqdm(total=trainer.total_steps, initial=trainer.step, disable=quiet, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step, disable=quiet, desc="train", unit="step",
+               dynamic_ncols=True)
+    dead = f"dead({tqdm.format_sizeof(cfg.dead_tokens)} tok)"  # unfired in the last dead_tokens training tokens
     t0, tokens = time.perf_counter(), 0
     for batch in batches:
         try:
@@ -507,7 +509,7 @@ def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quie
             if metrics:  # {} after a skipped batch
                 first = next(iter(metrics.values()))
                 bar.set_postfix(tok_s=f"{speed:,.0f}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
-                                dead=f"{100 * first['dead_fraction']:.1f}%")
+                                **{dead: f"{100 * first['dead_fraction']:.1f}%"})
             if on_log:
                 on_log(trainer.step, {"tokens_per_s": speed, "tokens": trainer.tokens,
                                       "skipped_batches": trainer.skipped, "encoder_path": trainer.encoder_path,

@@ -517,6 +517,7 @@ def test_cli_tables_say_what_they_leave_out(real, tmp_path, capsys):
     assert cli.main(["atlas", "query", path, "--search", ".", "--limit", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 5  # header, 3 rows, the note
+    assert all(repr(label) in out for label in atlas.search(".").label[:3])  # quoted: ' king', not king
     assert f"({found - 3:,} more rows not shown; --limit N or --json shows them)" in out
     assert cli.main(["atlas", "query", path, "--search", ".", "--limit", str(found)]) == 0
     assert "more rows" not in capsys.readouterr().out

@@ -35,7 +35,9 @@ def test_long_phases_say_what_they_do(done_run, smollm2, tmp_path, monkeypatch, 
     monkeypatch.setattr(lm, "load_model", lambda *a, **k: smollm2)
     capsys.readouterr()
     assert cli.main(["eval", str(run), "--contexts", "1"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    dead = json.loads((run / "eval.json").read_text())[HOOK]["dead_fraction"]  # full precision in the file,
+    assert f"| dead_fraction | {100 * dead:.3g} % |" in out, out  # a percentage in the table
     for line in ("eval: loading smollm2-135m ...", f"eval: {HOOK}: reconstruction on the held-out activations: ",
                  f"eval {HOOK}: downstream loss: 100%"):
         assert line in err, err
@@ -146,3 +148,31 @@ def test_ctrl_c_before_any_run_folder_gives_the_same_command(tmp_path, monkeypat
     assert cli.main(["train", "--out", str(tmp_path / "r"), "--k", "8", "--quiet"]) == 130
     assert (f"saekit: interrupted; nothing trained yet; `saekit train --out {tmp_path / 'r'} --k 8 --quiet` "
             "continues the activation harvest where it stopped") in capsys.readouterr().err
+
+
+def test_bars_are_labelled_and_closed_before_a_stop_is_reported(monkeypatch, capsys):
+    """The training bar is labelled and names what its dead share counts; a Ctrl-C or an error
+    mid-bar is reported on a line of its own, and no bar is redrawn after the report."""
+    import torch
+    from tqdm import tqdm
+
+    import saekit
+    from saekit import pipeline
+    from saekit.errors import SaekitError
+
+    saekit.fit(torch.randn(2000, 8), n_latents=16, k=2, epochs=1, batch_size=500, dead_tokens=1000, quiet=False)
+    err = capsys.readouterr().err
+    assert "train: 100%" in err and "dead(1.00k tok)=" in err, err
+
+    for stop, code, said in ((KeyboardInterrupt("last checkpoint: step 3"), 130, "saekit: interrupted;"),
+                             (SaekitError("the disk is full"), 2, "saekit: error: the disk is full")):
+        def halfway(*a, stop=stop, **k):
+            bar = tqdm(total=10, desc="harvest train")
+            bar.update(4)
+            raise stop
+
+        monkeypatch.setattr(pipeline, "train", halfway)
+        assert cli.main(["train", "--k", "8", "--quiet"]) == code
+        err = capsys.readouterr().err
+        assert "harvest train:  40%" in err and f"\n{said}" in err and err.endswith("\n"), repr(err)
+        assert "harvest train" not in err.split(said)[1], repr(err)  # not redrawn after the report

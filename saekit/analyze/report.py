@@ -25,7 +25,7 @@ from saekit.analyze.geometry import geometry_bundle
 from saekit.analyze.stability import markdown as stability_markdown
 from saekit.analyze.stability import run_stability
 from saekit.errors import SaekitError
-from saekit.io import Phases, atomic_write, md_table
+from saekit.io import Phases, atomic_write, figure, md_table
 from saekit.run import Run
 from saekit.sae import SAE
 
@@ -143,8 +143,8 @@ def markdown(results: dict, plot_note: list[str] | None = None) -> str:
                     "input dims 90 %": c["input_dims_90"], "input dims 99 %": c["input_dims_99"],
                     "share 99 %": c["input_share_99"]}]), ""]
             lines += ["Collapse rate, each part named: "
-                      + (f"dead share {res['dead']['dead_fraction']:.4g}, " if "dead" in res else "")
-                      + f"near-duplicate share {c['duplicate_fraction']:.4g}, "
+                      + (f"dead share {figure('dead', res['dead']['dead_fraction'])}, " if "dead" in res else "")
+                      + f"near-duplicate share {figure('share', c['duplicate_fraction'])}, "
                       f"effective-rank ratio {c['effective_rank_ratio']:.4g}.", ""]
         if a := res.get("absorption"):
             lines += ["### Absorption (first letter)", "",

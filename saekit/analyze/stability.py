@@ -20,7 +20,7 @@ from saekit.analyze.common import Activations, Result
 from saekit.analyze.crosslayer import cofiring
 from saekit.codes import encode_all
 from saekit.errors import SaekitError
-from saekit.io import md_table
+from saekit.io import figure, md_table
 from saekit.matching import Match, match
 from saekit.run import Run
 from saekit.sae import SAE, SAEConfig
@@ -104,10 +104,10 @@ def markdown(name_b: str, s: dict) -> list[str]:
     rows = [{"rows": part, **{k: s[part][k] for k in ("mean", "p10", "median", "p90", "shared_0.7", "shared_0.9")}}
             for part in ("decoder", "encoder")]
     lines = [f"### Seed stability against `{name_b}`", "", md_table(rows), "",
-             f"Shared at decoder and encoder cosine >= 0.7: {s['shared_both']:.4g} of the smaller SAE's "
+             f"Shared at decoder and encoder cosine >= 0.7: {figure('shared', s['shared_both'])} of the smaller SAE's "
              f"{min(s['n_latents_a'], s['n_latents_b'])} latents; matched against a random unit dictionary the "
              f"mean decoder cosine is {s['null_mean']:.4g} ({s['solver']} matching)."]
     if c := s.get("cofiring"):
         lines.append(f"Co-firing on {c['n_tokens']} held-out tokens: mean Jaccard {c['mean_jaccard']:.4g} over "
-                     f"{c['pairs']} pairs that fire, {c['share_jaccard_ge_0.5']:.4g} of them >= 0.5.")
+                     f"{c['pairs']} pairs that fire, {figure('share', c['share_jaccard_ge_0.5'])} of them >= 0.5.")
     return lines + [""]
