@@ -259,28 +259,56 @@ def _plot(rows: list[dict], file: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    axes = axes.flatten()
-    panels = (("fvu", "held-out FVU"), ("dead", "dead fraction"), ("shared_0.7", "seed-shared >= 0.7 (0.9 dashed)"),
-              ("init_cos", "cos(final row, initial row)"), ("absorption", "first-letter absorption"),
-              ("alpha", "decoder power law alpha"))
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        for kind, style in (("", "o-"), ("-data-init", "s--"), ("-lr6e-3", "^:")):
-            pts = sorted((r["steps"], r[key]) for r in rows if r[key] is not None
-                         and r["point"] == f"e{r['epochs']}{kind}")
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=kind.strip("-") or "epochs")
-            if key == "shared_0.7":
-                p9 = sorted((r["steps"], r["shared_0.9"]) for r in rows if r["shared_0.9"] is not None
-                            and r["point"] == f"e{r['epochs']}{kind}")
-                if p9:
-                    ax.plot(*zip(*p9, strict=True), style[0] + "--", alpha=0.5)
-        ax.set(xscale="log", xlabel="training steps", title=title)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig = figure(rows)
     atomic_write(file, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
     return True
+
+
+KINDS = (("", "o-", "C0", "epochs"), ("-data-init", "s--", "C1", "data init"), ("-lr6e-3", "^:", "C2", "lr 6e-3"))
+
+
+def figure(rows: list[dict]):
+    """The study's six panels against training steps: one colour and marker per kind of point in
+    every panel (one legend above them), the seeds' min-max as bars where the results keep it
+    (absorption), the other figures as means over the seeds."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.4))
+    panels = (("fvu", "held-out FVU"), ("dead", "dead fraction"),
+              ("shared_0.7", "seed-shared at cos >= 0.7 (faded: >= 0.9)"), ("init_cos", "cos(final row, initial row)"),
+              ("absorption", "first-letter absorption (bars: seeds' min-max)"), ("alpha", "decoder power law alpha"))
+    steps = sorted({r["steps"] for r in rows})
+    for ax, (key, title) in zip(axes.flatten(), panels, strict=True):
+        for kind, style, colour, name in KINDS:
+            mine = sorted((r for r in rows if r[key] is not None and r["point"] == f"e{r['epochs']}{kind}"),
+                          key=lambda r: r["steps"])
+            if not mine:
+                continue
+            x, y = [r["steps"] for r in mine], [r[key] for r in mine]
+            ax.plot(x, y, style, color=colour, label=name)
+            if key == "absorption":
+                lo, hi = zip(*(r["absorption_range"] for r in mine), strict=True)
+                ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo, strict=True)],
+                                        [b - a for a, b in zip(y, hi, strict=True)]],
+                            fmt="none", ecolor=colour, capsize=3, lw=1)
+            if key == "shared_0.7":
+                p9 = [(r["steps"], r["shared_0.9"]) for r in mine if r["shared_0.9"] is not None]
+                if p9:
+                    ax.plot(*zip(*p9, strict=True), style, color=colour, alpha=0.35, label=f"_{name} 0.9")
+        ax.set(xscale="log", xlabel="training steps (log)", title=title)
+        ax.xaxis.set_major_locator(FixedLocator(steps))  # only the budgets run, written out: no crowded labels
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(alpha=0.3)
+    seeds = sorted({r["seeds"] for r in rows})
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.suptitle(f"Budget study: means over {'-'.join(map(str, seeds))} seeds per point", y=0.99, fontsize=11)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.91))
+    return fig
 
 
 def main():
@@ -290,6 +318,8 @@ def main():
     ap.add_argument("--until", default=None, help="HH:MM UTC: start nothing after it, stop a running run there")
     ap.add_argument("--reuse", nargs="*", default=[], help="finished runs to use for a point with the same config")
     ap.add_argument("--report-only", action="store_true", help="train nothing; rewrite the report")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON beside --out (no runs "
+                                                             "needed)")
     ap.add_argument("--out", default="analysis/results/budget.md")
     args = ap.parse_args()
     points = args.points.split(",")
@@ -300,6 +330,9 @@ def main():
         now = dt.datetime.now(dt.timezone.utc)
         h, m = map(int, args.until.split(":"))
         deadline = now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
+    if args.plot_only:
+        _plot(json.loads(Path(args.out).with_suffix(".json").read_text())["rows"], Path(args.out).with_suffix(".png"))
+        return
     command = "nice -n 15 python " + " ".join(sys.argv)
     started, reuse = time.time(), [Path(p) for p in args.reuse]
     order = [(p, s) for p in points for s in range(min(2, args.seeds))]

@@ -142,9 +142,10 @@ def _plot(spectra: dict, file: Path) -> None:
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for h, (lam, (lo, hi), alpha, c) in spectra.items():
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(spectra)))  # by depth, one colour per layer
+    for (h, (lam, (lo, hi), alpha, c)), colour in zip(spectra.items(), colours, strict=True):
         r = np.arange(1, len(lam) + 1)
-        line, = ax.loglog(r, lam, lw=1, label=f"{h.split('.')[1]}: α {alpha:.2f}")
+        line, = ax.loglog(r, lam, lw=1, color=colour, label=f"{h.split('.')[1]}: α {alpha:.2f}")
         w = np.arange(lo, hi + 1)
         ax.loglog(w, 10 ** (c - alpha * np.log10(w)), "--", color=line.get_color(), lw=1.5)
     ax.set(xlabel="rank", ylabel="eigenvalue of the decoder-row covariance",

@@ -14,6 +14,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Tests that run the model (load it, harvest through it, train a run on its activations, pre-train
+# a series) take most of the suite's time: `-m "not slow"` leaves them out for a first check.
+HEAVY = {"smollm2", "act_cache_dir", "series"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if HEAVY & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The offline default model (dequantised once into the user cache, then ~1 s per load)."""

@@ -95,6 +95,7 @@ def reference(tmp_path_factory):
     return args, cfg
 
 
+@pytest.mark.slow
 def test_three_processes_on_one_empty_cache_harvest_it_once(reference, tmp_path):
     args, one = reference
     args = [*args, "--cache_dir", str(tmp_path / "cache")]
@@ -113,6 +114,7 @@ def test_three_processes_on_one_empty_cache_harvest_it_once(reference, tmp_path)
     assert_same_cache(one, load_config(None, args))
 
 
+@pytest.mark.slow
 def test_harvester_killed_a_waiting_process_continues_its_harvest(reference, tmp_path):
     args, one = reference
     args = [*args, "--cache_dir", str(tmp_path / "cache")]

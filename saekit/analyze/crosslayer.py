@@ -239,6 +239,7 @@ def _plot(out: dict, file: Path) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -248,6 +249,7 @@ def _plot(out: dict, file: Path) -> str | None:
         ax.plot(d, [r["direct"] for r in out["decay"]], "s--", label="direct t→t+d")
     ax.axhline(out["shuffled_cosine"], color="grey", lw=1, label="shuffled pairs")
     ax.set(xlabel="layer distance", ylabel="mean decoder cosine of matched pairs", title="Similarity against depth")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # distances are whole layers
     ax.legend()
     fig.tight_layout()
     atomic_write(file, lambda p: fig.savefig(p, dpi=110, format="png"))
