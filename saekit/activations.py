@@ -470,6 +470,12 @@ class Stream:
         return iter(self.make())
 
 
+def check_width(activations: Activations, d_in: int) -> None:
+    """Read the first batch of `activations` and raise as `batches` does when it is not
+    [batch, d_in]: a wrong file is named before any slow work (loading a model) starts."""
+    next(batches(activations, d_in), None)
+
+
 def batches(activations: Activations, d_in: int, batch_size: int = 4096,
             max_tokens: int | None = None) -> Iterator[torch.Tensor]:
     """`[batch, d_in]` float32 tensors from a tensor or an iterable of tensors, checking d_in,

@@ -279,10 +279,10 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
     say = Phases("eval", quiet)
     spliced = [h for h in run.hookpoints if run.parts(h) is None]  # crosscoders: reconstruction only
     if activations is not None:  # activations of another width are refused before any model loads
-        from saekit.activations import batches
+        from saekit.activations import check_width
 
         for h in spliced:
-            next(batches(run.activations(h, path=activations), run.sae(h).cfg.d_in), None)
+            check_width(run.activations(h, path=activations), run.sae(h).cfg.d_in)
     if cfg is not None and model is None and spliced:
         device = resolve_device(cfg.device)
         say.step(f"loading {cfg.model}")

@@ -82,3 +82,22 @@ def test_budget_plot_has_readable_ticks_one_legend_and_the_seeds_spread(monkeypa
         assert len(absorption.containers) == 3  # min-max bars for every kind of point
     finally:
         plt.close(fig)
+
+
+def test_check_readme_reads_every_headline_figure_and_finds_a_changed_one(tmp_path):
+    """benchmarks/check_readme.py compares the README's headline table with a run's eval.json: a
+    run with the README's own figures passes, one with another dead share fails naming it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import check_readme
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    printed = check_readme.figures(check_readme.headline(README))
+    assert {k for k, _, _ in printed} >= {"fvu", "l0", "dead_fraction", "loss_recovered", "kl_sae", "ce_sae"}
+    values = {k: float(v.replace(",", "")) / scale for k, v, scale in printed}
+    for change, code in (({}, 0), ({"dead_fraction": values["dead_fraction"] + 0.002}, 1)):
+        (tmp_path / "eval.json").write_text(json.dumps({check_readme.HOOK: {**values, **change}}))
+        res = subprocess.run([sys.executable, str(ROOT / "benchmarks/check_readme.py"), str(tmp_path)],
+                             capture_output=True, text=True)
+        assert res.returncode == code, res.stdout + res.stderr
+        assert ("DIFF dead_fraction" in res.stdout) == bool(change)

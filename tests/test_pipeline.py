@@ -171,8 +171,9 @@ def test_bad_values_are_named_before_any_model_loads(tmp_path, capsys, monkeypat
     sae = SAE(SAEConfig(d_in=576, n_latents=64, k=4, hookpoint="blocks.6.hook_resid_post", model="smollm2-135m"))
     sae.save(tmp_path / "sae")
     save_file({"x": torch.randn(10, 64)}, tmp_path / "acts.safetensors")
-    assert cli.main(["eval", f"{where}/sae", "--activations", f"{where}/acts.safetensors", "--quiet"]) == 2
-    assert "must be [batch, 576] to match the SAE's d_in, got shape (10, 64)" in capsys.readouterr().err
+    for verb in (["eval"], ["analyze", "all"]):
+        assert cli.main([*verb, f"{where}/sae", "--activations", f"{where}/acts.safetensors", "--quiet"]) == 2
+        assert "must be [batch, 576] to match the SAE's d_in, got shape (10, 64)" in capsys.readouterr().err
     said = []
     for make in (lambda: make_config(TrainConfig, {"k": -5}), lambda: SAEConfig(d_in=8, n_latents=16, k=100000)):
         with pytest.raises(SaekitError) as e:

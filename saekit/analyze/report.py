@@ -17,6 +17,7 @@ RUN_B (`saekit.analyze.stability`).
 import time
 from pathlib import Path
 
+from saekit.activations import check_width
 from saekit.analyze.absorption import absorption
 from saekit.analyze.collapse import collapse
 from saekit.analyze.common import Result
@@ -67,6 +68,9 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
     run = run if isinstance(run, Run) else Run.open(run)
     hooks = run.hookpoints if hookpoint is None else [run.hookpoint(hookpoint)]
     acts = {h: _activations(run, h, activations, tuple(analyses)) for h in hooks}
+    for h in hooks if activations is not None else ():  # a wrong width is named before the model loads
+        if acts[h] is not None and run.parts(h) is None:
+            check_width(acts[h], run.sae(h).cfg.d_in)
     full, lm, skipped = tuple(analyses) == ANALYSES, None, {}
     if "absorption" in analyses:
         from saekit.model import check_hookpoints, load_model
