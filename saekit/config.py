@@ -46,6 +46,8 @@ class TrainConfig:
     # matryoshka prefix ends: fractions of n_latents (all <= 1) or sizes, increasing, ending at the full width
     matryoshka_groups: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5, 1.0])
     l0_coeff: float = 1e-3  # jumprelu: weight of the L0 (active latents per token) next to the FVU loss
+    # jumprelu: steer the L0 to this: the penalty's coefficient becomes l0_coeff * (L0 / target_l0 - 1)
+    target_l0: float | None = None
     jumprelu_bandwidth: float = 0.01  # jumprelu: straight-through rectangle width, in unit-RMS input units
     mp_threshold: float | None = None  # mp: stop a token once its residual norm is below this (unit-RMS units)
     # one dictionary over several activations instead of one SAE per hookpoint: the hookpoints it reads
@@ -108,6 +110,7 @@ _RULES: list[tuple[str, typing.Callable, str]] = [
     ("matryoshka_groups", lambda v, c: c.architecture != "matryoshka" or _groups_ok(v, c.n_latents),
      "increasing fractions of n_latents (ending at 1.0) or increasing sizes (ending at n_latents)"),
     ("l0_coeff", lambda v, c: v >= 0, ">= 0"),
+    ("target_l0", lambda v, c: v > 0 and c.architecture == "jumprelu", "> 0, with architecture jumprelu"),
     ("jumprelu_bandwidth", lambda v, c: v > 0, "> 0"),
     ("mp_threshold", lambda v, c: v >= 0 and c.architecture == "mp", ">= 0, with architecture mp"),
     ("sources", lambda v, c: _names_ok(v), "a non-empty list of distinct names (hookpoint, model:hookpoint or "

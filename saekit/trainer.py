@@ -140,10 +140,18 @@ def loss_auxk(st: StepState) -> torch.Tensor | None:
 def loss_l0(st: StepState) -> torch.Tensor | None:
     """JumpReLU's sparsity (Rajamanoharan et al. 2024): l0_coeff times the active latents per token
     (over the global batch), its threshold gradient through the straight-through estimator. On
-    the FVU's scale: at L0 ~ 50 and FVU ~ 0.1, l0_coeff 1e-3 weighs 0.05, 3e-2 weighs 1.5."""
-    if st.cfg.l0_coeff <= 0:
+    the FVU's scale a firing pays off when it removes more than l0_coeff of its token's share of
+    the variance. With `target_l0` the coefficient is l0_coeff * (L0 / target_l0 - 1) at the
+    batch's L0, the gradient of l0_coeff * target_l0 / 2 * (L0 / target_l0 - 1)^2 (the quadratic
+    of dictionary_learning's JumpReLU trainer): it lowers the L0 above the target, raises it below."""
+    cfg = st.cfg
+    if cfg.l0_coeff <= 0:
         return None
-    return st.cfg.l0_coeff * jumprelu_l0(st.sae, st.vals, st.idx, st.aux) / st.B
+    l0 = jumprelu_l0(st.sae, st.vals, st.idx, st.aux) / st.B
+    if cfg.target_l0 is None:
+        return cfg.l0_coeff * l0
+    now = dist.all_reduce(l0.detach().clone()) if st.parallel else l0.detach()
+    return cfg.l0_coeff * (now / cfg.target_l0 - 1) * l0
 
 
 # The loss terms of each architecture, summed in this order (a term may be absent in a step).
