@@ -147,11 +147,12 @@ def loss_l0(st: StepState) -> torch.Tensor | None:
     cfg = st.cfg
     if cfg.l0_coeff <= 0:
         return None
-    l0 = jumprelu_l0(st.sae, st.vals, st.idx, st.aux) / st.B
+    count = jumprelu_l0(st.sae, st.vals, st.idx, st.aux)
     if cfg.target_l0 is None:
-        return cfg.l0_coeff * l0
-    now = dist.all_reduce(l0.detach().clone()) if st.parallel else l0.detach()
-    return cfg.l0_coeff * (now / cfg.target_l0 - 1) * l0
+        return cfg.l0_coeff * count / st.B
+    l0 = count.detach() / st.B  # this process's share of the global batch's L0
+    l0 = dist.all_reduce(l0) if st.parallel else l0
+    return cfg.l0_coeff * (l0 / cfg.target_l0 - 1) * count / st.B
 
 
 # The loss terms of each architecture, summed in this order (a term may be absent in a step).
