@@ -206,7 +206,10 @@ def report(seeds: int, reuse: list[Path], command: str, started: float, out: Pat
             "shared_0.9": _mean([s["shared_0.9"] for s in stab]),
             "matched_cos": _mean([s["decoder"]["mean"] for s in stab]),
             "enc_shared_0.7": _mean([s["encoder"]["shared_0.7"] for s in stab]),
-            "null_cos": _mean([s["null_mean"] for s in stab]),
+            "both_0.7": _mean([s["shared_both_0.7"] for s in stab]),
+            "both_0.9": _mean([s["shared_both_0.9"] for s in stab]),
+            "null_both_0.7": _mean([s["null"]["shared_both_0.7"] for s in stab]),
+            "null_cos": _mean([s["null"]["mean"] for s in stab]),
             "jaccard": _mean([s["cofiring"]["mean_jaccard"] for s in stab if s.get("cofiring")]),
             "start_shared_0.7": start_shared(point, *sorted(done.items())[:2])
             if over.get("init") == "data" and len(done) > 1 else None,
@@ -220,18 +223,23 @@ def report(seeds: int, reuse: list[Path], command: str, started: float, out: Pat
         {"command": command, "rows": rows, "not_run": missing}, indent=1)))
     plot = _plot(rows, out.with_suffix(".png"))
     show = ("point", "steps", "seeds", "fvu", "dead", "init_cos", "init_cos>0.5", "seed_pairs", "shared_0.7",
-            "shared_0.9", "start_shared_0.7", "matched_cos", "enc_shared_0.7", "null_cos", "jaccard", "absorption",
+            "shared_0.9", "start_shared_0.7", "matched_cos", "enc_shared_0.7", "both_0.7", "both_0.9", "null_both_0.7",
+            "null_cos", "jaccard", "absorption",
             "alpha", "wall_s", "carried")
     lines = ["# Training budget on the default hookpoint (SmolLM2-135M blocks.6.hook_resid_post, 9,216 latents)", "",
              f"Command: `{command}`; this invocation's wall time {time.time() - started:.0f} s "
              f"(2 shared cores; other jobs ran beside it, so wall times are upper bounds).", "",
-             md_table([{k: r[k] for k in show} for r in rows]) if rows else "(no point has finished yet)", "",
+             md_table([{k: r.get(k) for k in show} for r in rows]) if rows else "(no point has finished yet)", "",
              "Columns: held-out FVU and dead fraction (eval.json, mean over seeds); `init_cos` mean cosine of each "
              "final decoder row with its own initial direction (and the share above 0.5); stability over every pair "
              "of seeds (mean): shares of the smaller SAE's latents matched one-to-one at decoder cosine >= 0.7 / 0.9, "
              "`start_shared_0.7` the share >= 0.7 of seeds 0 and 1's starting dictionaries (data init only), "
-             "the mean matched cosine, the encoder rows' share >= 0.7, the mean matched cosine against a random "
-             "unit dictionary (null), and the mean Jaccard co-firing of matched pairs on "
+             "the mean matched cosine, the encoder rows' share >= 0.7, `both_0.7` / `both_0.9` the share of latents "
+             "alive in both seeds (on the held-out tokens) whose decoder-matched partner agrees on decoder and encoder "
+             "row (a latent shared as a whole; of the smaller number of living latents) and `null_both_0.7` that "
+             "share against a random dictionary, the mean matched cosine against a random unit dictionary (null), "
+             "rows without `both_0.7` were measured before it existed; and the mean Jaccard co-firing of matched "
+             "pairs on "
              f"{STABILITY_TOKENS:,} held-out tokens; `absorption` the mean first-letter absorption fraction "
              "(mean over seeds; json: range), `alpha` the decoder covariance power law; `wall_s` training + "
              "evaluation per seed (reused runs: as logged, or None); `carried` rows were measured by an earlier "
