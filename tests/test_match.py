@@ -9,7 +9,7 @@ import torch
 import saekit
 from saekit import cli
 from saekit.analyze import stability, universality
-from saekit.analyze.crosslayer import cofiring, layer_skip, similarity_decay
+from saekit.analyze.crosslayer import cofiring, layer_skip, layer_skip_loss, residual_skip, similarity_decay
 from saekit.codes import encode_all
 from saekit.errors import SaekitError
 from saekit.matching import FoldedSAE, Match, fold_scale, match
@@ -257,6 +257,49 @@ def test_layer_skip_and_cofiring_on_a_permuted_copy():
     assert cofiring(encode_all(a, x), encode_all(b, x), torch.arange(256))["mean_jaccard"] < 0.2
 
 
+def test_residual_baseline_on_planted_layers():
+    """Layer t+1 a rotation of layer t, B's dictionary the same rotation of A's: the SAE skip keeps A's own
+    explained variance, the residual baseline (layer t as the prediction) explains nothing; layer t+1 a
+    slightly noised copy of layer t: the residual explains all but the noise."""
+    g = torch.Generator().manual_seed(3)
+    a, _, _ = sae_pair(m=256, d=32, noise=0)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    b = SAE(a.cfg)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b.W_dec.copy_(a.W_dec @ q)
+        b.b_dec.copy_(a.b_dec @ q)
+    x = torch.randn(4000, 32, generator=g)
+    own = layer_skip(a, a, torch.arange(256), x, x)
+    assert layer_skip(a, b, torch.arange(256), x, x @ q) == pytest.approx(own, abs=1e-4)
+    assert residual_skip(x, x @ q, 32) < -0.5 < own
+    noisy = x + 0.1 * torch.randn(x.shape, generator=g)
+    want = 1 - float(((noisy - x) ** 2).sum()) / float(((noisy - noisy.mean(0)) ** 2).sum())
+    assert residual_skip(x, noisy, 32) == pytest.approx(want, abs=1e-4) and want > 0.98
+    assert residual_skip(x, noisy, 32, max_tokens=100) != pytest.approx(want, abs=1e-6)  # max_tokens is honoured
+    with pytest.raises(SaekitError, match="32"):
+        residual_skip(x, torch.randn(4000, 16), 32)
+
+
+def test_residual_loss_replaces_layer_b_by_layer_a(smollm2):
+    """dloss_residual equals a two-pass reference: layer 1 read in a clean run, then written over layer 2."""
+    h1, h2 = "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"
+    toks = torch.randint(200, 5000, (3, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 24, dtype=torch.bool)
+    mask[:, 0] = False
+    sae = SAE(SAEConfig(576, 64, 4))
+    got = layer_skip_loss(smollm2, sae, sae, {}, h1, h2, toks, mask, residual=True)
+    from saekit.model import logprobs
+
+    store = {}
+    clean = logprobs(smollm2, toks, hooks=((h1, lambda act: store.setdefault("x", act.clone())),))
+    swap = logprobs(smollm2, toks, h2, lambda act: torch.where(mask.unsqueeze(-1).to(act.device), store["x"], act))
+    ce = lambda lp: float(-lp[:, :-1].gather(-1, toks[:, 1:].unsqueeze(-1)).squeeze(-1)[mask[:, 1:]].mean())  # noqa: E731
+    assert got["ce_clean"] == pytest.approx(ce(clean), rel=1e-4)
+    assert got["dloss_residual"] == pytest.approx(ce(swap) - ce(clean), rel=1e-3, abs=1e-4)
+    assert got["dloss_residual"] > 0.01  # skipping a block costs loss
+
+
 def test_bad_arguments():
     a, b, _ = sae_pair(m=64)
     with pytest.raises(SaekitError, match="solver"):
@@ -286,7 +329,8 @@ def test_cli_matches_two_layers_of_a_real_run(act_cache_dir, tmp_path, capsys):
     assert cli.main(["match", str(run), "--chain", "--contexts", "1", "--quiet"]) == 0
     out = json.loads((run / "analysis" / "matching.json").read_text())
     row = out["layers"][0]
-    for k in ("ev_match", "ev_identity", "ev_top1", "dloss_match", "dloss_identity", "dloss_top1", "svcca_p"):
+    for k in ("ev_match", "ev_identity", "ev_top1", "ev_residual", "dloss_match", "dloss_identity", "dloss_top1",
+              "dloss_residual", "svcca_p"):
         assert k in row
     assert row["ev_sae_b"] > row["ev_identity"] and row["dloss_sae_b"] < row["dloss_identity"]
     assert (run / "analysis" / "matching.md").is_file()

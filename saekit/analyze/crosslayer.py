@@ -8,8 +8,10 @@ report of a multi-layer run.
 - similarity decay: the decoder cosine of matched pairs at layer distance 1, 2, ...: both
   the direct match of t to t+d and the chain t→t+1→…→t+d.
 
-Each is set against two baselines: identity (latent i to latent i) and the plain cosine
-top-1 pairing (`saekit.matching.nearest`, not one-to-one).
+Each is set against three baselines: identity (latent i to latent i), the plain cosine top-1
+pairing (`saekit.matching.nearest`, not one-to-one), and, on the explained-variance and Δloss
+measures, the residual baseline: layer t's activations themselves as the prediction of layer
+t+1, no SAE (what any dictionary-based skip has to beat on a residual stream).
 """
 
 import math
@@ -46,12 +48,25 @@ def layer_skip(a: SAE, b: SAE, b_for_a: torch.Tensor, acts_a: Activations | Code
     streams). `acts_a` may be A's codes on those tokens (`saekit.codes.Codes`), saving the encode."""
     codes = iter(acts_a) if isinstance(acts_a, Codes) else (
         a.encode(x) for x in batches(acts_a, a.d_in, max_tokens=max_tokens))
+    return _explained_variance(((_skip(b, b_for_a, vals, idx), xb) for (vals, idx), xb in
+                                zip(codes, batches(acts_b, b.d_in, max_tokens=max_tokens), strict=False)))
+
+
+@torch.no_grad()
+def residual_skip(acts_a: Activations, acts_b: Activations, d_in: int, max_tokens: int | None = None) -> float:
+    """Explained variance of layer t+1's activations by layer t's own (the residual baseline:
+    no SAE; same tokens in both streams, both `d_in` wide)."""
+    return _explained_variance(zip(batches(acts_a, d_in, max_tokens=max_tokens),
+                                   batches(acts_b, d_in, max_tokens=max_tokens), strict=False))
+
+
+def _explained_variance(pairs) -> float:
+    """1 - SSE / total variance of the targets over (prediction, target) batches."""
     sse = sq = s1 = 0.0
     n = 0
-    for (vals, idx), xb in zip(codes, batches(acts_b, b.d_in, max_tokens=max_tokens), strict=False):
-        if len(vals) != len(xb):
+    for pred, xb in pairs:
+        if len(pred) != len(xb):
             raise SaekitError("layer skip needs both hookpoints' activations on the same tokens")
-        pred = _skip(b, b_for_a, vals, idx)
         sse += float(((xb - pred) ** 2).sum())
         sq += float((xb.double() ** 2).sum())
         s1 = s1 + xb.double().sum(0)
@@ -64,14 +79,16 @@ def layer_skip(a: SAE, b: SAE, b_for_a: torch.Tensor, acts_a: Activations | Code
 
 @torch.no_grad()
 def layer_skip_loss(model, a: SAE, b: SAE, pairings: dict[str, torch.Tensor | None], hook_a: str, hook_b: str,
-                    tokens: torch.Tensor, mask: torch.Tensor, batch_size: int = 4) -> dict:
+                    tokens: torch.Tensor, mask: torch.Tensor, batch_size: int = 4, residual: bool = False) -> dict:
     """Next-token CE with layer `hook_b` replaced by the layer skip from `hook_a`, one entry
-    per pairing (`None` means SAE B's own reconstruction of `hook_b`), minus the clean CE.
+    per pairing (`None` means SAE B's own reconstruction of `hook_b`), minus the clean CE; with
+    `residual`, also `dloss_residual`: `hook_b` replaced by `hook_a`'s activations themselves.
     Positions outside `mask` (BOS, padding) keep their activations."""
     from saekit.evaluate import splice
     from saekit.model import logprobs
 
-    sums = dict.fromkeys(["clean", *pairings], 0.0)
+    names = [*pairings, *(["residual"] if residual else [])]
+    sums = dict.fromkeys(["clean", *names], 0.0)
     n = 0
     for s in range(0, len(tokens), batch_size):
         toks, m = tokens[s : s + batch_size], mask[s : s + batch_size]
@@ -83,15 +100,17 @@ def layer_skip_loss(model, a: SAE, b: SAE, pairings: dict[str, torch.Tensor | No
             return act
 
         runs = {"clean": logprobs(model, toks)}
-        for name, pi in pairings.items():
-            if pi is None:
+        for name in names:
+            pi = pairings.get(name)
+            if name in pairings and pi is None:
                 runs[name] = logprobs(model, toks, hook_b, splice(b, m))
                 continue
 
             def put(act, pi=pi, m=m, store=store):
                 out = act.clone()
                 mm = m.to(act.device)
-                out[mm] = skip_decode(a, b, pi, store["x"][mm].float()).to(act.dtype)
+                x = store["x"][mm]
+                out[mm] = (x if pi is None else skip_decode(a, b, pi, x.float())).to(act.dtype)
                 return out
 
             runs[name] = logprobs(model, toks, hooks=((hook_a, grab), (hook_b, put)))
@@ -99,7 +118,7 @@ def layer_skip_loss(model, a: SAE, b: SAE, pairings: dict[str, torch.Tensor | No
             sums[name] += float(-(lp[:, :-1].cpu().gather(-1, tgt).squeeze(-1))[keep].sum())
         n += int(keep.sum())
     ce = {k: v / n for k, v in sums.items()}
-    return {"ce_clean": ce["clean"], **{f"dloss_{k}": ce[k] - ce["clean"] for k in pairings}}
+    return {"ce_clean": ce["clean"], **{f"dloss_{k}": ce[k] - ce["clean"] for k in names}}
 
 
 def cofiring(ca: Codes, cb: Codes, b_for_a: torch.Tensor) -> dict:
@@ -176,12 +195,16 @@ def chain_report(run: str | Path | Run, max_tokens: int | None = 32768, n_contex
         for name, pi in pis.items():
             row[f"ev_{name}"] = layer_skip(a, b, pi, codes[t], acts[t + 1], max_tokens)
         row["ev_sae_b"] = layer_skip(b, b, torch.arange(b.n_latents), codes[t + 1], acts[t + 1], max_tokens)
+        residual = a.d_in == b.d_in
+        if residual:
+            row["ev_residual"] = residual_skip(acts[t], acts[t + 1], a.d_in, max_tokens)
         for name in ("match", "top1"):
             row |= {f"cofire_{name}_{k}": v for k, v in cofiring(codes[t], codes[t + 1], pis[name]).items()
                     if k != "pairs"}
         if model is not None:
             tokens, mask = ctx[0][:n_ctx], ctx[1][:n_ctx]
-            row |= layer_skip_loss(model, a, b, {**pis, "sae_b": None}, hooks[t], hooks[t + 1], tokens, mask)
+            row |= layer_skip_loss(model, a, b, {**pis, "sae_b": None}, hooks[t], hooks[t + 1], tokens, mask,
+                                   residual=residual)
         u = universality(a, b, m.b_for_a, n_shuffles=n_shuffles)
         row |= {"svcca": u.svcca, "svcca_p": u.svcca_p, "svcca_null": u.svcca_null, "rsa": u.rsa, "rsa_p": u.rsa_p,
                 "rsa_null": u.rsa_null}
@@ -211,8 +234,9 @@ def markdown(out: dict, plot: str | None) -> str:
     f = lambda v: f"{v:.4g}" if isinstance(v, float) else v  # noqa: E731
     layer_cols = [("a", "layer t"), ("b", "layer t+1"), ("cos_match", "cos match"), ("cos_top1", "cos top-1"),
                   ("ev_match", "EV skip match"), ("ev_identity", "EV identity"), ("ev_top1", "EV top-1"),
-                  ("ev_sae_b", "EV SAE t+1"), ("dloss_match", "Δloss match"), ("dloss_identity", "Δloss identity"),
-                  ("dloss_top1", "Δloss top-1"), ("dloss_sae_b", "Δloss SAE t+1"),
+                  ("ev_residual", "EV residual"), ("ev_sae_b", "EV SAE t+1"), ("dloss_match", "Δloss match"),
+                  ("dloss_identity", "Δloss identity"), ("dloss_top1", "Δloss top-1"),
+                  ("dloss_residual", "Δloss residual"), ("dloss_sae_b", "Δloss SAE t+1"),
                   ("cofire_match_mean_jaccard", "co-fire match"), ("cofire_top1_mean_jaccard", "co-fire top-1")]
     uni_cols = [("a", "layer t"), ("b", "layer t+1"), ("svcca", "SVCCA"), ("svcca_null", "SVCCA shuffled"),
                 ("svcca_p", "p (SVCCA)"), ("rsa", "RSA"), ("rsa_null", "RSA shuffled"), ("rsa_p", "p (RSA)")]
@@ -227,7 +251,9 @@ def markdown(out: dict, plot: str | None) -> str:
              f"Shuffled pairs (floor): {out['shuffled_cosine']:.4g}.", "",
              "## Layer skip: encode at t, permute, decode with t+1", "", table(layer_cols), "",
              "EV: explained variance of layer t+1's activations. Δloss: next-token CE minus the clean CE "
-             "with layer t+1 replaced.", "", "## Universality of consecutive dictionaries", "", table(uni_cols), ""]
+             "with layer t+1 replaced. Baselines: identity pairing, plain top-1 cosine pairing (not one-to-one), "
+             "and residual (layer t's activations as layer t+1's, no SAE).", "",
+             "## Universality of consecutive dictionaries", "", table(uni_cols), ""]
     if plot:
         lines += [f"![similarity against layer distance]({plot})", ""]
     return "\n".join(lines)
