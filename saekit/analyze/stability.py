@@ -78,7 +78,8 @@ def _both(dec: Match, enc_a: torch.Tensor, enc_b: torch.Tensor, alive_a: torch.T
 def stability(sae_a: SAE, sae_b: SAE, activations: Activations | None = None, max_tokens: int | None = None,
               solver: str = "auto", candidates: int = 16, seed: int = 0) -> StabilityResult:
     """Agreement of two SAEs of one hookpoint (see the module docstring). `activations` (a tensor,
-    or a stream that can be read twice: both SAEs read the same tokens) adds co-firing."""
+    or a stream that can be read twice: both SAEs read the same tokens) adds co-firing and decides
+    which latents are alive (fire at least once on them) for the whole-latent share."""
     if sae_a.d_in != sae_b.d_in:
         raise SaekitError(f"stability compares two SAEs of one hookpoint, but d_in differs ({sae_a.d_in} vs "
                           f"{sae_b.d_in}); saekit.match(..., method='activations') compares across widths")
