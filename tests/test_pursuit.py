@@ -241,3 +241,31 @@ def test_mp_auxk_reaches_dead_rows_through_the_residual():
     assert m["dead_fraction"] > 0.5 and float(m["aux_loss"]) > 0
     moved = set(((sae.W_dec - before).norm(dim=1) > 0).nonzero().flatten().tolist())
     assert len(moved - chosen) >= 4  # dead rows moved: only AuxK reaches them
+
+
+def test_mp_toy_hierarchy_is_conditionally_orthogonal():
+    """The toy of benchmarks/conditional_hierarchy.py as Costa et al. describe it: a child's direction is
+    orthogonal to its parent's and to everything outside its family, siblings (and the top level) meet at
+    cosine rho; one top-level feature per sample, a parent's child with probability 0.6 (L0 1.36)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from conditional_hierarchy import D, directions, layout, sample
+
+    parents, children, lone = layout()
+    g = torch.Generator().manual_seed(0)
+    for rho in (0.0, 0.4, 0.8):
+        dirs = directions(rho, g)
+        cos = dirs @ dirs.T
+        torch.testing.assert_close(cos.diagonal(), torch.ones(D))
+        fam = children[0]
+        assert cos[fam[0], fam[1]] == pytest.approx(rho, abs=0.01) and cos[parents[0], lone[0]] == pytest.approx(
+            rho, abs=0.01)
+        assert cos[parents[0], fam].abs().max() < 1e-5 and cos[fam][:, children[1]].abs().max() < 1e-5
+    x, mags = sample(20_000, dirs, g)
+    on = mags != 0
+    torch.testing.assert_close(x, mags @ dirs)
+    assert on[:, torch.cat([parents, lone])].sum(1).eq(1).all()  # exactly one top-level feature
+    assert not on[:, children.flatten()][~on[:, parents].repeat_interleave(3, 1)].any()  # no child without parent
+    assert on.sum(1).float().mean() == pytest.approx(1.36, abs=0.02)
