@@ -23,7 +23,10 @@ difference between the assigned decoder rows' pairwise cosines and the true ones
 dictionary has the planted correlations); FVU on held-out samples.
 
     python3 benchmarks/conditional_hierarchy.py          # writes analysis/results/conditional_hierarchy.{md,json}
-    python3 benchmarks/conditional_hierarchy.py --seeds 1 --rhos 0.8 --families topk,mp
+    python3 benchmarks/conditional_hierarchy.py --seeds 1 --rhos 0.8 --families topk,mp --out /tmp/ch.md
+
+It resumes: a (rho, family) row already in the results file is skipped, so several invocations
+(e.g. one per family) fill one table; the file lists every invocation and the summed wall time.
 """
 
 import argparse
@@ -123,9 +126,15 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     command = "python3 benchmarks/conditional_hierarchy.py " + " ".join(sys.argv[1:])
-    rows, started = [], time.time()
+    old = Path(a.out).with_suffix(".json")
+    prior = json.loads(old.read_text()) if old.is_file() else {"commands": [], "wall_s": 0, "rows": []}
+    if prior["rows"] and prior["seeds"] != a.seeds:
+        raise SystemExit(f"{old} holds {prior['seeds']} seeds per row; rerun with --seeds {prior['seeds']} or --out")
+    rows, commands, started = prior["rows"], prior["commands"] + [command], time.time() - prior["wall_s"]
     for rho in [float(r) for r in a.rhos.split(",")]:
         for fam in a.families.split(","):
+            if any(r["rho"] == rho and r["family"] == fam for r in rows):
+                continue  # measured by an earlier invocation: the script resumes
             per_seed = []
             for seed in range(a.seeds):
                 g = torch.Generator().manual_seed(seed)
@@ -144,18 +153,19 @@ def main():
                       + f" ({time.time() - t:.0f} s)", flush=True)
                 per_seed.append(r)
             rows.append({"rho": rho, "family": fam, **{n: [r[n] for r in per_seed] for n in per_seed[0]}})
-            write(rows, a, command, time.time() - started)  # after every row: a partial table survives
+            write(rows, a, commands, time.time() - started)  # after every row: a partial table survives
 
 
-def write(rows: list[dict], a, command: str, wall: float) -> None:
+def write(rows: list[dict], a, commands: list[str], wall: float) -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "seeds": a.seeds, "wall_s": round(wall),
+    out.with_suffix(".json").write_text(json.dumps({"commands": commands, "seeds": a.seeds, "wall_s": round(wall),
                                                     "rows": rows}, indent=1))
     keys = [k for k in rows[0] if k not in ("rho", "family")]
     cell = lambda v: f"{statistics.mean(v):.2f} [{min(v):.2f}, {max(v):.2f}]"  # noqa: E731
     lines = ["# MP-SAE's toy: conditionally orthogonal hierarchy, per dictionary family", "",
-             f"`{command}` ({wall:.0f} s wall on 2 shared cores; {a.seeds} seed{'s' * (a.seeds > 1)}, "
+             " then ".join(f"`{c}`" for c in commands) + f" ({wall:.0f} s wall in all on 2 shared cores; {a.seeds} "
+             f"seed{'s' * (a.seeds > 1)}, "
              f"{a.tokens:,} training samples x {a.epochs} epochs in batches of {a.batch_size} at lr {a.lr}, 8,000 "
              "held out).", "",
              (__doc__ or "").split("\n\n")[1].replace("\n", " "), "",
