@@ -53,7 +53,7 @@ def main():
                      "Δloss residual": round(loss["dloss_residual"], 4), "clean CE": round(loss["ce_clean"], 4)})
         print(rows[-1], flush=True)
     wall = time.time() - started
-    command = "nice -n 15 python3 " + " ".join(sys.argv)
+    command = "python3 " + " ".join(sys.argv)
     n_tok = len(next(iter(acts.values())))
     atomic_write(OUT.with_suffix(".json"), lambda p: p.write_text(json.dumps(
         {"command": command, "wall_s": round(wall), "ev_tokens": n_tok, "loss_contexts": n_loss, "rows": rows},
