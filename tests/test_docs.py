@@ -92,12 +92,17 @@ def test_check_readme_reads_every_headline_figure_and_finds_a_changed_one(tmp_pa
         import check_readme
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    printed = check_readme.figures(check_readme.headline(README))
-    assert {k for k, _, _ in printed} >= {"fvu", "l0", "dead_fraction", "loss_recovered", "kl_sae", "ce_sae"}
-    values = {k: float(v.replace(",", "")) / scale for k, v, scale in printed}
+    path = "bf16+fp32-rescore"  # the column the README fills
+    printed = check_readme.figures(check_readme.headline(README, path))
+    assert {k for k, _, _ in printed} >= {"n_tokens", "fvu", "l0", "dead_fraction"}
+    values = {k: float(v.replace(",", "")) / scale for k, v, scale in printed} | {"encoder_path": path}
     for change, code in (({}, 0), ({"dead_fraction": values["dead_fraction"] + 0.002}, 1)):
         (tmp_path / "eval.json").write_text(json.dumps({check_readme.HOOK: {**values, **change}}))
         res = subprocess.run([sys.executable, str(ROOT / "benchmarks/check_readme.py"), str(tmp_path)],
                              capture_output=True, text=True)
         assert res.returncode == code, res.stdout + res.stderr
         assert ("DIFF dead_fraction" in res.stdout) == bool(change)
+    (tmp_path / "eval.json").write_text(json.dumps({check_readme.HOOK: {**values, "encoder_path": "fp32"}}))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/check_readme.py"), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "no column for the fp32 encoder path" in res.stdout + res.stderr
