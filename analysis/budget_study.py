@@ -2,6 +2,7 @@
 
     nice -n 15 python analysis/budget_study.py [--seeds 2] [--points e3,e6,...] [--until 18:30]
                                                [--reuse /work/main/runs/default runs/seed1]
+    python analysis/budget_study.py --plot-only      # redraw budget.png from budget.json (no runs needed)
 
 For each point (overrides of configs/default.yaml: more epochs over the same cached 350k tokens,
 or a lever: data-initialised decoder rows, a higher learning rate) and each seed, `saekit train`
