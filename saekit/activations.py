@@ -53,10 +53,12 @@ def cache_path(cfg, split: str) -> Path:
     the same data whose hookpoints include the config's serves it (the same rows, harvested once)."""
     root = cache_root(cfg)
 
-    def key(hookpoints) -> str:
+    stream = {"activations": "stream"} if cfg.activations == "stream" else {}
+
+    def key(hookpoints) -> str:  # a stream's held-out contexts are its first ones, whatever n_tokens
         return cache_key(model=cfg.model, dataset=cfg.dataset, text_field=cfg.text_field, ctx_len=cfg.ctx_len,
-                         n_tokens=cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.data_seed,
-                         hookpoints=sorted(hookpoints), split=split, format=FORMAT)
+                         n_tokens=None if stream else cfg.n_tokens, val_tokens=cfg.val_tokens, seed=cfg.data_seed,
+                         hookpoints=sorted(hookpoints), split=split, format=FORMAT, **stream)
 
     own = root / key(cfg.hookpoints)
     for path in [own, *sorted(p for p in root.iterdir() if _is_cache_key(p) and p != own)] if root.is_dir() else []:

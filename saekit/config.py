@@ -75,6 +75,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
     out: str = "runs/default"
     cache_dir: str | None = None  # activation cache root; None: $SAEKIT_CACHE/activations
+    # cache: harvest the training split to disk once, read it every epoch | stream: the model forwards the training
+    # contexts as the run goes (memory and disk do not grow with n_tokens; every epoch forwards them again)
+    activations: Literal["cache", "stream"] = "cache"
     buffer_tokens: int = 1_048_576  # activation rows shuffled together in memory, all hookpoints together
     harvest_batch: int = 16  # contexts per model forward while harvesting
     checkpoint_every: int = 50  # steps

@@ -104,33 +104,42 @@ def _shuffled(docs: Iterable[str], rng: random.Random, buffer: int = 4096) -> It
     yield from pool
 
 
-def pack_contexts(texts: Iterable[str], tokenizer, ctx_len: int, n_tokens: int | None = None,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle documents (seeded), tokenise, join with EOS and cut into `[n, ctx_len]` contexts
-    that each start with BOS. Returns (tokens, mask); mask is False on BOS/EOS/special tokens.
-    Stops once the contexts hold `n_tokens` trainable positions (None: use everything)."""
+def iter_contexts(texts: Iterable[str], tokenizer, ctx_len: int,
+                  seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffle documents (seeded), tokenise, join with EOS and cut into `[ctx_len]` contexts that
+    each start with BOS, one at a time (memory does not grow with the corpus): (tokens, mask);
+    mask is False on BOS/EOS/special tokens. The order is a pure function of `seed`."""
     if ctx_len < 2:
         raise SaekitError(f"ctx_len must be at least 2, got {ctx_len}")
     bos = tokenizer.bos_token_id
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     body = ctx_len - (bos is not None)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    rows, stream, n_valid = [], [], 0
+    stream = []
     for doc in _shuffled(texts, random.Random(seed)):
         if not doc or not doc.strip():
             continue
         stream += tokenizer(doc, add_special_tokens=False).input_ids + ([sep] if sep is not None else [])
-        while len(stream) >= body and (n_tokens is None or n_valid < n_tokens):
+        while len(stream) >= body:
             row = torch.tensor(([bos] if bos is not None else []) + stream[:body])
             stream = stream[body:]
-            rows.append(row)
-            n_valid += int((~torch.isin(row, special)).sum())
+            yield row, ~torch.isin(row, special)
+
+
+def pack_contexts(texts: Iterable[str], tokenizer, ctx_len: int, n_tokens: int | None = None,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contexts of `iter_contexts` stacked, `[n, ctx_len]` (tokens, mask), up to the first
+    that brings the trainable positions to `n_tokens` (None: use everything)."""
+    rows, masks, n_valid = [], [], 0
+    for row, mask in iter_contexts(texts, tokenizer, ctx_len, seed):
+        rows.append(row)
+        masks.append(mask)
+        n_valid += int(mask.sum())
         if n_tokens is not None and n_valid >= n_tokens:
             break
     if not rows:
         raise SaekitError(f"the corpus is empty or shorter than one context of {ctx_len} tokens")
-    tokens = torch.stack(rows)
-    return tokens, ~torch.isin(tokens, special)
+    return torch.stack(rows), torch.stack(masks)
 
 
 def split_contexts(tokens: torch.Tensor, mask: torch.Tensor, n_val: int, seed: int = 0):

@@ -117,6 +117,24 @@ def gather_objects(obj) -> list | None:
     return out
 
 
+def all_gather_rows(t: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Every process's rows `[n_r, ...]` (None: none) stacked in rank order, `[n, ...]`, on every process."""
+    metas = [None] * world()
+    dist.all_gather_object(metas, None if t is None else (len(t), tuple(t.shape[1:]), t.dtype))
+    most = max(m[0] for m in metas if m is not None)
+    _, shape, dtype = next(m for m in metas if m is not None)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    pad = torch.zeros((most, *shape), dtype=dtype, device=device)  # NCCL gathers device tensors only
+    if t is not None:
+        pad[: len(t)] = t
+    got = [torch.empty_like(pad) for _ in metas]
+    dist.all_gather(got, pad)
+    out = torch.cat([g[: m[0]] for g, m in zip(got, metas, strict=True) if m is not None]).cpu()
+    if len(out) != n:
+        raise SaekitError(f"the processes forwarded {len(out)} rows of a buffer of {n}")
+    return out
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

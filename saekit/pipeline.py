@@ -6,6 +6,7 @@ evaluate); the run folder belongs to `saekit.run.Run`; this module only wires th
 import math
 import sys
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -21,12 +22,16 @@ from saekit.io import Phases, figure, md_table
 from saekit.lock import POLL_S, FileLock
 from saekit.run import EVAL, Run
 from saekit.runtime import resolve_device
+from saekit.stream import StreamedBatches
 from saekit.trainer import INIT_SAMPLE, Trainer, run_steps
 
 
 def contexts(cfg: TrainConfig, tokenizer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Packed token contexts and masks: {"train": ..., "val": ...}, disjoint and seeded by `data_seed`."""
+    """Packed token contexts and masks: {"train": ..., "val": ...}, disjoint and seeded by `data_seed`.
+    With `activations: stream` only {"val": ...}: the stream's first contexts (`stream_contexts` reads the rest)."""
     texts = data.load_texts(cfg.dataset, text_field=cfg.text_field)
+    if cfg.activations == "stream":
+        return {"val": data.pack_contexts(texts, tokenizer, cfg.ctx_len, cfg.val_tokens, cfg.data_seed)}
     tokens, mask = data.pack_contexts(texts, tokenizer, cfg.ctx_len, cfg.n_tokens + cfg.val_tokens,
                                       cfg.data_seed)
     n_val = max(1, math.ceil(cfg.val_tokens / max(1.0, float(mask.sum()) / len(mask))))
@@ -129,10 +134,26 @@ def prepare(cfg: TrainConfig, quiet: bool = False):
                 raise SaekitError(f"source model {name} has another tokenizer than {cfg.model}: a dictionary over "
                                   "several models reads the same tokens in each, so their vocabularies must agree")
         lm.check_hookpoints(models[name], [parse_source(h)[2] for h in hooks])
+    if cfg.activations == "stream" and len(models) > 1:
+        raise SaekitError("activations: stream forwards the config's model only; sources read from other models "
+                          "need activations: cache")
     ctx = contexts(cfg, model.tokenizer)
-    caches = {s: activation_cache(cfg, models if len(models) > 1 else model, s, *ctx[s], quiet=quiet)
-              for s in ("train", "val")}
+    caches = {s: activation_cache(cfg, models if len(models) > 1 else model, s, *ctx[s], quiet=quiet) for s in ctx}
     return model, ctx, caches
+
+
+def stream_batches(cfg: TrainConfig, model, hookpoints: list[str], n_val: int) -> StreamedBatches:
+    """The training batches of `activations: stream`: the contexts after the `n_val` held-out ones,
+    forwarded through `model` at `hookpoints` as they are needed."""
+    def train_contexts():
+        texts = data.load_texts(cfg.dataset, text_field=cfg.text_field)
+        return islice(data.iter_contexts(texts, model.tokenizer, cfg.ctx_len, cfg.data_seed), n_val, None)
+
+    def forward(tokens, mask):
+        return next(lm.harvest(model, tokens, mask, hookpoints, batch_size=len(tokens)))
+
+    return StreamedBatches(train_contexts, forward, hookpoints, cfg.n_tokens, cfg.batch_size, cfg.seed,
+                           cfg.buffer_tokens, cfg.harvest_batch)
 
 
 def source_models(cfg: TrainConfig) -> dict[str | None, list[str]]:
@@ -187,9 +208,14 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     quiet = quiet or not main
 
     model = ctx = None
-    caches = finished_caches(cfg)
+    stream = cfg.activations == "stream"
+    if stream and cfg.shard_hookpoints and dist.active():
+        raise SaekitError("shard_hookpoints with activations: stream would have every process forward every context "
+                          "(the forward is what a stream costs); train data parallel (the default) or cache")
+    caches = None if stream else finished_caches(cfg)
     if dist.broadcast_object(caches is None):  # the main process's view: all harvest, or none
         model, ctx, caches = prepare(cfg, quiet)
+        forward_model = model
         model = model if main else None  # only the main process evaluates
     elif caches is None:
         raise SaekitError(f"the activation caches of {cfg.out} are not readable from process {dist.rank()}; "
@@ -201,11 +227,14 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         raise SaekitError(f"shard_hookpoints: {dist.world()} processes for {len(names)} dictionaries; "
                           "start at most one process per hookpoint")
     hookpoints = list(dict.fromkeys(h for n in mine for part in dictionaries(cfg)[n] for h in part))
-    train_cache = caches["train"]
-    missing = [h for h in hookpoints if h not in train_cache.hookpoints]
-    if missing:
-        raise SaekitError(f"the activation cache {train_cache.path} holds no {missing}; delete it to harvest again")
-    batches = ShuffledBatches(train_cache, hookpoints, cfg.batch_size, cfg.seed, cfg.buffer_tokens)
+    if stream:
+        batches = stream_batches(cfg, forward_model, hookpoints, len(ctx["val"][0]))
+    else:
+        train_cache = caches["train"]
+        missing = [h for h in hookpoints if h not in train_cache.hookpoints]
+        if missing:
+            raise SaekitError(f"the activation cache {train_cache.path} holds no {missing}; delete it to harvest again")
+        batches = ShuffledBatches(train_cache, hookpoints, cfg.batch_size, cfg.seed, cfg.buffer_tokens)
     total = cfg.epochs * batches.steps_per_epoch
     step = (run.checkpoint() or {}).get("step") if run else None
     if isinstance(step, int) and step >= total:  # nothing left to train
@@ -219,8 +248,16 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     if again:
         raise SaekitError(f"{run.path} holds an unfinished run (step {step} of {total}); continue it with "
                           f"`saekit train --out {run.path} --resume`, or choose another --out")
-    sample = init_sample(train_cache, hookpoints, cfg)
-    dims = {h: train_cache.dim(h) for h in hookpoints}
+    if stream:  # the first rows of the stream (forwarded again on a resume)
+        sample = batches.sample(INIT_SAMPLE, cfg.seed if cfg.init == "data" else None)
+        dims = {h: sample[h].shape[1] for h in hookpoints}
+        if cfg.epochs > 1 and main:
+            print(f"saekit: activations: stream forwards the model over the {cfg.n_tokens:,} training tokens again in "
+                  f"each of {cfg.epochs} epochs ({cfg.epochs}x the forwards of one); activations: cache forwards them "
+                  "once and reads them from disk after, which is faster when the disk holds them", file=sys.stderr)
+    else:
+        sample = init_sample(train_cache, hookpoints, cfg)
+        dims = {h: train_cache.dim(h) for h in hookpoints}
     trainer = Trainer(cfg, dims, sample, total, resolve_device(cfg.device), data_parallel=not sharded)
     if run and run.has_state:
         trainer.load(run)
