@@ -6,7 +6,8 @@ default config: SmolLM2-135M layer 6, 16x, k 32, batch 4,096):
   thread    the same with the next buffer forwarded by a producer thread while the SAE steps
   cached    training from an activation cache on disk (`activations: cache`, after its harvest)
 
-tokens/s are trained (or forwarded) tokens over wall time; each way runs `--reps` times, interleaved,
+tokens/s are trained (or forwarded) tokens over the wall time of reading the batches (the trainer's
+set-up not counted); each way runs `--reps` times, interleaved,
 and the median is printed.
 
     python3 benchmarks/bench_stream.py --tokens 65536 --reps 2
@@ -43,13 +44,19 @@ def threaded(batches, depth: int = 8):
         yield b
 
 
-def train(cfg: TrainConfig, batches, sample, total: int) -> int:
-    tr = Trainer(cfg, {h: sample[h].shape[1] for h in sample}, sample, total, torch.device("cpu"))
-    n = 0
+def timed(batches, step=None) -> tuple[int, float]:
+    """(rows, seconds) of reading `batches` (and stepping on each); set-up before the first is timed too."""
+    t0, n = time.perf_counter(), 0
     for b in batches:
-        tr.train_step(b)
+        if step:
+            step(b)
         n += len(next(iter(b.values())))
-    return n
+    return n, time.perf_counter() - t0
+
+
+def train(cfg: TrainConfig, batches, sample, total: int) -> tuple[int, float]:
+    tr = Trainer(cfg, {h: sample[h].shape[1] for h in sample}, sample, total, torch.device("cpu"))  # not timed
+    return timed(batches, tr.train_step)
 
 
 def main():
@@ -75,7 +82,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         build_cache(tmp, lm.harvest(model, tokens, mask, hooks, cfg.harvest_batch), {"model": cfg.model})
         ways = {
-            "harvest": lambda: sum(len(r[hooks[0]]) for r in lm.harvest(model, tokens, mask, hooks, cfg.harvest_batch)),
+            "harvest": lambda: timed(lm.harvest(model, tokens, mask, hooks, cfg.harvest_batch)),
             "stream": lambda: train(cfg, stream().batches(0, 1), sample, steps),
             "thread": lambda: train(cfg, threaded(stream().batches(0, 1)), sample, steps),
             "cached": lambda: train(cfg, ShuffledBatches(ActivationCache.open(tmp), hooks, cfg.batch_size, cfg.seed,
@@ -84,9 +91,8 @@ def main():
         rates = {k: [] for k in ways}
         for _ in range(a.reps):
             for k, fn in ways.items():
-                t0 = time.perf_counter()
-                n = fn()
-                rates[k].append(n / (time.perf_counter() - t0))
+                n, secs = fn()
+                rates[k].append(n / secs)
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"{a.tokens} tokens, buffer {cfg.buffer_tokens}, {torch.get_num_threads()} threads, {a.reps} reps")
     print("| way | tokens/s (median) | runs | vs harvest |\n|---|---|---|---|")

@@ -28,7 +28,7 @@ from saekit.trainer import INIT_SAMPLE, Trainer, run_steps
 
 def contexts(cfg: TrainConfig, tokenizer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Packed token contexts and masks: {"train": ..., "val": ...}, disjoint and seeded by `data_seed`.
-    With `activations: stream` only {"val": ...}: the stream's first contexts (`stream_contexts` reads the rest)."""
+    With `activations: stream` only {"val": ...}: the stream's first contexts (`stream_batches` reads the rest)."""
     texts = data.load_texts(cfg.dataset, text_field=cfg.text_field)
     if cfg.activations == "stream":
         return {"val": data.pack_contexts(texts, tokenizer, cfg.ctx_len, cfg.val_tokens, cfg.data_seed)}
@@ -215,7 +215,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     caches = None if stream else finished_caches(cfg)
     if dist.broadcast_object(caches is None):  # the main process's view: all harvest, or none
         model, ctx, caches = prepare(cfg, quiet)
-        forward_model = model
+        forward_model = model  # every process forwards its share of a stream
         model = model if main else None  # only the main process evaluates
     elif caches is None:
         raise SaekitError(f"the activation caches of {cfg.out} are not readable from process {dist.rank()}; "

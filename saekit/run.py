@@ -188,6 +188,9 @@ class Run:
         """The run's activation cache of `split` ("train" or "val")."""
         if self.bare:
             raise SaekitError(f"{self.path} is a bare SAE folder with no activation cache; pass --activations PATH")
+        if split == "train" and self.config.activations == "stream":
+            raise SaekitError(f"{self.path} was trained with activations: stream, which keeps no training "
+                              "activations on disk; use its held-out split (--split val) or pass --activations PATH")
         path = cache_path(self.config, split)
         try:
             return ActivationCache.open(path)

@@ -12,6 +12,7 @@ import sys
 import time
 from itertools import islice
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from test_distributed import free_port
@@ -211,3 +212,13 @@ def test_two_processes_stream_disjoint_contexts_and_train_what_one_does(tiny, tm
     a, b = SAE.load(tmp_path / "one" / HOOK), SAE.load(tmp_path / "dp" / HOOK)
     for n, p in a.named_parameters():  # the tolerance of the cached torchrun test (tests/test_distributed.py)
         torch.testing.assert_close(p, getattr(b, n), rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_a_streamed_run_names_the_split_it_has_when_asked_for_its_training_activations(tmp_path):
+    from saekit.config import TrainConfig, make_config
+    from saekit.errors import SaekitError
+    from saekit.run import Run
+
+    cfg = make_config(TrainConfig, {"activations": "stream", "out": str(tmp_path / "r"), "cache_dir": str(tmp_path)})
+    with pytest.raises(SaekitError, match="activations: stream.*--split val"):
+        Run.create(cfg).cache("train")
