@@ -1,5 +1,5 @@
 """The `saekit` command line: one verb per stage (train, cache, eval, analyze, match, stability, export,
-atlas)."""
+atlas, steer, attribute)."""
 
 import argparse
 import shlex
@@ -288,6 +288,37 @@ def _atlas(args, extra):
         _left_out(len(df) - min(len(df), args.limit), "--limit N or --json shows them")
 
 
+def _steer(args, extra):
+    import json
+
+    from saekit.intervene import steer
+
+    res = steer(args.run, args.prompt, args.feature, args.hookpoint, args.max_new_tokens, args.temperature, args.seed,
+                error=not args.no_error, model=args.model)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+        return
+    print(f"clean:   {args.prompt}[[{res.clean}]]")
+    print(f"steered: {args.prompt}[[{res.steered}]]")
+    print("next token: largest moves of its probability")
+    print(res.next_token.to_string(index=False))
+
+
+def _attribute(args, extra):
+
+    from saekit.intervene import attribute
+
+    res = attribute(args.run, args.prompt, args.target, args.against, args.hookpoint, model=args.model)
+    if args.json:
+        print(res.table.to_json(orient="records"))
+        return
+    against = f" - logit[{args.against!r}]" if args.against is not None else ""
+    print(f"logit[{args.target!r}]{against} = {res.metric:.4g}; the error term's attribution {res.error:.4g} "
+          f"(share {res.error_share:.1%}), the decoder bias's {res.bias:.4g}")
+    print(res.table.head(args.limit).to_string(index=False))
+    _left_out(len(res.table) - min(len(res.table), args.limit), "--limit N or --json shows them")
+
+
 def _left_out(n: int, how: str) -> None:
     """Say under a table cut to its first rows how many were left out and how to see them."""
     if n > 0:
@@ -460,6 +491,32 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--limit", type=_at_least(1), default=20, help="rows to print")
     at.add_argument("--json", action="store_true", help="JSON instead of a table")
     at.set_defaults(func=_atlas, strict=True)
+
+    sr = sub.add_parser("steer", help="the run's model continuing a prompt, clean and with latents edited (the "
+                                      "dictionaries spliced in, reconstruction error kept)")
+    sr.add_argument("run", help="a run folder or an SAE folder")
+    sr.add_argument("--prompt", required=True, help="the text to continue (after a BOS token)")
+    sr.add_argument("--feature", action="append", required=True, metavar="LATENT=EDIT",
+                    help="an edit at every position: N=+V or N=-V add, N=V set, N=xS scale, N=zero, N=mean "
+                         "(repeat for several)")
+    sr.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (default 20)")
+    sr.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; else sample with --seed")
+    sr.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    sr.add_argument("--no-error", action="store_true", help="leave the reconstruction error out")
+    sr.set_defaults(func=_steer)
+    ab = sub.add_parser("attribute", help="the latents that drove the model's next-token logit of --target "
+                                          "(activation x gradient through the spliced model)")
+    ab.add_argument("run", help="a run folder or an SAE folder")
+    ab.add_argument("--prompt", required=True, help="the text after which the next token is predicted")
+    ab.add_argument("--target", required=True, help="one token, e.g. ' king'")
+    ab.add_argument("--against", default=None, help="one token: attribute logit[target] - logit[against]")
+    ab.add_argument("--limit", type=int, default=20, help="rows to print")
+    ab.set_defaults(func=_attribute)
+    for s in (sr, ab):
+        s.add_argument("--hookpoint", default=None, help="the dictionary (needed when the run has several)")
+        s.add_argument("--model", default=None, help="the model (default: the run's)")
+        s.add_argument("--json", action="store_true", help="JSON instead of text")
+        s.set_defaults(strict=True)
 
     for s in (t, c, e, a, mt, st, x, at):
         s.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,6 +1,6 @@
 """Evaluation metrics: reconstruction on held-out activations (FVU, MSE, L0, cosine, L2 ratio,
 latent density) and downstream loss with the SAE spliced into the model (CE, KL, loss
-recovered). `saekit.pipeline.evaluate_run` applies them to a run."""
+recovered; the splice is `saekit.splice`'s). `saekit.pipeline.evaluate_run` applies them to a run."""
 
 from collections.abc import Iterator
 
@@ -11,6 +11,7 @@ from saekit.activations import Activations, batches
 from saekit.errors import SaekitError
 from saekit.model import logprobs
 from saekit.sae import SAE, Crosscoder
+from saekit.splice import reconstruct, zero_ablate
 
 
 def firing_counts(vals: torch.Tensor, idx: torch.Tensor, n_latents: int) -> torch.Tensor:
@@ -90,26 +91,6 @@ def reconstruction_metrics(sae: SAE, stream: Activations, dense_threshold: float
     return out
 
 
-def splice(sae: SAE, mask: torch.Tensor):
-    """Hook replacement: the SAE's reconstruction at positions where `mask` [b, pos] is True
-    (BOS/special positions, which the SAE never saw, keep their activations)."""
-
-    def replace(acts: torch.Tensor) -> torch.Tensor:
-        out = acts.clone()
-        m = mask.to(acts.device)
-        out[m] = sae(acts[m].flatten(1)).view_as(acts[m]).to(acts.dtype)
-        return out
-
-    return replace
-
-
-def zero_ablate(mask: torch.Tensor):
-    def replace(acts: torch.Tensor) -> torch.Tensor:
-        return acts.masked_fill(mask.to(acts.device).view(*mask.shape, *[1] * (acts.ndim - 2)), 0)
-
-    return replace
-
-
 @torch.no_grad()
 def downstream_metrics(model, sae: SAE, hookpoint: str, tokens: torch.Tensor, mask: torch.Tensor,
                        batch_size: int = 4, progress: str | None = None) -> dict:
@@ -127,7 +108,7 @@ def downstream_metrics(model, sae: SAE, hookpoint: str, tokens: torch.Tensor, ma
         keep = m[:, 1:]
         lp = {
             "clean": logprobs(model, toks),
-            "sae": logprobs(model, toks, hookpoint, splice(sae, m)),
+            "sae": logprobs(model, toks, hookpoint, reconstruct(sae, m)),
             "zero": logprobs(model, toks, hookpoint, zero_ablate(m)),
         }
         for name, v in lp.items():

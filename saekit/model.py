@@ -270,6 +270,18 @@ def logprobs(model, tokens: torch.Tensor, hookpoint: str | None = None,
     return logits.float().log_softmax(-1)
 
 
+def twin_hook(twin, path: str, side: str, replace: Callable[[torch.Tensor], torch.Tensor]):
+    """Register `replace(acts) -> acts` on the input ("in") or output ("out") of module `path` of
+    the plain HF model (`_twin_hooks` names them); returns the handle that removes it."""
+    mod = twin.get_submodule(path)
+    if side == "out":
+        return mod.register_forward_hook(
+            lambda m, a, o: (replace(o[0]), *o[1:]) if isinstance(o, tuple) else replace(o))
+    return mod.register_forward_pre_hook(
+        lambda m, a, kw: ((replace(a[0]), *a[1:]), kw) if a
+        else (a, {**kw, "hidden_states": replace(kw["hidden_states"])}), with_kwargs=True)
+
+
 def logits_at(model, tokens: torch.Tensor, at: torch.Tensor, hookpoint: str | None = None,
               replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Next-token logits `[n, vocab]` at one position per row (`at [n]`) of `tokens [n, ctx]`,
@@ -283,18 +295,8 @@ def logits_at(model, tokens: torch.Tensor, at: torch.Tensor, hookpoint: str | No
     if where is None or "lm_head" not in dict(_TWINS[model].named_children()):
         hooks = () if replace is None else ((hookpoint, replace),)
         return logprobs(model, tokens, hooks=hooks)[rows, at.to(device)]
-    twin, handle = _TWINS[model], None
-    if replace is not None:
-        _, path, side = where[0]
-        mod = twin.get_submodule(path)
-        if side == "out":
-            handle = mod.register_forward_hook(
-                lambda m, a, o: (replace(o[0]), *o[1:]) if isinstance(o, tuple) else replace(o))
-        else:
-            handle = mod.register_forward_pre_hook(
-                lambda m, a, kw: ((replace(a[0]), *a[1:]), kw) if a else (a, {**kw, "hidden_states":
-                                                                               replace(kw["hidden_states"])}),
-                with_kwargs=True)
+    twin = _TWINS[model]
+    handle = None if replace is None else twin_hook(twin, *where[0][1:], replace)
     try:
         with torch.inference_mode():
             hidden = twin.base_model(tokens.to(device), use_cache=False).last_hidden_state

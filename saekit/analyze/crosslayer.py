@@ -84,8 +84,8 @@ def layer_skip_loss(model, a: SAE, b: SAE, pairings: dict[str, torch.Tensor | No
     per pairing (`None` means SAE B's own reconstruction of `hook_b`), minus the clean CE; with
     `residual`, also `dloss_residual`: `hook_b` replaced by `hook_a`'s activations themselves.
     Positions outside `mask` (BOS, padding) keep their activations."""
-    from saekit.evaluate import splice
     from saekit.model import logprobs
+    from saekit.splice import reconstruct
 
     names = [*pairings, *(["residual"] if residual else [])]
     sums = dict.fromkeys(["clean", *names], 0.0)
@@ -103,7 +103,7 @@ def layer_skip_loss(model, a: SAE, b: SAE, pairings: dict[str, torch.Tensor | No
         for name in names:
             pi = pairings.get(name)
             if name in pairings and pi is None:
-                runs[name] = logprobs(model, toks, hook_b, splice(b, m))
+                runs[name] = logprobs(model, toks, hook_b, reconstruct(b, m))
                 continue
 
             def put(act, pi=pi, m=m, store=store):
