@@ -24,6 +24,8 @@ def __getattr__(name: str):
         from saekit.matching import match
 
         return match
+    if name in ("steer", "attribute"):  # the model loads only when one is called
+        return getattr(importlib.import_module("saekit.intervene"), name)
     if name == "Atlas":  # sqlite and pandas load only when the atlas is used
         from saekit.atlas import Atlas
 
@@ -39,4 +41,4 @@ def train(config: TrainConfig, resume: bool = False, quiet: bool = False):
 
 
 __all__ = ["SAE", "Atlas", "Crosscoder", "Run", "SAEConfig", "SaekitError", "SparseCode", "TrainConfig", "__version__",
-           "analyze", "fit", "load_config", "match", "matching", "train"]
+           "analyze", "attribute", "fit", "load_config", "match", "matching", "steer", "train"]
