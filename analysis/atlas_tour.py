@@ -1,6 +1,6 @@
 """A tour of the default run's feature atlas: the queries a researcher starts with, their output
 written to analysis/results/atlas_tour.md, and screenshots of the served page (headless Chromium)
-in analysis/results/atlas_{index,card,text}.png.
+in analysis/results/atlas_{index,card,text,steer,attribution}.png.
 
     saekit train configs/default.yaml
     saekit atlas build runs/default
@@ -27,6 +27,8 @@ from saekit.io import md_table
 
 OUT = Path(__file__).parent / "results"
 TEXT = "Now is the winter of our discontent made glorious summer by this sun of York"
+STEER = "The old man said that the"
+ATTRIBUTE = "Long live the"
 
 
 def tour(atlas: Atlas) -> tuple[str, int]:
@@ -92,7 +94,7 @@ def compare_paths(run: str, tokens: int) -> str:
 
 
 def screenshots(atlas: Atlas, latent: int) -> None:
-    """The index, one card and the text box's answer, as PNGs."""
+    """The index, one card, the text box's answer, the card's steer box answering and an attribution, as PNGs."""
     from selenium import webdriver
 
     opts = webdriver.ChromeOptions()
@@ -105,7 +107,9 @@ def screenshots(atlas: Atlas, latent: int) -> None:
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}/"
         for name, url in (("index", base), ("card", base + card_path(atlas.hookpoints[0], latent)),
-                          ("text", f"{base}text.html?q={quote(TEXT)}")):
+                          ("text", f"{base}text.html?q={quote(TEXT)}"),
+                          ("steer", f"{base}{card_path(atlas.hookpoints[0], latent)}?q={quote(STEER)}&v=%2B8"),
+                          ("attribution", f"{base}attribute.html?q={quote(ATTRIBUTE)}&target=%20king")):
             driver.get(url)
             driver.save_screenshot(str(OUT / f"atlas_{name}.png"))
     finally:

@@ -1,6 +1,8 @@
 """HTML views of an atlas: a static export (`saekit atlas export ATLAS DIR`: index.html with a
 searchable feature list, one page per feature) and a local read-only server (`saekit atlas serve`,
-loopback only, GET only). Every string from the atlas is HTML-escaped."""
+loopback only, GET only) that also runs the model: the latents on a text, a steer box on each card
+and an attribution view (`saekit.intervene`). Every string from the atlas and the request is
+HTML-escaped; prompts are bounded (MAX_PROMPT characters, the model's context in tokens)."""
 
 import html
 import re
@@ -64,7 +66,35 @@ def card_path(hookpoint: str, latent: int) -> str:
     return f"feature/{quote(hookpoint, safe='')}/{int(latent)}.html"
 
 
-def render_card(atlas: Atlas, latent: int, hookpoint: str | None = None, root: str = "../../") -> str:
+MAX_PROMPT = 1000  # characters of a prompt the server takes
+STEER_TOKENS = 20  # tokens a steer box generates
+STATIC_NOTE = ("<p><em>Steering and attribution run the model: they are on the pages <code>saekit atlas serve</code> "
+               "serves, not on this static export.</em></p>")
+
+
+def _steer_box(c, steer: dict | None) -> str:
+    """A card's steer form (GET to the card itself) and, given `steer` (q, v), both continuations."""
+    q, v = (steer or {}).get("q", ""), (steer or {}).get("v", "+8")
+    form = (f"<h2>Steer</h2><form method='get'><input name='q' size='50' maxlength='{MAX_PROMPT}' value='{_e(q)}' "
+            f"placeholder='a prompt to continue'> latent {c.latent} <input name='v' size='6' value='{_e(v)}' "
+            "title='+V or -V adds, V sets, xS scales, zero or mean ablates'> <button>steer</button></form>")
+    if not steer:
+        return form
+    from saekit.intervene import steer as run_steer
+
+    res = run_steer(steer["run"], q, [f"{c.latent}={v}"], c.hookpoint, STEER_TOKENS, model=steer["model"])
+    moves = "".join(f"<tr><td><code>{_e(repr(t))}</code></td><td class='num'>{a:.4f}</td><td class='num'>{b:.4f}</td>"
+                    f"</tr>" for t, a, b in zip(res.next_token.token, res.next_token.p_clean, res.next_token.p_steered,
+                                                strict=True))
+    return (form + f"<table id='steer'><tr><th>clean</th><td class='ctx'>{_e(q)}<b>{_e(res.clean)}</b></td></tr>"
+            f"<tr><th>steered</th><td class='ctx'>{_e(q)}<b>{_e(res.steered)}</b></td></tr></table>"
+            "<p>next token, largest moves:</p><table><tr><th>token</th><th>p clean</th><th>p steered</th></tr>"
+            f"{moves}</table>")
+
+
+def render_card(atlas: Atlas, latent: int, hookpoint: str | None = None, root: str = "../../",
+                steer: dict | None = None, serve: bool = False) -> str:
+    """A feature's page; `serve`: with a steer box (`steer`: run, model, q, v to answer it)."""
     c = atlas.card(latent, hookpoint)
 
     def contexts(df) -> str:
@@ -105,6 +135,7 @@ def render_card(atlas: Atlas, latent: int, hookpoint: str | None = None, root: s
     decoder, cooc = links(same(n), n.latent, n.cosine, n.label), links(same(o), o.latent, o.jaccard, o.label)
     body = (f"<p><a href='{root}index.html'>all features</a></p>"
             f"<h1>{_e(c.hookpoint)} latent {c.latent}</h1>"
+            + (_steer_box(c, steer) if serve else STATIC_NOTE) +
             f"<p>label <code>{_e(repr(c.label))}</code>{_e(score)}; density {c.density:.4g}, mean activation "
             f"{c.mean_act:.4g}, max {c.max_act:.4g}{extra}</p><p>{_e(c.label_note())}</p>"
             f"<div class='charts'>{charts}</div>"
@@ -134,6 +165,28 @@ def render_text(atlas: Atlas, text: str, model, root: str = "", per_token: int =
 
 TEXT_FORM = ("<form action='text.html' method='get'><input name='q' size='60' value='{}' "
              "placeholder='type text: which latents fire on it'> <button>run</button></form>")
+ATTRIBUTE_FORM = ("<form action='attribute.html' method='get'><input name='q' size='50' value='{}' "
+                  "placeholder='a prompt: which latents drive its next token'> target <input name='target' "
+                  "size='8' value='{}' placeholder=\"' king'\"> against <input name='against' size='8' value='{}'> "
+                  "<button>attribute</button></form>")
+
+
+def render_attribution(q: str, target: str, against: str, res=None, hookpoint: str | None = None,
+                       root: str = "", rows: int = 30) -> str:
+    """The attribution form and, given `res` (a `saekit.intervene.Attribution` of the latents at
+    `hookpoint`), its strongest rows linked to their cards."""
+    body = (f"<p><a href='{root}index.html'>all features</a></p><h1>Attribution</h1>"
+            + ATTRIBUTE_FORM.format(_e(q), _e(target), _e(against)))
+    if res is not None:
+        trs = "".join(f"<tr><td class='num'>{int(p)}</td><td class='ctx'>{_e(t)}</td><td><a href='{root}"
+                      f"{card_path(hookpoint, j)}'>{int(j)}</a></td><td class='num'>{a:.3f}</td>"
+                      f"<td class='num'>{x:+.4f}</td><td><code>{'' if lb is None else _e(repr(lb))}</code></td></tr>"
+                      for p, t, j, a, x, lb in res.table.head(rows).itertuples(index=False, name=None))
+        body += (f"<p>logit difference {res.metric:.4g}; the error term's attribution {res.error:.4g} (share "
+                 f"{res.error_share:.1%})</p><table id='attribution'><thead><tr><th>position</th><th>token</th>"
+                 "<th>latent</th><th>activation</th><th>attribution</th><th>label</th></tr></thead><tbody>"
+                 + trs + "</tbody></table>")
+    return _page("Attribution", body)
 
 
 def render_index(atlas: Atlas, hookpoint: str | None = None, root: str = "", serve: bool = False) -> str:
@@ -145,7 +198,7 @@ def render_index(atlas: Atlas, hookpoint: str | None = None, root: str = "", ser
         rows.append(f"<tr data-text='{_e(text)}'><td>{_e(h)}</td><td><a href='{root}{card_path(h, j)}'>{int(j)}</a>"
                     f"</td><td class='num'>{d:.4g}</td><td class='num'>{m:.4g}</td><td><code>"
                     f"{_e(repr(lb)) if lb is not None else ''}</code></td><td class='num'>{sc}</td></tr>")
-    body = ("<h1>Feature atlas</h1>" + (TEXT_FORM.format("") if serve else "")
+    body = ("<h1>Feature atlas</h1>" + (TEXT_FORM.format("") + ATTRIBUTE_FORM.format("", "", "") if serve else "")
             + "<p><input id='q' placeholder='filter: regular expression over hookpoint, "
             "latent, label' size='50'></p><table id='features'><thead><tr><th>hookpoint</th><th>latent</th>"
             "<th>density</th><th>max</th><th>label</th><th>label score</th></tr></thead><tbody>"
@@ -201,20 +254,43 @@ class _Handler(BaseHTTPRequestHandler):
                 elif body is None:
                     code, body = 404, _page("not found", f"<p>nothing at {_e(url.path)}</p>")
             except SaekitError as e:
-                code, body = 400 if url.path == "/text.html" else 404, _page("cannot answer", f"<p>{_e(e)}</p>")
+                code = 404 if url.path.startswith("/feature/") and not url.query else 400
+                body = _page("cannot answer", f"<p>{_e(e)}</p>")
         self._send(code, body, kind)
 
     def _answer(self, url) -> str | None:
         """The body for `url` (None: nothing there)."""
-        q = parse_qs(url.query).get("q", [""])[0]
+        args = {k: v[0] for k, v in parse_qs(url.query).items()}
+        q = args.get("q", "")
+        if len(q) > MAX_PROMPT:
+            raise SaekitError(f"the prompt is {len(q):,} characters; the page takes at most {MAX_PROMPT:,}")
         if url.path in ("/", "/index.html"):
             return render_index(self.atlas, serve=True)
         if url.path == "/text.html":
-            return render_text(self.atlas, q, self.model)
+            return render_text(self.atlas, q, self._model())
+        if url.path == "/attribute.html":
+            target, against, res = args.get("target", ""), args.get("against", ""), None
+            h = self.atlas._hp(args.get("h"))
+            if q:
+                from saekit.intervene import attribute
+
+                res = attribute(self.atlas.meta["run"], q, target, against or None, h, model=self._model())
+            return render_attribution(q, target, against, res, h)
         if url.path == "/search.json":
             return self.atlas.search(q).to_json(orient="records")
         m = re.fullmatch(r"/feature/([^/]+)/(\d+)\.html", url.path)
-        return render_card(self.atlas, int(m.group(2)), unquote(m.group(1))) if m else None
+        if m is None:
+            return None
+        steer = {"run": self.atlas.meta["run"], "model": self._model(), "q": q, "v": args.get("v", "+8")} if q else None
+        return render_card(self.atlas, int(m.group(2)), unquote(m.group(1)), steer=steer, serve=True)
+
+    def _model(self):
+        """The model that answers text, steer and attribution queries (loaded on the first one)."""
+        if type(self).model is None:
+            from saekit.model import load_model
+
+            type(self).model = load_model(self.atlas.meta["model"])
+        return type(self).model
 
 
 def make_server(atlas_path: str | Path, port: int = 8000, model=None) -> ThreadingHTTPServer:

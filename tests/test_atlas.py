@@ -2,6 +2,7 @@
 search, cards, logit effects, bad inputs), then a tiny real run of the offline model (recorded
 peaks agree with re-encoding, `text` finds the latent at its peak, the CLI)."""
 
+import html
 import json
 import sqlite3
 
@@ -212,7 +213,7 @@ def test_export_and_serve_escape_everything(planted, tmp_path):
     import urllib.error
     import urllib.request
 
-    from saekit.atlas_html import serve_in_thread
+    from saekit.atlas_html import STATIC_NOTE, serve_in_thread
 
     atlas, *_ = planted
     assert cli.main(["atlas", "export", str(atlas.path), str(tmp_path / "site")]) == 0
@@ -224,8 +225,10 @@ def test_export_and_serve_escape_everything(planted, tmp_path):
     try:
         assert server.server_address[0] == "127.0.0.1"
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        with urllib.request.urlopen(f"{base}/feature/{HOOK}/2.html") as r:
-            assert r.status == 200 and r.read().decode() == page
+        with urllib.request.urlopen(f"{base}/feature/{HOOK}/2.html") as r:  # the static page plus a steer box
+            served = r.read().decode()
+        assert r.status == 200 and STATIC_NOTE in page and "<button>steer</button>" in served
+        assert served.split("<h2>Top contexts")[1] == page.split("<h2>Top contexts")[1]
         with urllib.request.urlopen(f"{base}/search.json?q=castle") as r:
             assert [x["latent"] for x in json.loads(r.read())] == [2]
         for path, code in (("/feature/x/1.html", 404), (f"/feature/{HOOK}/99.html", 404), ("/<script>", 404)):
@@ -387,6 +390,42 @@ def test_real_card_peaks_match_reencoding(real, smollm2):
         build_atlas(run.path / REAL)
     with pytest.raises(SaekitError, match="--tokens must be >= 1"):
         build_atlas(run, tokens=0)
+
+
+def test_served_steer_box_and_attribution(real, smollm2):
+    """A card's steer box answers with both continuations and an attribution view with the latents,
+    as `saekit.intervene` gives them; prompts are escaped and bounded."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from saekit.atlas_html import MAX_PROMPT, serve_in_thread
+    from saekit.intervene import attribute, steer
+
+    run, atlas = real
+    prompt = "The <b>king</b> said"
+    server = serve_in_thread(atlas.path, model=smollm2)
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with urllib.request.urlopen(f"{base}/feature/{REAL}/3.html?" + urllib.parse.urlencode({"q": prompt,
+                                                                                              "v": "+30"})) as r:
+            page = r.read().decode()
+        res = steer(run, prompt, {3: "+30"}, max_new_tokens=20, model=smollm2)
+        assert html.escape(res.steered, quote=True) in page and "<b>king" not in page and "&lt;b&gt;king" in page
+        q = urllib.parse.urlencode({"q": prompt, "target": " queen"})
+        with urllib.request.urlopen(f"{base}/attribute.html?{q}") as r:
+            page = r.read().decode()
+        top = attribute(run, prompt, " queen", model=smollm2).table.iloc[0]
+        assert f"feature/{REAL}/{int(top.latent)}.html" in page and "<b>king" not in page
+        for path, message in ((f"/attribute.html?q={'a' * (MAX_PROMPT + 1)}", b"at most"),
+                              ("/attribute.html?q=x&target=%20kingdom%20of", b"give one token"),
+                              (f"/feature/{REAL}/3.html?q=x&v=up", b"cannot read the edit")):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(base + path)
+            assert e.value.code == 400 and message in e.value.read()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_atlas_cli(real, tmp_path, capsys):
