@@ -51,8 +51,7 @@ class _Setup:
     def tokens(self, prompt: str, room: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [1, T] with BOS first, mask [1, T] of the positions a dictionary reads), checked to
         leave `room` more positions in the model's context."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise SaekitError("the prompt is empty")
+        _nonempty(prompt)
         bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         ids = torch.tensor([bos + self.tok(prompt, add_special_tokens=False).input_ids])
         n_ctx = getattr(getattr(self.model, "cfg", None), "n_ctx", None)
@@ -112,6 +111,11 @@ class _Setup:
         return Splice(saes, edits, error, mask, means, grad)
 
 
+def _nonempty(prompt) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SaekitError("the prompt is empty")
+
+
 @torch.no_grad()
 def _generate(model, ids: torch.Tensor, splice: Splice | None, n: int, temperature: float, seed: int,
               eos: int | None) -> tuple[list[int], torch.Tensor]:
@@ -167,8 +171,9 @@ def steer(run, prompt: str, edits, hookpoint: str | None = None, max_new_tokens:
         raise SaekitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise SaekitError(f"temperature must be >= 0, got {temperature}")
-    s = _Setup(run, model)
     edits = as_edits(edits)
+    _nonempty(prompt)
+    s = _Setup(run, model)
     ids, mask = s.tokens(prompt, max_new_tokens)
     splice = s.splice(edits, hookpoint, mask, error)
     eos = s.tok.eos_token_id
@@ -203,6 +208,7 @@ def attribute(run, prompt: str, target: str | int, against: str | int | None = N
     through the model with the dictionary spliced in and its error term held fixed. For a linear
     decoder the attributions at a position sum to <dm/dx, x_hat - b_dec>, so the attributions,
     the error term's and the bias's add up to <dm/dx, x> (tests/test_intervene.py)."""
+    _nonempty(prompt)
     s = _Setup(run, model)
     ids, mask = s.tokens(prompt)
     t = s.token_id(target)

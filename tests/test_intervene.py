@@ -195,7 +195,10 @@ def test_cli_json(run, capsys):
     (["attribute", "{run}", "--prompt", PROMPT, "--target", " kingdom of"], "give one token"),
     (["attribute", "{bare}", "--prompt", PROMPT, "--target", " king"], "names no model"),
 ])
-def test_bad_input_ends_in_one_message(run, tmp_path, capsys, argv, message):
+def test_bad_input_ends_in_one_message(run, smollm2, tmp_path, capsys, monkeypatch, argv, message):
+    from saekit import model as lm
+
+    monkeypatch.setattr(lm, "load_model", lambda *a, **k: smollm2)  # loaded once for the session
     bare = tmp_path / "bare"
     SAE(SAEConfig(576, 64, 4, hookpoint=HOOK)).save(bare)
     code = cli.main([a.format(run=run, bare=bare) for a in argv])
