@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from saekit import analyze, cli
-from saekit.analyze.absorption import FirstLetterData, absorption_from_data, absorption_scores
+from saekit.analyze.absorption import FirstLetterData, absorption_from_data, absorption_scores, saebench_from_data
 from saekit.analyze.collapse import duplicate_pairs
 from saekit.errors import SaekitError
 from saekit.run import FiringHistory
@@ -143,6 +143,37 @@ def test_absorption_end_to_end_with_learned_probes():
     assert res.mean_absorption_fraction == pytest.approx(3 * 0.5 / 26)
     json.dumps(res.to_dict())
 
+
+def test_saebench_protocol_finds_the_planted_absorber_on_fresh_prompts():
+    """SAEBench's probes (random start, minibatches, raw activations) and k-sparse probing on raw
+    latent values find each letter's latent and the planted absorbers; the metric reads the fresh
+    prompts, not the probe's activations: without the spare direction there, nothing is absorbed.
+    The SAE gets 2,000 latents that never fire, so that (as in a real SAE) the probes' random start
+    is small beside what they learn; activations (and the absorbers' thresholds) are scaled up 4x."""
+    data, plant = letter_data()
+    small = letter_sae()
+    n_dead = 2000
+    dead = F.normalize(torch.randn(n_dead, D, generator=torch.Generator().manual_seed(2)), dim=1)
+    sae = make_sae(torch.cat([small.W_dec, dead]), torch.cat([small.W_enc, torch.zeros(n_dead, D)]), k=1,
+                   b_enc=torch.cat([4 * small.b_enc, -torch.ones(n_dead)]))
+    test = ~data.train
+    data.acts *= 4
+    data.fresh = data.acts[test] + 0.2 * torch.randn(int(test.sum()), D, generator=torch.Generator().manual_seed(1))
+    res = saebench_from_data(sae, data)
+    t = res.table.set_index("letter")
+    assert res.protocol == "saebench" and res.n_letters == 26 and (t["probe_f1"] > 0.8).all()
+    assert t["main_latents"].tolist() == [[c] for c in range(26)]
+    absorbed = sorted("abcdefghijklmnopqrstuvwxyz"[c] for c in ABSORBED)
+    assert set(t.index[t["n_absorbed"] > 0]) == set(absorbed)
+    assert t.loc[absorbed, "n_absorbed"].tolist() == [3, 3, 3]
+    assert t.loc[absorbed, "full_absorption"].tolist() == [0.5] * 3
+    assert res.absorbing_latents["a"] == [26] and res.mean_absorption_fraction == pytest.approx(3 * 0.5 / 26)
+    for s in ABSORBED.values():
+        data.fresh[plant[test], s] = 0.0
+    assert saebench_from_data(sae, data).mean_absorption_fraction == 0
+    data.fresh = None
+    with pytest.raises(SaekitError, match="fresh prompts"):
+        saebench_from_data(sae, data)
 
 def test_too_few_letters_pass_the_probe():
     data, _ = letter_data()

@@ -1,11 +1,27 @@
-"""Feature absorption (Chanin et al. 2024, the SAEBench variant) on first-letter spelling.
+"""Feature absorption (Chanin et al. 2024) on first-letter spelling, under two protocols.
+
+`protocol="saebench"` is SAEBench's (Karvonen et al. 2025; sae-bench 0.6.0) written out here: every
+single-token alphabetic word (with or without a leading space, single letters too), prompts of 10
+solved examples after a newline, a letter probe trained on raw activations in minibatches (50
+epochs of Adam, lr 1e-2 decaying to 1e-5, weight decay 1e-4), main latents from an L1 probe on the
+raw latent values followed by k-sparse logistic probes, and scores on fresh prompts of the held-out
+words. On the same SAE and word sample it reads what sae-bench reads (benchmarks/saebench_parity.py).
+
+`protocol="saekit"` (the default) is a cheaper, deterministic variant: words of two or more letters
+after a space, 4 solved examples, full-batch probes from zero on centred activations, k-sparse
+probing on unit-RMS latents, and scores on the probe's own held-out activations. It reads several
+times lower than SAEBench on the same SAE (benchmarks/RESULTS.md, "SAEBench parity"). Use it to
+compare SAEs with each other, SAEBench's to compare with published figures.
 
 Three separable parts:
-  `first_letter_data`      model-driven: single-token words, ICL prompts, activation at the word;
-  `letter_probe`, `main_latents`   the ground-truth probe and the k-sparse probing on SAE codes;
-  `absorption_scores`      the metric core: given activations, unit probe directions, main
-                           latents and the SAE, the absorption fraction and full absorption per token.
-`absorption_from_data` ties the last two together; `absorption` runs everything on a model.
+  `first_letter_data`, `saebench_data`   model-driven: the words, their prompts, activations at the word;
+  `letter_probe`, `main_latents`          the ground-truth probe and the k-sparse probing on SAE codes
+                                          (`saebench_probe`, `saebench_main_latents` for SAEBench's);
+  `absorption_scores`                     the metric core: given activations, unit probe directions,
+                                          main latents and the SAE, the absorption fraction and full
+                                          absorption per token (the same under both protocols).
+`absorption_from_data` / `saebench_from_data` tie the last two together; `absorption` runs
+either protocol on a model.
 """
 
 import random
@@ -25,6 +41,8 @@ from saekit.sae import SAE
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PROMPT = " has the first letter:"  # "{word} has the first letter: {L}" (Chanin et al.)
+PROTOCOLS = ("saekit", "saebench")
+SAEBENCH_ICL = 10  # solved examples per SAEBench prompt
 
 
 @dataclass
@@ -33,6 +51,7 @@ class FirstLetterData:
     letters: torch.Tensor  # [n] first letter, 0..25
     acts: torch.Tensor  # [n, d] activation at the word token
     train: torch.Tensor  # [n] bool: probe-training split (80 %); the rest is held out
+    fresh: torch.Tensor | None = None  # [n_test, d] the held-out words again, under fresh prompts (SAEBench)
 
 
 @torch.no_grad()
@@ -44,8 +63,6 @@ def first_letter_data(model, hookpoint: str, n_words: int = 3000, n_icl: int = 4
     the training words, then the word itself. The activation is read at the word, the last
     token: what follows it in the full task prompt cannot change it (causal attention).
     """
-    from saekit.model import last_layer
-
     tok = model.tokenizer
     vocab = [(i, tok.decode([i])) for i in range(len(tok))]
     words = sorted((i, w) for i, w in vocab if re.fullmatch(r" [A-Za-z]{2,}", w))
@@ -69,7 +86,23 @@ def first_letter_data(model, hookpoint: str, n_words: int = 3000, n_icl: int = 4
             j, sw = words[s]
             ids += [j, *suffix, *answer[sw[1].lower()], *newline]
         prompts.append(ids + [i])
+    acts = _word_acts(model, hookpoint, prompts, batch_size, progress)
+    return FirstLetterData(
+        words=[w for _, w in words],
+        letters=torch.tensor([LETTERS.index(w[1].lower()) for _, w in words]),
+        acts=acts,
+        train=torch.arange(len(words)) < n_train,
+    )
+
+
+@torch.no_grad()
+def _word_acts(model, hookpoint: str, prompts: list[list[int]], batch_size: int = 32,
+               progress: bool = False) -> torch.Tensor:
+    """`[n, d]` activations at `hookpoint` on the last token of each prompt (token ids)."""
+    from saekit.model import last_layer
+
     stop = last_layer([hookpoint])
+    tok = model.tokenizer
     pad = tok.eos_token_id if tok.eos_token_id is not None else 0
     device = next(model.parameters()).device
     acts = []
@@ -81,12 +114,50 @@ def first_letter_data(model, hookpoint: str, n_words: int = 3000, n_icl: int = 4
                                         stop_at_layer=None if stop is None else stop + 1)
         at = torch.tensor([len(p) - 1 for p in chunk], device=device)
         acts.append(cache[hookpoint][torch.arange(len(chunk), device=device), at].flatten(1).float().cpu())
-    return FirstLetterData(
-        words=[w for _, w in words],
-        letters=torch.tensor([LETTERS.index(w[1].lower()) for _, w in words]),
-        acts=torch.cat(acts),
-        train=torch.arange(len(words)) < n_train,
-    )
+    return torch.cat(acts)
+
+
+def saebench_words(tok, n_words: int | None = None, seed: int = 0) -> list[tuple[int, str]]:
+    """SAEBench's vocabulary as `(id, text)` by id: every token made of letters only after an
+    optional leading space, single letters included; `n_words` of them drawn with `seed` (None: all)."""
+    words = [(i, w) for i in range(len(tok)) if re.fullmatch(r" ?[A-Za-z]+", w := tok.decode([i]))]
+    if n_words is not None and n_words < len(words):
+        words = sorted(random.Random(seed).sample(words, n_words))
+    return words
+
+
+@torch.no_grad()
+def saebench_data(model, hookpoint: str, n_words: int | None = 3000, seed: int = 0, train_share: float = 0.8,
+                  batch_size: int = 32, progress: bool = False) -> FirstLetterData:
+    """SAEBench's first-letter data: `saebench_words`, shuffled and split 80/20; each word's prompt
+    is BOS, a newline, 10 solved examples `"{w} has the first letter: {W}"` + newline from its own
+    split, then the word. `fresh` holds the held-out words again under new prompts whose examples
+    come from all the words: SAEBench scores absorption on these, not on the probe's activations."""
+    tok = model.tokenizer
+    words = saebench_words(tok, n_words, seed)
+    if len(words) < 5 * 26:
+        raise SaekitError(f"{len(words)} alphabetic words are too few for SAEBench's protocol (need {5 * 26})")
+    rng = random.Random(seed)
+    words = rng.sample(words, len(words))
+    n_train = int(train_share * len(words))
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    suffix, newline = enc(PROMPT), enc("\n")
+    answer = {c: enc(" " + c.upper()) for c in LETTERS}
+    start = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + newline
+    first = [LETTERS.index(w.strip()[0].lower()) for _, w in words]
+
+    def prompt(n: int, pool: range) -> list[int]:
+        ids = list(start)
+        for s in [s for s in rng.sample(pool, SAEBENCH_ICL + 1) if s != n][:SAEBENCH_ICL]:
+            ids += [words[s][0], *suffix, *answer[LETTERS[first[s]]], *newline]
+        return ids + [words[n][0]]
+
+    train, test = range(n_train), range(n_train, len(words))
+    prompts = [prompt(n, train if n < n_train else test) for n in range(len(words))]
+    prompts += [prompt(n, range(len(words))) for n in test]
+    acts = _word_acts(model, hookpoint, prompts, batch_size, progress)
+    return FirstLetterData(words=[w for _, w in words], letters=torch.tensor(first), acts=acts[: len(words)],
+                           train=torch.arange(len(words)) < n_train, fresh=acts[len(words) :])
 
 
 def _fit_logistic(X: torch.Tensor, Y: torch.Tensor, l1: float = 0.0, l2: float = 1e-4, steps: int = 400,
@@ -186,6 +257,88 @@ def main_latents(sae: SAE, data: FirstLetterData, l1: float = 0.01, max_k: int =
     return main, f1
 
 
+def _fit_minibatch(X: torch.Tensor, Y: torch.Tensor, batch_size: int, weight_decay: float, l1: float = 0.0,
+                   epochs: int = 50, lr: float = 1e-2, end_lr: float = 1e-5,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-vs-rest logistic probes trained as SAEBench trains them: from a seeded `nn.Linear`
+    start, shuffled minibatches, Adam with L2 `weight_decay`, lr decaying exponentially from `lr`
+    to `end_lr` over the epochs, BCE with positive weight neg/pos, plus `l1` times the mean over
+    probes of |w|_1. X `[n, f]`, Y `[n, c]` bool; returns W `[c, f]`, b `[c]`."""
+    g = torch.Generator().manual_seed(seed)
+    n, f = X.shape
+    bound = f**-0.5  # nn.Linear's default initialisation
+    W = ((torch.rand(Y.shape[1], f, generator=g) * 2 - 1) * bound).requires_grad_()
+    b = ((torch.rand(Y.shape[1], generator=g) * 2 - 1) * bound).requires_grad_()
+    Yf = Y.float()
+    pos_weight = (n - Yf.sum(0)) / Yf.sum(0)
+    opt = torch.optim.Adam([W, b], lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=(end_lr / lr) ** (1 / epochs))
+    with torch.enable_grad(), torch_threads(1):  # small ops: one thread is faster on a busy machine
+        for _ in range(epochs):
+            for rows in torch.randperm(n, generator=g).split(batch_size):
+                loss = F.binary_cross_entropy_with_logits(X[rows] @ W.T + b, Yf[rows], pos_weight=pos_weight)
+                if l1:
+                    loss = loss + l1 * W.abs().sum(1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sched.step()
+    return W.detach(), b.detach()
+
+
+def saebench_probe(data: FirstLetterData, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAEBench's ground truth: 26 one-vs-rest logistic probes on the raw activations of the
+    training words (batches of 64, weight decay 1e-4). Returns W `[26, d]`, b `[26]`."""
+    Y = F.one_hot(data.letters, 26).bool()
+    return _fit_minibatch(data.acts[data.train], Y[data.train], batch_size=64, weight_decay=1e-4, seed=seed)
+
+
+def _dense_codes(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """`[n, m]` SAE codes of `x [n, d]` with their raw values."""
+    vals, idx = sae.encode(x.to(sae.W_dec.device))
+    return torch.zeros(len(x), sae.n_latents).scatter_add_(1, idx.cpu(), vals.float().cpu())
+
+
+@torch.no_grad()
+def saebench_main_latents(sae: SAE, data: FirstLetterData, l1: float = 0.01, max_k: int = 10, f1_jump: float = 0.03,
+                          seed: int = 0) -> tuple[list[list[int]], torch.Tensor]:
+    """SAEBench's k-sparse probing: per letter, rank latents by an L1 probe on the raw latent
+    values (one batch of up to 4,096 words, weight decay 1e-6), fit class-balanced logistic
+    regressions (scikit-learn, C = 1) on the top k = 1..max_k, and keep adding latents while
+    held-out F1 rises by more than `f1_jump`. Returns the main latents per letter and the F1 `[max_k, 26]`."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    Z = _dense_codes(sae, data.acts)
+    tr, te = data.train, ~data.train
+    Ztr, Zte = Z[tr], Z[te]
+    Y = F.one_hot(data.letters, 26).bool()
+    W, _ = _fit_minibatch(Ztr, Y[tr], batch_size=4096, weight_decay=1e-6, l1=l1, seed=seed)
+    ranked = W.topk(min(max_k, sae.n_latents), dim=1).indices  # [26, max_k]
+    f1 = torch.zeros(ranked.shape[1], 26, dtype=torch.float64)
+    for c in range(26):
+        y = Y[tr, c].numpy()
+        if y.all() or not y.any():
+            continue  # one class only: no probe, F1 0
+        for k in range(1, ranked.shape[1] + 1):
+            cols = ranked[c, :k]
+            with warnings.catch_warnings(), threadpool_limits(1):  # tiny fits: one BLAS thread is ~10x faster
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                lr = LogisticRegression(max_iter=500, class_weight="balanced").fit(Ztr[:, cols].numpy(), y)
+            pred = torch.from_numpy(lr.decision_function(Zte[:, cols].numpy()) > 0)
+            f1[k - 1, c] = _f1(pred[:, None], Y[te, c : c + 1]).nan_to_num(0)[0]
+    main = []
+    for c in range(26):
+        k = 1
+        while k < len(f1) and f1[k, c] > f1[k - 1, c] + f1_jump:
+            k += 1
+        main.append(ranked[c, :k].tolist())
+    return main, f1
+
+
 @dataclass
 class TokenAbsorption:
     a: torch.Tensor  # [n] x . p_hat
@@ -244,37 +397,80 @@ class AbsorptionResult(Result):
     probe_f1: dict[str, float]  # held-out F1 of the ground-truth probe, all letters
     n_words: int
     f1_threshold: float
+    protocol: str = "saekit"  # "saekit" or "saebench" (see the module docstring)
     hookpoint: str | None = None
 
 
 def absorption_from_data(sae: SAE, data: FirstLetterData, f1_threshold: float = 0.6, min_letters: int = 20,
                          l1: float = 0.01, max_k: int = 10, f1_jump: float = 0.03,
                          progress: bool = False) -> AbsorptionResult:
-    """Probe, k-sparse probing and the absorption metric on collected first-letter data; the
-    metric is averaged per letter over held-out tokens on which the probe is a true positive.
-    Deterministic: the probes start at zero and train full-batch. `progress`: a line per step."""
-    if data.acts.shape[1] != sae.d_in:
-        raise SaekitError(f"activations have d={data.acts.shape[1]}, the SAE expects d_in={sae.d_in}")
+    """saekit's protocol on collected first-letter data: probe, k-sparse probing and the
+    absorption metric, averaged per letter over held-out tokens on which the probe is a true
+    positive. Deterministic: the probes start at zero and train full-batch. `progress`: a line per step."""
+    _check(sae, data)
     say = Phases("absorption", quiet=not progress)
     say.step("ground-truth letter probes")
     directions, probe_f1, pred = letter_probe(data)
     say.end()
-    kept = [c for c in range(26) if probe_f1[c] >= f1_threshold]
-    if len(kept) < min_letters:
-        raise SaekitError(
-            f"only {len(kept)} letters have a probe F1 >= {f1_threshold} (need {min_letters}); "
-            "use more words (--words), a later layer, or lower the F1 threshold / minimum letters "
-            "(--f1-threshold / --min-letters)")
+    kept = _kept(probe_f1 >= f1_threshold, f"F1 >= {f1_threshold}", min_letters)
     say.step(f"k-sparse probing of the SAE's latents (k = 1..{max_k})")
     main, _ = main_latents(sae, data, l1, max_k, f1_jump)
     say.step("absorption scores")
-    test = ~data.train
-    letters = data.letters[test]
+    letters = data.letters[~data.train]
     tp = pred[torch.arange(len(letters)), letters]  # [n_test] the probe fires for the true letter
-    scores = absorption_scores(sae, data.acts[test][tp], letters[tp], directions, main)
+    scores = absorption_scores(sae, data.acts[~data.train][tp], letters[tp], directions, main)
+    say.end()
+    return _result(sae, data, kept, probe_f1, main, letters[tp], scores, f1_threshold, "saekit")
+
+
+def saebench_from_data(sae: SAE, data: FirstLetterData, f1_threshold: float = 0.6, min_letters: int = 20,
+                       l1: float = 0.01, max_k: int = 10, f1_jump: float = 0.03, seed: int = 0,
+                       progress: bool = False) -> AbsorptionResult:
+    """SAEBench's protocol on `saebench_data`: its probe (letters kept where held-out F1 >
+    `f1_threshold`), its k-sparse probing, and the metric on the fresh prompts of the held-out
+    words on which the probe is a true positive, averaged per letter. `seed` seeds the probes."""
+    _check(sae, data)
+    if data.fresh is None or len(data.fresh) != int((~data.train).sum()):
+        raise SaekitError("SAEBench's protocol scores fresh prompts of the held-out words: use saebench_data")
+    say = Phases("absorption", quiet=not progress)
+    say.step("ground-truth letter probes (SAEBench)")
+    W, b = saebench_probe(data, seed)
+    letters = data.letters[~data.train]
+    pred = _logits(data.acts[~data.train], W, b) > 0
+    probe_f1 = _f1(pred, F.one_hot(letters, 26).bool()).nan_to_num(0)
+    say.end()
+    kept = _kept(probe_f1 > f1_threshold, f"F1 > {f1_threshold}", min_letters)
+    say.step(f"k-sparse probing of the SAE's latents (SAEBench, k = 1..{max_k})")
+    main, _ = saebench_main_latents(sae, data, l1, max_k, f1_jump, seed)
+    say.step("absorption scores on fresh prompts")
+    tp = pred[torch.arange(len(letters)), letters]
+    scores = absorption_scores(sae, data.fresh[tp], letters[tp], F.normalize(W, dim=1), main)
+    say.end()
+    return _result(sae, data, kept, probe_f1, main, letters[tp], scores, f1_threshold, "saebench")
+
+
+def _check(sae: SAE, data: FirstLetterData) -> None:
+    if data.acts.shape[1] != sae.d_in:
+        raise SaekitError(f"activations have d={data.acts.shape[1]}, the SAE expects d_in={sae.d_in}")
+
+
+def _kept(passed: torch.Tensor, rule: str, min_letters: int) -> list[int]:
+    """The letters whose probe passed `rule`, or an error when fewer than `min_letters` did."""
+    kept = passed.nonzero().squeeze(1).tolist()
+    if len(kept) < min_letters:
+        raise SaekitError(
+            f"only {len(kept)} letters have a probe {rule} (need {min_letters}); "
+            "use more words (--words), a later layer, or lower the F1 threshold / minimum letters "
+            "(--f1-threshold / --min-letters)")
+    return kept
+
+
+def _result(sae: SAE, data: FirstLetterData, kept: list[int], probe_f1: torch.Tensor, main: list[list[int]],
+            letters: torch.Tensor, scores: TokenAbsorption, f1_threshold: float, protocol: str) -> AbsorptionResult:
+    """Per-letter table and means over the kept letters of the scored tokens' `letters`."""
     rows, absorbing = [], {}
     for c in kept:
-        on = letters[tp] == c
+        on = letters == c
         frac, full = scores.fraction[on], scores.full[on]
         counts = torch.bincount(scores.absorbers[on][scores.absorbers[on] >= 0], minlength=sae.n_latents)
         order = counts.argsort(descending=True)[: int((counts > 0).sum())]
@@ -284,25 +480,31 @@ def absorption_from_data(sae: SAE, data: FirstLetterData, f1_threshold: float = 
                      "full_absorption": float(full.float().mean()) if len(full) else float("nan"),
                      "n_absorbed": int((frac > 0).sum())})
     table = pd.DataFrame(rows)
-    say.end()
     return AbsorptionResult(
         mean_absorption_fraction=float(table["absorption_fraction"].mean()),
         mean_full_absorption=float(table["full_absorption"].mean()),
         n_letters=len(kept), table=table, absorbing_latents=absorbing,
         probe_f1={LETTERS[c]: float(probe_f1[c]) for c in range(26)}, n_words=len(data.words),
-        f1_threshold=f1_threshold,
+        f1_threshold=f1_threshold, protocol=protocol,
     )
 
 
 def absorption(sae: SAE, model, hookpoint: str | None = None, n_words: int = 3000, n_icl: int = 4,
                f1_threshold: float = 0.6, min_letters: int = 20, seed: int = 0, progress: bool = False,
-               **options) -> AbsorptionResult:
+               protocol: str = "saekit", **options) -> AbsorptionResult:
     """First-letter absorption of `sae` at `hookpoint` (default: the SAE's own) of `model`, a
-    TransformerBridge with a tokenizer. `options`: l1, max_k, f1_jump (see `absorption_from_data`)."""
+    TransformerBridge with a tokenizer, under `protocol` ("saekit" or "saebench", see the module
+    docstring; `n_icl` is saekit's). `options`: l1, max_k, f1_jump (see `absorption_from_data`)."""
     hookpoint = hookpoint or sae.cfg.hookpoint
     if hookpoint is None:
         raise SaekitError("the SAE names no hookpoint: pass hookpoint=")
-    data = first_letter_data(model, hookpoint, n_words, n_icl, seed=seed, progress=progress)
-    res = absorption_from_data(sae, data, f1_threshold, min_letters, progress=progress, **options)
+    if protocol not in PROTOCOLS:
+        raise SaekitError(f"unknown absorption protocol {protocol!r}; one of {', '.join(PROTOCOLS)}")
+    if protocol == "saebench":
+        data = saebench_data(model, hookpoint, n_words, seed=seed, progress=progress)
+        res = saebench_from_data(sae, data, f1_threshold, min_letters, seed=seed, progress=progress, **options)
+    else:
+        data = first_letter_data(model, hookpoint, n_words, n_icl, seed=seed, progress=progress)
+        res = absorption_from_data(sae, data, f1_threshold, min_letters, progress=progress, **options)
     res.hookpoint = hookpoint
     return res
