@@ -112,7 +112,8 @@ def _analyze(args, extra):
 
     analyze_run(args.run, ANALYSES if args.analysis == "all" else (args.analysis,), hookpoint=args.hookpoint,
                 activations=args.activations, tokens=args.tokens, words=args.words, f1_threshold=args.f1_threshold,
-                min_letters=args.min_letters, model=args.model, quiet=args.quiet, against=args.against)
+                min_letters=args.min_letters, model=args.model, quiet=args.quiet, against=args.against,
+                protocol=args.protocol)
 
 
 def _stability(args, extra):
@@ -409,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--words", type=_at_least(1), default=3000, help="vocabulary words for absorption")
     a.add_argument("--f1-threshold", type=float, default=0.6, help="absorption: keep letters whose probe F1 >= this")
     a.add_argument("--min-letters", type=_at_least(1), default=20, help="absorption: letters that must pass the probe")
+    a.add_argument("--protocol", choices=["saekit", "saebench"], default="saekit",
+                   help="absorption: saekit's protocol, or SAEBench's (compares with published SAEBench figures)")
     a.add_argument("--against", default=None, help="another run of the same config (e.g. --seed 1): add the seed "
                                                    "stability of each hookpoint against it")
     a.add_argument("--task", default="ioi", help="task: the task (ioi: indirect object identification)")

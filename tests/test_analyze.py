@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from saekit import analyze, cli
-from saekit.analyze.absorption import FirstLetterData, absorption_from_data, absorption_scores, saebench_from_data
+from saekit.analyze.absorption import (
+    FirstLetterData,
+    absorption_from_data,
+    absorption_scores,
+    saebench_from_data,
+    saebench_output,
+)
 from saekit.analyze.collapse import duplicate_pairs
 from saekit.errors import SaekitError
 from saekit.run import FiringHistory
@@ -142,6 +148,8 @@ def test_absorption_end_to_end_with_learned_probes():
     assert res.absorbing_latents["a"] == [26] and res.absorbing_latents["d"] == []
     assert res.mean_absorption_fraction == pytest.approx(3 * 0.5 / 26)
     json.dumps(res.to_dict())
+    with pytest.raises(SaekitError, match="SAEBench's protocol"):
+        saebench_output(res, letter_sae())  # sae-bench's schema holds its own protocol's figures only
 
 
 def test_saebench_protocol_finds_the_planted_absorber_on_fresh_prompts():
@@ -168,6 +176,13 @@ def test_saebench_protocol_finds_the_planted_absorber_on_fresh_prompts():
     assert t.loc[absorbed, "n_absorbed"].tolist() == [3, 3, 3]
     assert t.loc[absorbed, "full_absorption"].tolist() == [0.5] * 3
     assert res.absorbing_latents["a"] == [26] and res.mean_absorption_fraction == pytest.approx(3 * 0.5 / 26)
+    out = json.loads(json.dumps(saebench_output(res, sae, "smollm2-135m")))  # sae-bench's output schema
+    assert out["eval_type_id"] == "absorption_first_letter" and out["eval_config"]["min_GT_probe_f1"] == 0.6
+    assert out["eval_result_metrics"]["mean"]["mean_absorption_fraction_score"] == res.mean_absorption_fraction
+    assert out["eval_result_metrics"]["mean"]["mean_num_split_features"] == 1
+    a = out["eval_result_details"][0]
+    assert a == {"first_letter": "a", "mean_absorption_fraction": 0.5, "full_absorption_rate": 0.5,
+                 "num_full_absorption": 3, "num_probe_true_positives": 6, "num_split_features": 1}
     for s in ABSORBED.values():
         data.fresh[plant[test], s] = 0.0
     assert saebench_from_data(sae, data).mean_absorption_fraction == 0

@@ -128,13 +128,15 @@ def saebench_words(tok, n_words: int | None = None, seed: int = 0) -> list[tuple
 
 @torch.no_grad()
 def saebench_data(model, hookpoint: str, n_words: int | None = 3000, seed: int = 0, train_share: float = 0.8,
-                  batch_size: int = 32, progress: bool = False) -> FirstLetterData:
-    """SAEBench's first-letter data: `saebench_words`, shuffled and split 80/20; each word's prompt
+                  words: list[tuple[int, str]] | None = None, batch_size: int = 32,
+                  progress: bool = False) -> FirstLetterData:
+    """SAEBench's first-letter data: `saebench_words` (or `words`, `(id, text)` pairs; then
+    `n_words` is unused), shuffled with `seed` and split 80/20; each word's prompt
     is BOS, a newline, 10 solved examples `"{w} has the first letter: {W}"` + newline from its own
     split, then the word. `fresh` holds the held-out words again under new prompts whose examples
     come from all the words: SAEBench scores absorption on these, not on the probe's activations."""
     tok = model.tokenizer
-    words = saebench_words(tok, n_words, seed)
+    words = saebench_words(tok, n_words, seed) if words is None else words
     if len(words) < 5 * 26:
         raise SaekitError(f"{len(words)} alphabetic words are too few for SAEBench's protocol (need {5 * 26})")
     rng = random.Random(seed)
@@ -399,6 +401,11 @@ class AbsorptionResult(Result):
     f1_threshold: float
     protocol: str = "saekit"  # "saekit" or "saebench" (see the module docstring)
     hookpoint: str | None = None
+    min_letters: int = 20
+    l1: float = 0.01
+    max_k: int = 10
+    f1_jump: float = 0.03
+    seed: int = 0
 
 
 def absorption_from_data(sae: SAE, data: FirstLetterData, f1_threshold: float = 0.6, min_letters: int = 20,
@@ -420,7 +427,9 @@ def absorption_from_data(sae: SAE, data: FirstLetterData, f1_threshold: float = 
     tp = pred[torch.arange(len(letters)), letters]  # [n_test] the probe fires for the true letter
     scores = absorption_scores(sae, data.acts[~data.train][tp], letters[tp], directions, main)
     say.end()
-    return _result(sae, data, kept, probe_f1, main, letters[tp], scores, f1_threshold, "saekit")
+    res = _result(sae, data, kept, probe_f1, main, letters[tp], scores, f1_threshold, "saekit")
+    res.min_letters, res.l1, res.max_k, res.f1_jump = min_letters, l1, max_k, f1_jump
+    return res
 
 
 def saebench_from_data(sae: SAE, data: FirstLetterData, f1_threshold: float = 0.6, min_letters: int = 20,
@@ -446,7 +455,9 @@ def saebench_from_data(sae: SAE, data: FirstLetterData, f1_threshold: float = 0.
     tp = pred[torch.arange(len(letters)), letters]
     scores = absorption_scores(sae, data.fresh[tp], letters[tp], F.normalize(W, dim=1), main)
     say.end()
-    return _result(sae, data, kept, probe_f1, main, letters[tp], scores, f1_threshold, "saebench")
+    res = _result(sae, data, kept, probe_f1, main, letters[tp], scores, f1_threshold, "saebench")
+    res.min_letters, res.l1, res.max_k, res.f1_jump, res.seed = min_letters, l1, max_k, f1_jump, seed
+    return res
 
 
 def _check(sae: SAE, data: FirstLetterData) -> None:
@@ -506,5 +517,52 @@ def absorption(sae: SAE, model, hookpoint: str | None = None, n_words: int = 300
     else:
         data = first_letter_data(model, hookpoint, n_words, n_icl, seed=seed, progress=progress)
         res = absorption_from_data(sae, data, f1_threshold, min_letters, progress=progress, **options)
-    res.hookpoint = hookpoint
+    res.hookpoint, res.seed = hookpoint, seed
     return res
+
+
+def saebench_output(res: AbsorptionResult, sae: SAE, model_name: str | None = None) -> dict:
+    """`res` (SAEBench's protocol) in sae-bench's absorption output schema (eval_type_id
+    "absorption_first_letter"), so that SAEBench's tools read it beside their own results."""
+    import statistics
+    import time
+    import uuid
+
+    import saekit
+
+    if res.protocol != "saebench":
+        raise SaekitError("sae-bench's output schema holds SAEBench's protocol: run it with protocol='saebench'")
+    t = res.table
+    n_split = [len(m) for m in t["main_latents"]]
+    details = [{"first_letter": r.letter, "mean_absorption_fraction": r.absorption_fraction,
+                "full_absorption_rate": r.full_absorption,
+                "num_full_absorption": round(r.full_absorption * r.n_tokens), "num_probe_true_positives": r.n_tokens,
+                "num_split_features": n} for r, n in zip(t.itertuples(), n_split, strict=True)]
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+    frac, full = list(t["absorption_fraction"]), list(t["full_absorption"])
+    return {
+        "eval_type_id": "absorption_first_letter",
+        "eval_config": {"model_name": model_name or sae.cfg.model or "", "random_seed": res.seed,
+                        "f1_jump_threshold": res.f1_jump, "max_k_value": res.max_k,
+                        "prompt_template": "{word} has the first letter:", "prompt_token_pos": -6,
+                        "llm_batch_size": 32, "llm_dtype": "float32", "k_sparse_probe_l1_decay": res.l1,
+                        "k_sparse_probe_batch_size": 4096, "k_sparse_probe_num_epochs": 50,
+                        "min_GT_probe_f1": res.f1_threshold, "min_feats_for_eval": res.min_letters,
+                        "eval_k_sparse_probe_batch_size": 24, "precalc_k_sparse_probe_sae_acts": True},
+        "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": {"mean": {
+            "mean_absorption_fraction_score": res.mean_absorption_fraction,
+            "mean_full_absorption_score": res.mean_full_absorption,
+            "mean_num_split_features": statistics.mean(n_split), "std_dev_absorption_fraction_score": sd(frac),
+            "std_dev_full_absorption_score": sd(full), "std_dev_num_split_features": sd(n_split)}},
+        "eval_result_details": details,
+        "sae_bench_commit_hash": f"saekit {saekit.__version__}",
+        "sae_lens_id": res.hookpoint or sae.cfg.hookpoint or "",
+        "sae_lens_release_id": "saekit",
+        "sae_lens_version": None,
+        "sae_cfg_dict": {"d_in": sae.d_in, "d_sae": sae.n_latents, "architecture": sae.cfg.architecture,
+                         "k": sae.cfg.k, "hook_name": res.hookpoint or sae.cfg.hookpoint,
+                         "model_name": model_name or sae.cfg.model},
+        "eval_result_unstructured": None,
+    }

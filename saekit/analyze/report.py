@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from saekit.activations import check_width
-from saekit.analyze.absorption import absorption
+from saekit.analyze.absorption import absorption, saebench_output
 from saekit.analyze.collapse import collapse
 from saekit.analyze.common import Result
 from saekit.analyze.dead import dead
@@ -61,7 +61,7 @@ def _activations(run: Run, h: str, path: str | None, analyses: tuple[str, ...]):
 def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hookpoint: str | None = None,
                 activations: str | None = None, tokens: int | None = None, words: int = 3000,
                 f1_threshold: float = 0.6, min_letters: int = 20, model: str | None = None,
-                quiet: bool = False, against: str | Path | None = None) -> dict:
+                quiet: bool = False, against: str | Path | None = None, protocol: str = "saekit") -> dict:
     """Run `analyses` on every hookpoint of `run` (or just `hookpoint`); returns every number
     as `{hookpoint: {analysis: dict}}` plus `wall_time_s`, and writes RUN/analysis/. With
     `against` (another run of the same hookpoints), each hookpoint's `stability` too."""
@@ -89,6 +89,7 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
             check_hookpoints(lm, hooks)
     say = (lambda *a: None) if quiet else print
     results: dict = {"run": str(run.path), "wall_time_s": {}, "skipped": skipped}
+    saebench = {}  # hookpoint -> SAEBench's protocol's absorption in sae-bench's output schema
     for h in hooks:
         sae = run.sae(h)
         results[h], results["wall_time_s"][h] = {}, {}
@@ -100,9 +101,11 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
                 phase.step(name)
                 t0 = time.perf_counter()
                 res = _analyse(name, run, h, sae, acts[h], lm, tokens, quiet, n_words=words,
-                               f1_threshold=f1_threshold, min_letters=min_letters)
+                               f1_threshold=f1_threshold, min_letters=min_letters, protocol=protocol)
             results[h][name] = res if isinstance(res, dict) else res.to_dict()
             results["wall_time_s"][h][name] = round(time.perf_counter() - t0, 2)
+            if name == "absorption" and protocol == "saebench":
+                saebench[h] = saebench_output(res, sae, model or run.model_name)
         if against is not None:
             with Phases(h, quiet) as phase:
                 phase.step(f"stability against {against}")
@@ -114,6 +117,8 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
     name = "report" if full else "_".join(analyses)
     with run.writing_analysis():
         run.write_json(f"analysis/{name}.json", results)
+        for h, out in saebench.items():  # named as sae-bench names its result files
+            run.write_json(f"analysis/saebench/saekit_{h}_eval_results.json", out)
         md = markdown(results, plots(results, out) if name == "report" else None)
         if name == "report":
             atomic_write(out / "report.md", lambda p: p.write_text(md))
@@ -155,7 +160,7 @@ def markdown(results: dict, plot_note: list[str] | None = None) -> str:
                       f"Mean absorption fraction **{a['mean_absorption_fraction']:.4g}**, full-absorption rate "
                       f"**{a['mean_full_absorption']:.4g}**, over {a['n_letters']} letters with probe F1 >= "
                       f"{a['f1_threshold']} "
-                      f"({a['n_words']} words).", "",
+                      f"({a['n_words']} words, {a['protocol']} protocol).", "",
                       md_table([{**r, "main_latents": ", ".join(map(str, r["main_latents"])),
                                 "absorbing (top 5)": ", ".join(map(str, a["absorbing_latents"][r["letter"]][:5]))}
                                for r in a["table"]]), ""]

@@ -1,0 +1,239 @@
+"""saekit's SAEBench absorption protocol next to sae-bench 0.6.0 itself, on the same SAE and words.
+
+    python3 benchmarks/saebench_parity.py [RUN] [--words 3000] [--seeds 0 1] [--hookpoint H]
+
+RUN (default runs/default) is a saekit run whose SAE is exported to SAELens format (`saekit export
+--format sae-lens`) and handed to sae-bench's own absorption evaluation (`run_eval`, unmodified)
+in benchmarks/.venv, which this script creates on first use: torch 2.13.0 (the CPU build, first,
+so that nothing pulls a CUDA torch), then sae-bench 0.6.0 with sae-lens 6 and transformer-lens 3.
+The PyPI torchvision (built for CUDA torch) is removed afterwards: on the CPU torch it breaks
+transformers' imports, and neither evaluation uses it.
+
+What sae-bench is given, and why:
+- the model: the offline SmolLM2-135M (saekit's dequantised GGUF, ~/.cache/saekit/models) as a
+  TransformerLens 3 HookedTransformer built from the local folder with `hf_model=`; its
+  activations match saekit's TransformerBridge to 1e-6 (relative). Its forward stops after the
+  SAE's layer (`stop_at_layer`): the activations read are the same, at a fifth of the cost.
+- the words: sae-bench's vocabulary (every alphabetic token) subsampled to the same `--words`
+  seeded words saekit draws (`saebench_words`), so that a CPU runs it in minutes.
+- the seed: python's `random` and torch are seeded with each `--seeds` value before a run; the two
+  tools' randomness (word split, ICL examples, probe starts, minibatch order) is not shared, so
+  several seeds of each measure how far each tool's own randomness moves its figures.
+
+`--prepare` does the model-side work only (both tools' prompts and activations, sae-bench's probe
+training through its own `train_and_save_probes`, as `run_eval` calls it first) and keeps it in
+~/.cache/saekit/saebench-parity/, so that a busy CPU can do it while the SAE trains; a later run
+reuses it (sae-bench finds its probe where it caches probes, and goes on from there).
+
+Prints one row per tool and seed (mean absorption fraction, mean full-absorption rate, letters
+kept, mean main latents) and the difference of the means. Results: benchmarks/RESULTS.md.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / "benchmarks" / ".venv"
+PY = VENV / "bin" / "python"
+
+
+def ensure_venv() -> None:
+    """benchmarks/.venv with sae-bench 0.6.0 on the CPU torch (created once)."""
+    if PY.exists() and subprocess.run([PY, "-c", "import sae_bench, sae_lens"], capture_output=True).returncode == 0:
+        return
+    subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+    pip = [PY, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, "sae-bench==0.6.0", "torch==2.13.0", "torchvision==0.28.0"], check=True)
+    subprocess.run([PY, "-m", "pip", "uninstall", "-q", "-y", "torchvision"], check=True)
+
+
+# -- the sae-bench side: runs in benchmarks/.venv, never imports saekit --------------------------
+def driver(args) -> None:
+    import sae_bench.evals.absorption.common as common
+    import sae_bench.evals.absorption.feature_absorption as feature_absorption
+    import sae_bench.evals.absorption.main as absorption_main
+    import torch
+    import transformer_lens.loading_from_pretrained as loading
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    words = json.loads(Path(args.words_file).read_text())
+    common.get_alpha_tokens = feature_absorption.get_alpha_tokens = lambda *a, **k: list(words)
+    official = loading.get_official_model_name
+    loading.get_official_model_name = lambda n: n if Path(n).is_dir() else official(n)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = HookedTransformer.from_pretrained_no_processing(args.model, hf_model=hf, tokenizer=tok, device="cpu",
+                                                            dtype=torch.float32)
+    layer = int(args.hookpoint.split(".")[1])
+    run_with_cache = model.run_with_cache
+    model.run_with_cache = lambda *a, **k: run_with_cache(*a, **{"stop_at_layer": layer + 1, **k})
+
+    class Loader:  # run_eval loads its model by name; hand it this one
+        @staticmethod
+        def from_pretrained_no_processing(*a, **k):
+            return model
+
+    absorption_main.HookedTransformer = Loader
+    stash = Path(args.stash)
+    out = []
+    for seed in args.seeds:
+        shutil.rmtree(common.RESULTS_DIR, ignore_errors=True)  # it caches probes there, across runs
+        seed_all(seed)
+        if args.prepare:  # its own probe training, as run_eval would call it first
+            common.train_and_save_probes(model, layers=[layer], base_template="{word} has the first letter:",
+                                         pos_idx=-6, device="cpu")
+            shutil.copytree(common.PROBES_DIR, stash / f"saebench-seed{seed}")
+            continue
+        if (stash / f"saebench-seed{seed}").exists():
+            shutil.copytree(stash / f"saebench-seed{seed}", common.PROBES_DIR)
+        cfg = AbsorptionEvalConfig(model_name="smollm2-135m", random_seed=seed, llm_batch_size=32, llm_dtype="float32")
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            os.chdir(tmp)  # it writes artifacts/ under the working directory
+            res = absorption_main.run_eval(cfg, [("saekit", SAE.load_from_disk(args.sae, device="cpu"))], "cpu",
+                                           tmp, force_rerun=True)
+        r = next(iter(res.values()))
+        means = r["eval_result_metrics"]["mean"]
+        details = r["eval_result_details"]
+        out.append({"seed": seed, "wall_s": time.perf_counter() - t0,
+                    "mean_absorption_fraction": means["mean_absorption_fraction_score"],
+                    "mean_full_absorption": means["mean_full_absorption_score"], "n_letters": len(details),
+                    "mean_main_latents": statistics.mean(d["num_split_features"] for d in details),
+                    "letters": {d["first_letter"]: d["mean_absorption_fraction"] for d in details}})
+    if not args.prepare:
+        Path(args.out).write_text(json.dumps(out))
+
+
+def seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -- the saekit side ---------------------------------------------------------------------------
+def saekit_data(model, hookpoint: str, words, seed: int, stash: Path):
+    """`saebench_data` for `seed`, kept in `stash` (the model-side work, reused by later runs)."""
+    import torch
+
+    from saekit.analyze.absorption import FirstLetterData, saebench_data
+
+    path = stash / f"saekit-seed{seed}.pt"
+    if path.exists():
+        return FirstLetterData(**torch.load(path))
+    data = saebench_data(model, hookpoint, words=words, seed=seed)
+    torch.save(vars(data), path)
+    return data
+
+
+def saekit_side(sae, model, hookpoint: str, words, seeds: list[int], stash: Path) -> list[dict]:
+    from saekit.analyze.absorption import saebench_from_data
+
+    out = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        data = saekit_data(model, hookpoint, words, seed, stash)
+        res = saebench_from_data(sae, data, seed=seed)
+        t = res.table
+        out.append({"seed": seed, "wall_s": time.perf_counter() - t0,
+                    "mean_absorption_fraction": res.mean_absorption_fraction,
+                    "mean_full_absorption": res.mean_full_absorption, "n_letters": res.n_letters,
+                    "mean_main_latents": float(t["main_latents"].map(len).mean()),
+                    "letters": dict(zip(t["letter"], t["absorption_fraction"], strict=True))})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", nargs="?", default="runs/default")
+    p.add_argument("--hookpoint", default=None)
+    p.add_argument("--words", type=int, default=3000, help="seeded vocabulary sample both tools use")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--prepare", action="store_true",
+                   help="only the model-side work (both tools' probe data, sae-bench's probes) for --hookpoint, "
+                        "kept in ~/.cache/saekit/saebench-parity/ for later runs; needs no run")
+    p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sae", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--words-file", help=argparse.SUPPRESS)
+    p.add_argument("--stash", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.driver:
+        return driver(args)
+
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from saekit.analyze.absorption import saebench_words
+    from saekit.io import saekit_cache
+    from saekit.model import DEFAULT_MODEL, load_model, resolve_model
+    from saekit.run import Run
+
+    ensure_venv()
+    if args.prepare:
+        run, h, sae = None, args.hookpoint or "blocks.6.hook_resid_post", None
+    else:
+        run = Run.open(args.run)
+        h = run.hookpoint(args.hookpoint)
+        if run.model_name != DEFAULT_MODEL:
+            sys.exit(f"this comparison runs the offline {DEFAULT_MODEL}; {args.run} was trained on {run.model_name}")
+        sae = run.sae(h)
+    model_dir, _ = resolve_model(DEFAULT_MODEL)
+    words = saebench_words(AutoTokenizer.from_pretrained(model_dir), args.words, seed=0)
+    key = hashlib.sha256(json.dumps([h, words]).encode()).hexdigest()[:16]
+    stash = saekit_cache() / "saebench-parity" / key
+    stash.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "words.json").write_text(json.dumps([w for _, w in words]))
+        cmd = [PY, __file__, "--driver", "--hookpoint", h, "--model", model_dir, "--words-file", tmp / "words.json",
+               "--stash", stash, "--out", tmp / "saebench.json", "--seeds", *map(str, args.seeds)]
+        if args.prepare:
+            cmd.append("--prepare")
+        else:
+            sae.save(tmp / "sae", format="sae-lens")
+            cmd += ["--sae", tmp / "sae"]
+        subprocess.run(list(map(str, cmd)), check=True, cwd=tmp)
+        theirs = [] if args.prepare else json.loads((tmp / "saebench.json").read_text())
+    model = load_model(DEFAULT_MODEL)
+    if args.prepare:
+        for seed in args.seeds:
+            saekit_data(model, h, words, seed, stash)
+        print(f"prepared {stash}")
+        return
+    ours = saekit_side(sae, model, h, words, args.seeds, stash)
+
+    print(f"\n{args.run} {h}, {len(words)} words (seeded sample of every alphabetic token)\n")
+    print("| tool | seed | mean absorption fraction | mean full absorption | letters | main latents | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in (("sae-bench 0.6.0", theirs), ("saekit --protocol saebench", ours)):
+        for r in rows:
+            print(f"| {name} | {r['seed']} | {r['mean_absorption_fraction']:.3f} | {r['mean_full_absorption']:.3f} "
+                  f"| {r['n_letters']} | {r['mean_main_latents']:.2f} | {r['wall_s']:.0f} |")
+    for key in ("mean_absorption_fraction", "mean_full_absorption"):
+        a, b = (statistics.mean(r[key] for r in rows) for rows in (theirs, ours))
+        spread = max(r[key] for r in theirs) - min(r[key] for r in theirs)
+        print(f"\n{key}: sae-bench {a:.3f}, saekit {b:.3f}, difference {b - a:+.3f} "
+              f"(range of sae-bench over its seeds: {spread:.3f})")
+
+
+if __name__ == "__main__":
+    main()
