@@ -14,8 +14,8 @@ What sae-bench is given, and why:
   TransformerLens 3 HookedTransformer built from the local folder with `hf_model=`; its
   activations match saekit's TransformerBridge to 1e-6 (relative). Its forward stops after the
   SAE's layer (`stop_at_layer`): the activations read are the same, at a fifth of the cost.
-- the words: sae-bench's vocabulary (every alphabetic token) subsampled to the same `--words`
-  seeded words saekit draws (`saebench_words`), so that a CPU runs it in minutes.
+- the words: sae-bench's vocabulary (every alphabetic token, `saebench_words`) subsampled to the
+  same `--words` seeded words for both tools (`word_sample`), so that a CPU runs it in minutes.
 - the seed: python's `random` and torch are seeded with each `--seeds` value before a run; the two
   tools' randomness (word split, ICL examples, probe starts, minibatch order) is not shared, so
   several seeds of each measure how far each tool's own randomness moves its figures.
@@ -159,12 +159,29 @@ def saekit_side(sae, model, hookpoint: str, words, seeds: list[int], stash: Path
     return out
 
 
+def word_sample(words: list[tuple[int, str]], n: int, per_letter: int = 10) -> list[tuple[int, str]]:
+    """`n` of `words` drawn with seed 0, topped up (seeded) to `per_letter` words for each first
+    letter: sae-bench's probe training turns to NaN when a letter has no training word, and
+    uniform samples of a few thousand words hold only a handful of z, x and q words."""
+    import random
+
+    rng = random.Random(0)
+    out = set(rng.sample(words, min(n, len(words))))
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        have = [w for w in out if w[1].strip()[0].lower() == c]
+        pool = sorted(w for w in words if w[1].strip()[0].lower() == c and w not in out)
+        out |= set(rng.sample(pool, min(len(pool), max(0, per_letter - len(have)))))
+    return sorted(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", nargs="?", default="runs/default")
     p.add_argument("--hookpoint", default=None)
     p.add_argument("--words", type=int, default=3000, help="seeded vocabulary sample both tools use")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--only", choices=["saebench", "saekit"], default=None,
+                   help="with --prepare: one tool's side (two processes can prepare both at once)")
     p.add_argument("--prepare", action="store_true",
                    help="only the model-side work (both tools' probe data, sae-bench's probes) for --hookpoint, "
                         "kept in ~/.cache/saekit/saebench-parity/ for later runs; needs no run")
@@ -197,11 +214,15 @@ def main() -> None:
             sys.exit(f"this comparison runs the offline {DEFAULT_MODEL}; {args.run} was trained on {run.model_name}")
         sae = run.sae(h)
     model_dir, _ = resolve_model(DEFAULT_MODEL)
-    words = saebench_words(AutoTokenizer.from_pretrained(model_dir), args.words, seed=0)
+    words = word_sample(saebench_words(AutoTokenizer.from_pretrained(model_dir)), args.words)
     key = hashlib.sha256(json.dumps([h, words]).encode()).hexdigest()[:16]
     stash = saekit_cache() / "saebench-parity" / key
     stash.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.only == "saekit":
+            for seed in args.seeds:
+                saekit_data(load_model(DEFAULT_MODEL), h, words, seed, stash)
+            return
         tmp = Path(tmp)
         (tmp / "words.json").write_text(json.dumps([w for _, w in words]))
         cmd = [PY, __file__, "--driver", "--hookpoint", h, "--model", model_dir, "--words-file", tmp / "words.json",
@@ -213,6 +234,8 @@ def main() -> None:
             cmd += ["--sae", tmp / "sae"]
         subprocess.run(list(map(str, cmd)), check=True, cwd=tmp)
         theirs = [] if args.prepare else json.loads((tmp / "saebench.json").read_text())
+    if args.only == "saebench":
+        return
     model = load_model(DEFAULT_MODEL)
     if args.prepare:
         for seed in args.seeds:

@@ -48,6 +48,9 @@ def reconstruction_metrics(sae: SAE, stream: Activations, dense_threshold: float
 
     FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 with the mean over the whole stream;
     a latent is dead if it never fires, dense if it fires on more than `dense_threshold`.
+    `explained_variance_saebench` is SAEBench's figure (sae-bench 0.6.0, for comparing with
+    published numbers): 1 - E||x - x_hat||^2 / (E||x||^2 - (E||x||^2 / d)^2), a variance about
+    zero rather than the mean, so it reads higher than 1 - FVU.
     """
     dev = sae.W_dec.device
     names = sae.cfg.target_names
@@ -76,10 +79,12 @@ def reconstruction_metrics(sae: SAE, stream: Activations, dense_threshold: float
     sum_x = sum_x.cpu()
     var = sum_x2 - torch.stack([sum_x[c].pow(2).sum() for c in cols]) / n  # per target
     fvu = float(sse.sum()) / float(var.sum())
+    ms = sum_x2.sum() / n  # E||x||^2
     out = {
         "n_tokens": n,
         "fvu": fvu,
         "explained_variance": 1 - fvu,
+        "explained_variance_saebench": 1 - float(sse.sum() / n) / float(ms - (ms / sae.cfg.d_out) ** 2),
         "mse": float(sse.sum()) / (n * sae.cfg.d_out),
         "l0": l0 / n,
         "cosine": cos / n,

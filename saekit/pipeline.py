@@ -298,6 +298,16 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     return run.path
 
 
+# What eval.json's figures measure, written beside them (README, "Evaluation conventions").
+CONVENTIONS = {
+    "fvu": "sum ||x - x_hat||^2 / sum ||x - mean||^2 over the held-out tokens, centred on their mean; "
+           "explained_variance = 1 - fvu; explained_variance_saebench is SAEBench's (variance about zero)",
+    "ce": "mean next-token CE over positions whose target is a real token; the SAE (or zeros) replaces the "
+          "activations at real tokens only, BOS and special positions keep theirs (SAEBench replaces every "
+          "position, BOS included, and averages over positions whose input is not BOS, EOS or padding)",
+}
+
+
 def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet: bool = False,
                  n_contexts: int | None = None, activations: str | None = None, model_name: str | None = None) -> dict:
     """Evaluate every SAE of a run on its held-out split (RUN/eval.json, a table on stdout).
@@ -344,9 +354,10 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
             results[h] |= downstream_metrics(model, sae, h, tokens[:n_ctx], mask[:n_ctx],
                                              progress=None if quiet else f"eval {h}: downstream loss")
         results[h]["encoder_path"] = sae.encoder_path
+        results[h]["conventions"] = CONVENTIONS
     run.write_json(EVAL, results)
     print(md_table([{"metric": k, **{h: figure(k, r[k]) for h, r in results.items()}}
-                    for k in next(iter(results.values()))]))
+                    for k in next(iter(results.values())) if k != "conventions"]))
     return results
 
 

@@ -190,6 +190,26 @@ def test_saebench_protocol_finds_the_planted_absorber_on_fresh_prompts():
     with pytest.raises(SaekitError, match="fresh prompts"):
         saebench_from_data(sae, data)
 
+def test_saebench_explained_variance_is_its_batched_formula_about_zero():
+    """explained_variance_saebench equals sae-bench 0.6.0's aggregation written out (per-batch means
+    of ||x||^2, of x_i^2 and of the residual); on activations far from zero it reads above 1 - FVU."""
+    from saekit.evaluate import reconstruction_metrics
+
+    g = torch.Generator().manual_seed(0)
+    x = 3.0 + torch.randn(400, D, generator=g)  # a large shared offset, as in a residual stream
+    sae = make_sae(F.normalize(torch.randn(64, D, generator=g), dim=1), k=4)
+    m = reconstruction_metrics(sae, x)
+    x_hat = sae(x)
+    sos, act, res = [], [], []
+    for xb, hb in zip(x.split(100), x_hat.split(100), strict=True):
+        sos.append(xb.pow(2).sum(-1).mean(0))
+        act.append(xb.pow(2).mean(0))
+        res.append((xb - hb).pow(2).sum(-1).mean(0))
+    theirs = 1 - torch.stack(res).mean(0) / (torch.stack(sos).mean(0) - torch.cat(act).mean(0) ** 2)
+    assert m["explained_variance_saebench"] == pytest.approx(float(theirs), rel=1e-5)
+    assert m["explained_variance_saebench"] > m["explained_variance"] + 0.1
+
+
 def test_too_few_letters_pass_the_probe():
     data, _ = letter_data()
     data.acts = torch.randn_like(data.acts)  # nothing to find
