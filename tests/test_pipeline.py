@@ -31,6 +31,8 @@ def test_train_writes_a_loadable_evaluated_run(tiny, tmp_path, capsys):
     results = json.loads((run / "eval.json").read_text())[HOOK]
     assert 0 < results["fvu"] < 1 and results["l0"] == pytest.approx(16, abs=0.5)
     assert results["ce_clean"] < results["ce_sae"] < results["ce_zero"]
+    assert results["explained_variance_saebench"] > results["explained_variance"]  # about zero, not the mean
+    assert set(results["conventions"]) == {"fvu", "ce"} and "centred" in results["conventions"]["fvu"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     fvus = [m[HOOK]["fvu"] for m in metrics]
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))
