@@ -87,6 +87,8 @@ def driver(args) -> None:
 
     absorption_main.HookedTransformer = Loader
     stash = Path(args.stash)
+    results_dir = Path(tempfile.mkdtemp(prefix="saebench-artifacts-"))
+    own_results_dir(results_dir)
     out = []
     for seed in args.seeds:
         shutil.rmtree(common.RESULTS_DIR, ignore_errors=True)  # it caches probes there, across runs
@@ -114,6 +116,26 @@ def driver(args) -> None:
                     "letters": {d["first_letter"]: d["mean_absorption_fraction"] for d in details}})
     if not args.prepare:
         Path(args.out).write_text(json.dumps(out))
+
+
+def own_results_dir(root: Path) -> None:
+    """sae-bench caches probes and results in one folder inside its package; point this process's
+    copy at `root` (module constants and the defaults bound from them), so runs do not collide."""
+    import inspect
+
+    import sae_bench.evals.absorption.common as common
+    import sae_bench.evals.absorption.feature_absorption as feature_absorption
+    import sae_bench.evals.absorption.k_sparse_probing as k_sparse_probing
+
+    old = str(common.RESULTS_DIR)
+    move = lambda v: Path(str(v).replace(old, str(root), 1)) if isinstance(v, Path) and str(v).startswith(old) else v  # noqa: E731
+    for mod in (common, feature_absorption, k_sparse_probing):
+        for name in ("RESULTS_DIR", "PROBES_DIR"):
+            if hasattr(mod, name):
+                setattr(mod, name, move(getattr(mod, name)))
+        for fn in vars(mod).values():
+            if inspect.isfunction(fn) and fn.__defaults__:
+                fn.__defaults__ = tuple(map(move, fn.__defaults__))
 
 
 def seed_all(seed: int) -> None:
