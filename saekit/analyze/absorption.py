@@ -5,13 +5,14 @@ single-token alphabetic word (with or without a leading space, single letters to
 solved examples after a newline, a letter probe trained on raw activations in minibatches (50
 epochs of Adam, lr 1e-2 decaying to 1e-5, weight decay 1e-4), main latents from an L1 probe on the
 raw latent values followed by k-sparse logistic probes, and scores on fresh prompts of the held-out
-words. On the same SAE and word sample it reads what sae-bench reads (benchmarks/saebench_parity.py).
+words. benchmarks/saebench_parity.py runs sae-bench itself beside it on the same SAE and words.
 
 `protocol="saekit"` (the default) is a cheaper, deterministic variant: words of two or more letters
 after a space, 4 solved examples, full-batch probes from zero on centred activations, k-sparse
-probing on unit-RMS latents, and scores on the probe's own held-out activations. It reads several
-times lower than SAEBench on the same SAE (benchmarks/RESULTS.md, "SAEBench parity"). Use it to
-compare SAEs with each other, SAEBench's to compare with published figures.
+probing on unit-RMS latents, and scores on the probe's own held-out activations. Its figures are
+not SAEBench's and read lower on the same SAE: every step before the per-token metric (words,
+prompts, probes, main latents, scored activations) differs. Use it to compare SAEs with each
+other, SAEBench's to compare with published figures.
 
 Three separable parts:
   `first_letter_data`, `saebench_data`   model-driven: the words, their prompts, activations at the word;
