@@ -16,6 +16,9 @@ What sae-bench is given, and why:
   SAE's layer (`stop_at_layer`): the activations read are the same, at a fifth of the cost.
 - the words: sae-bench's vocabulary (every alphabetic token, `saebench_words`) subsampled to the
   same `--words` seeded words for both tools (`word_sample`), so that a CPU runs it in minutes.
+- its option `precalc_k_sparse_probe_sae_acts` (encode the training words once, not every epoch:
+  the same codes; without it the driver ran out of memory on a busy 24 GiB machine), and one BLAS
+  thread (its 260 small scikit-learn fits run ~10x faster on a busy 2-core CPU).
 - the seed: python's `random` and torch are seeded with each `--seeds` value before a run; the two
   tools' randomness (word split, ICL examples, probe starts, minibatch order) is not shared, so
   several seeds of each measure how far each tool's own randomness moves its figures.
@@ -100,7 +103,8 @@ def driver(args) -> None:
             continue
         if (stash / f"saebench-seed{seed}").exists():
             shutil.copytree(stash / f"saebench-seed{seed}", common.PROBES_DIR)
-        cfg = AbsorptionEvalConfig(model_name="smollm2-135m", random_seed=seed, llm_batch_size=32, llm_dtype="float32")
+        cfg = AbsorptionEvalConfig(model_name="smollm2-135m", random_seed=seed, llm_batch_size=32, llm_dtype="float32",
+                                   precalc_k_sparse_probe_sae_acts=True)  # its option for small SAEs: same codes
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             os.chdir(tmp)  # it writes artifacts/ under the working directory
@@ -254,7 +258,8 @@ def main() -> None:
         else:
             sae.save(tmp / "sae", format="sae-lens")
             cmd += ["--sae", tmp / "sae"]
-        subprocess.run(list(map(str, cmd)), check=True, cwd=tmp)
+        one_thread = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        subprocess.run(list(map(str, cmd)), check=True, cwd=tmp, env={**os.environ, **one_thread})
         theirs = [] if args.prepare else json.loads((tmp / "saebench.json").read_text())
     if args.only == "saebench":
         return
