@@ -19,6 +19,7 @@ from typing import Literal
 import yaml
 
 from saekit.errors import SaekitError
+from saekit.families import FAMILIES, TRAINABLE, users
 from saekit.runtime import DEVICE_PATTERN
 
 
@@ -35,11 +36,11 @@ class TrainConfig:
     val_tokens: int = 32_768  # held-out tokens for evaluation (never trained on)
     data_seed: int = 0  # which contexts, and the train/held-out split (part of the activation cache's key)
     # -- the dictionary ------------------------------------------------------------------
-    # topk: k per token | batchtopk: k*B per batch (Bussmann et al. 2024) | matryoshka: BatchTopK codes,
-    # nested prefixes each reconstruct (Bussmann et al. 2025) | jumprelu: learned per-latent thresholds
-    # with an L0 penalty (Rajamanoharan et al. 2024) | mp: k matching-pursuit steps over a tied
-    # dictionary (Costa et al. 2025)
-    architecture: Literal["topk", "batchtopk", "matryoshka", "jumprelu", "mp"] = "topk"
+    # a trainable family of saekit.families: topk: k per token | batchtopk: k*B per batch (Bussmann et
+    # al. 2024) | matryoshka: BatchTopK codes, nested prefixes each reconstruct (Bussmann et al. 2025) |
+    # jumprelu: learned per-latent thresholds with an L0 penalty (Rajamanoharan et al. 2024) | mp: k
+    # matching-pursuit steps over a tied dictionary (Costa et al. 2025)
+    architecture: str = "topk"
     expansion: int = 16  # n_latents = expansion * d_in (the widest source's) unless n_latents is set
     n_latents: int | None = None
     k: int = 32  # latents per token; jumprelu: the initial L0 only (thresholds start at each latent's k/m quantile)
@@ -100,6 +101,7 @@ class TrainConfig:
 
 # (key, check(value, config), what it allows); None values are "use the default" and skip the check.
 _RULES: list[tuple[str, typing.Callable, str]] = [
+    ("architecture", lambda v, c: v in TRAINABLE, "one of " + ", ".join(map(repr, TRAINABLE))),  # checked first
     ("hookpoints", lambda v, c: len(v) > 0 and len(set(v)) == len(v) and (c.sources or ":" not in "".join(v)),
      "a non-empty list of distinct hookpoints of the config's model (other models' go in sources/targets)"),
     ("ctx_len", lambda v, c: v >= 2, ">= 2"),
@@ -108,14 +110,16 @@ _RULES: list[tuple[str, typing.Callable, str]] = [
     ("val_tokens", lambda v, c: 1 <= v < c.n_tokens, "in [1, n_tokens) (held-out text smaller than the training text)"),
     ("expansion", lambda v, c: v >= 1, ">= 1 (n_latents = expansion * d_in)"),
     ("n_latents", lambda v, c: v >= 1, ">= 1"),
-    ("k", lambda v, c: v >= 1 and (c.n_latents is None or v <= c.n_latents or c.architecture == "jumprelu"),
+    ("k", lambda v, c: v >= 1 and (c.n_latents is None or v <= c.n_latents or not FAMILIES[c.architecture].k_bounded),
      "in [1, n_latents]"),
-    ("matryoshka_groups", lambda v, c: c.architecture != "matryoshka" or _groups_ok(v, c.n_latents),
+    ("matryoshka_groups", lambda v, c: c.architecture not in users("matryoshka_groups") or _groups_ok(v, c.n_latents),
      "increasing fractions of n_latents (ending at 1.0) or increasing sizes (ending at n_latents)"),
     ("l0_coeff", lambda v, c: v >= 0, ">= 0"),
-    ("target_l0", lambda v, c: v > 0 and c.architecture == "jumprelu", "> 0, with architecture jumprelu"),
+    ("target_l0", lambda v, c: v > 0 and c.architecture in users("target_l0"),
+     f"> 0, with architecture {' or '.join(users('target_l0'))}"),
     ("jumprelu_bandwidth", lambda v, c: v > 0, "> 0"),
-    ("mp_threshold", lambda v, c: v >= 0 and c.architecture == "mp", ">= 0, with architecture mp"),
+    ("mp_threshold", lambda v, c: v >= 0 and c.architecture in users("mp_threshold"),
+     f">= 0, with architecture {' or '.join(users('mp_threshold'))}"),
     ("sources", lambda v, c: _names_ok(v), "a non-empty list of distinct names (hookpoint, model:hookpoint or "
      "model@revision:hookpoint)"),
     ("targets", lambda v, c: c.sources is not None and _names_ok(v), "a non-empty list of distinct names, with "

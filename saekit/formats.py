@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saekit.errors import SaekitError
+from saekit.families import FAMILIES
 from saekit.io import atomic_write
 
 
@@ -44,7 +45,6 @@ class Loaded(NamedTuple):
 # The SAELens config layout that `export` writes and `load_sae_lens` reads (SAELens 6).
 SAE_LENS_LAYOUT_VERSION = "6.0.0"
 EXPORT_FORMATS = ("sae-lens",)
-UNIT_NORM_TOL = 1e-5  # decoder rows this close to norm 1 count as unit-norm (fp32 renormalisation: ~1e-7)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -98,8 +98,7 @@ def _build(files: tuple[Path, Path], fmt: str, *, W_enc, b_enc, W_dec, b_dec, ar
                threshold=threshold if not torch.is_tensor(threshold) else None, hookpoint=hookpoint,
                model=model, source_format=fmt)
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    if architecture == "jumprelu":
-        tensors["threshold"] = threshold
+    tensors |= {n: threshold for n in FAMILIES[architecture].tensors}  # per-latent thresholds
     tensors = {n: t.to(torch.float32).contiguous() for n, t in tensors.items()}
     return Loaded(cfg, tensors, *files)
 
@@ -218,33 +217,13 @@ def load_sae_lens(path: Path) -> Loaded:
 
 def export_sae_lens(cfg: dict, tensors: dict[str, torch.Tensor], path: Path) -> Path:
     """Write an SAE (saekit's SAEConfig fields and tensors) as SAELens writes an inference SAE:
-    cfg.json + sae_weights.safetensors.
-
-    A TopK SAE with unit-norm decoder rows (every SAE saekit trains) is written with
-    `rescale_acts_by_decoder_norm: true`, which then changes no output and lets SAELens fold the
-    decoder norms (`fold_W_dec_norm`, as SAEDashboard does); with other row norms SAELens would
-    select latents by pre-activation times norm, so it stays false (and not foldable)."""
+    cfg.json + sae_weights.safetensors, under the family's SAELens architecture (its `saelens` in
+    saekit.families, which raises why a family has none)."""
     c = SimpleNamespace(**cfg)
     t = {n: v.to(torch.float32) for n, v in tensors.items()}
+    arch, extra, more = FAMILIES[c.architecture].saelens(c, t)
     weights = {"W_enc": t["W_enc"].T.contiguous(), "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
-    extra = {}
-    if c.architecture == "topk":
-        unit = bool(((t["W_dec"].norm(dim=1) - 1).abs() <= UNIT_NORM_TOL).all())
-        arch, extra = "topk", {"k": c.k, "rescale_acts_by_decoder_norm": unit}
-    elif c.architecture == "relu":
-        arch = "standard"
-    elif c.architecture == "jumprelu":
-        arch, weights["threshold"] = "jumprelu", t["threshold"]
-    elif c.architecture == "mp":
-        raise SaekitError("a matching-pursuit SAE has no SAELens equivalent: SAELens's matching_pursuit runs until "
-                          "a token's support stops changing (its first repeated latent) or its residual is small, "
-                          "saekit's runs k steps and accumulates repeats, so the codes would differ")
-    elif c.threshold is not None:  # batchtopk at inference: every pre-activation above one threshold
-        arch, weights["threshold"] = "jumprelu", torch.full((c.n_latents,), float(c.threshold))
-    else:
-        raise SaekitError("a BatchTopK SAE without an inference threshold has no SAELens equivalent (SAELens "
-                          "runs BatchTopK SAEs as JumpReLU with the learned threshold); train it longer so the "
-                          "threshold is set")
+    weights |= more
     out = {"architecture": arch, "d_in": c.d_in, "d_sae": c.n_latents, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none", **extra,
            "metadata": {"sae_lens_version": SAE_LENS_LAYOUT_VERSION, "model_name": c.model, "hook_name": c.hookpoint,

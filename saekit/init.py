@@ -1,7 +1,7 @@
 """Dictionary initialisation from a sample of (scaled) activations: random (tied) decoder
 directions, directions inside the activations' principal subspace (Wang et al. 2025), or the
-sample's own centred directions (data); b_dec (and a transcoder's b_in) at their geometric median;
-JumpReLU thresholds from the sample's pre-activations."""
+sample's own centred directions (data); b_dec (and a transcoder's b_in) at their geometric median.
+A family's own tensors (JumpReLU's thresholds) start in its entry in saekit.families."""
 
 import torch
 
@@ -104,16 +104,3 @@ def init_sae(sae: SAE, sample: torch.Tensor, init: str = "tied", generator: torc
         sae.W_enc.mul_(max(scale, 1e-6))
         report["encoder_scale"] = scale
     return report
-
-
-@torch.no_grad()
-def init_thresholds(sae: SAE, sample: torch.Tensor, l0: int, rows: int = 4096) -> None:
-    """JumpReLU thresholds where each latent fires on `l0 / m` of the sample (at least one token),
-    so training starts near L0 = `l0` with every latent alive; at least 1e-3."""
-    x = sample[:rows].float() - sae.centre()
-    pre = torch.addmm(sae.b_enc, x, sae.W_enc.T)  # [rows, m]
-    fires = min(max(round(len(x) * l0 / sae.n_latents), 1), len(x) - 1)
-    theta = pre.kthvalue(len(x) - fires, dim=0).values.clamp_min(1e-3)  # `fires` values lie above it
-    sae.threshold.copy_(theta)
-    if hasattr(sae, "log_threshold"):
-        sae.log_threshold.copy_(theta.log())

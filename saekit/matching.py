@@ -91,7 +91,7 @@ def fold_scale(sae: SAE, codes: "Codes | None" = None, how: str = "auto") -> tor
     each latent's mean value when active, so a folded row is the latent's typical contribution
     to the output (a never-active latent keeps scale 1). It weights pairs by magnitude, and made
     the exact assignment several times slower on real layers, so it is opt-in."""
-    theta = getattr(sae, "threshold", None) if sae.cfg.architecture == "jumprelu" else None
+    theta = sae.threshold if "threshold" in sae.family.tensors else None  # per-latent (JumpReLU)
     if how == "auto":
         how = "threshold" if theta is not None and bool((theta > 0).all()) else "norm"
     if how == "threshold":

@@ -11,21 +11,16 @@ Concatenation is why a crosscoder over S sources costs about S SAE steps: the fa
 (grouped top-k, sparse gather-sums) run on the concatenated matrices unchanged, and an SAE keeps
 its exact arithmetic and its file layout (cfg.json + sae.safetensors with W_enc/b_enc/W_dec/b_dec).
 
-How each architecture picks a row's latents is one table, `RULES`: TopK, BatchTopK, Matryoshka
-(BatchTopK codes; its nested-prefix loss lives in saekit.trainer), JumpReLU (trained with a
-straight-through estimator, Rajamanoharan et al. 2024), matching pursuit (`mp`: k
-residual-guided steps over the tied decoder, Costa et al. 2025) and ReLU (loaded from other
-tools, inference only). Codes are sparse (`values [B, k]`, `indices [B, k]`, zero values are padding),
-so no step ever builds a dense [batch, m] latent tensor beyond the encoder matmul itself.
+How each architecture picks a row's latents, and what else it stores and trains, is its entry
+in saekit.families (TopK, BatchTopK, Matryoshka, JumpReLU, matching pursuit, ReLU). Codes are
+sparse (`values [B, k]`, `indices [B, k]`, zero values are padding), so no step ever builds a
+dense [batch, m] latent tensor beyond the encoder matmul itself.
 """
 
 import json
-import math
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -33,10 +28,10 @@ from torch import nn
 
 from saekit.config import make_config
 from saekit.errors import SaekitError
+from saekit.families import FAMILIES, TRAINABLE, Family, SparseCode, family, users
 from saekit.formats import detect, export
 from saekit.io import atomic_write
-from saekit.kernels import backend, row_topk, selected_preacts, sparse_decode
-from saekit.kernels.pursuit import distinct, gram, mp_pursue, mp_values
+from saekit.kernels import backend, cat_padded, row_topk, sparse_decode
 from saekit.runtime import BF16_RESCORE, ENCODER_PATHS, cpu_encoder_path
 
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -74,8 +69,7 @@ class SAEConfig:
     def __post_init__(self):
         if self.d_in < 1:
             raise SaekitError(f"d_in must be >= 1, got {self.d_in}")
-        if self.architecture not in RULES:
-            raise SaekitError(f"architecture must be one of {tuple(RULES)}, got {self.architecture!r}")
+        fam = family(self.architecture)
         if not 0 < self.k <= self.n_latents:
             raise SaekitError(f"k must be in [1, n_latents], got {self.k} (n_latents is {self.n_latents})")
         if self.encoder_path not in (None, *ENCODER_PATHS):
@@ -84,12 +78,13 @@ class SAEConfig:
             g = self.matryoshka_groups
             if not (g and all(a < b for a, b in zip([0] + g, g, strict=False)) and g[-1] == self.n_latents):
                 raise SaekitError(f"matryoshka_groups must increase and end at n_latents={self.n_latents}, got {g}")
-        if self.mp_threshold is not None and not (self.architecture == "mp" and self.mp_threshold >= 0):
-            raise SaekitError(f"mp_threshold must be >= 0 and is for architecture 'mp', got {self.mp_threshold!r} "
+        if self.mp_threshold is not None and not ("mp_threshold" in fam.options and self.mp_threshold >= 0):
+            raise SaekitError(f"mp_threshold must be >= 0 and is for architecture "
+                              f"{' or '.join(map(repr, users('mp_threshold')))}, got {self.mp_threshold!r} "
                               f"with {self.architecture!r}")
-        if self.architecture == "mp" and self.sources is not None:
-            raise SaekitError("architecture 'mp' is a tied SAE of one hookpoint (its encoder is its decoder); "
-                              "crosscoders and transcoders are not supported")
+        if fam.tied and self.sources is not None:
+            raise SaekitError(f"architecture {self.architecture!r} is a tied SAE of one hookpoint (its encoder is its "
+                              "decoder); crosscoders and transcoders are not supported")
         if self.sources is not None:
             self.targets = list(self.targets or self.sources)
             dims = self.dims or {}
@@ -117,11 +112,6 @@ class SAEConfig:
         return self.dims[name] if self.sources else self.d_in
 
 
-class SparseCode(NamedTuple):
-    values: torch.Tensor  # [B, k'] non-negative; 0 = padding
-    indices: torch.Tensor  # [B, k'] int64 latent ids
-
-
 class SAE(nn.Module):
     """The dictionary: an SAE (one source, the same target) or, with `cfg.sources`, a crosscoder
     or transcoder acting on concatenated activations (`Crosscoder` adds the by-name API)."""
@@ -139,8 +129,8 @@ class SAE(nn.Module):
         inputs = [s for s in cfg.source_names if s not in cfg.target_names]
         if inputs:  # a transcoder's (or any non-target source's) own centring
             self.b_in = nn.Parameter(torch.zeros(sum(cfg.width(s) for s in inputs), device=device, dtype=dtype))
-        if cfg.architecture == "jumprelu":  # per-latent thresholds on pre-activations (input units)
-            self.register_buffer("threshold", torch.zeros(m, device=device, dtype=dtype))
+        for name in self.family.tensors:  # per latent, e.g. JumpReLU's thresholds (input units)
+            self.register_buffer(name, torch.zeros(m, device=device, dtype=dtype))
         # BatchTopK in data-parallel training: `(candidates [b, c], k) -> cut` over the global batch.
         self.batch_cut = None
         # bf16 encoder matmul (set by the trainer on GPU); everything else stays fp32.
@@ -179,30 +169,21 @@ class SAE(nn.Module):
         return slice(start, start + self.cfg.width(name))
 
     @property
-    def theta(self) -> torch.Tensor:
-        """JumpReLU thresholds [m]: exp(log_threshold) while training (gradients reach it through
-        the straight-through estimator), the stored `threshold` otherwise."""
-        if self.training and hasattr(self, "log_threshold"):
-            return self.log_threshold.exp()
-        return self.threshold
+    def family(self) -> Family:
+        """This dictionary's entry in saekit.families.FAMILIES."""
+        return FAMILIES[self.cfg.architecture]
 
     def make_trainable(self, bandwidth: float = 1e-3) -> "SAE":
-        """Add what training needs beyond the stored tensors: JumpReLU's `log_threshold`
-        parameter (theta = exp(log_threshold), positive, with multiplicative Adam steps) and the
-        straight-through estimator's rectangle-kernel `bandwidth` (in training units)."""
+        """Add what training needs beyond the stored tensors (the family's training-only parameters,
+        e.g. JumpReLU's `log_threshold`) and the straight-through estimator's rectangle-kernel
+        `bandwidth` (in training units)."""
         self.bandwidth = bandwidth
-        if self.cfg.architecture not in TRAINABLE:
+        if not self.family.losses:
             raise SaekitError(f"saekit trains {', '.join(TRAINABLE)}; architecture {self.cfg.architecture!r} "
                               "is for SAEs loaded from other tools")
-        if self.cfg.architecture == "jumprelu" and not hasattr(self, "log_threshold"):
-            self.log_threshold = nn.Parameter(self.threshold.clamp_min(1e-12).log())
+        if self.family.trainable:
+            self.family.trainable(self)
         return self
-
-    @torch.no_grad()
-    def sync_threshold(self) -> None:
-        """Write the trained thresholds into the stored `threshold` (after each optimizer step)."""
-        if hasattr(self, "log_threshold"):
-            self.threshold.copy_(self.log_threshold.exp())
 
     @property
     def d_in(self) -> int:
@@ -302,56 +283,13 @@ class SAE(nn.Module):
     def select_threshold(self, xc: torch.Tensor, theta: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every pre-activation above `theta` (a number, or one per latent [m]), rows padded with
         zeros: BatchTopK inference, ReLU (theta 0) and JumpReLU (per-latent theta)."""
-        parts = []
+        blocks = []
         for _, pre in self._preacts(xc, self.W_enc.dtype):
             above = pre > theta
             width = max(int(above.sum(1).max()), 1)
             v, i = pre.masked_fill(~above, float("-inf")).topk(width, dim=1)
-            parts.append((v.masked_fill(v == float("-inf"), 0).to(self.W_enc.dtype), i))
-        width = max(v.shape[1] for v, _ in parts)
-        pad = lambda t: nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-        return torch.cat([pad(v) for v, _ in parts]), torch.cat([pad(i) for _, i in parts])
-
-    @torch.no_grad()
-    def select_jump(self, xc: torch.Tensor, theta: torch.Tensor, eps: float):
-        """JumpReLU training selection: the pairs above their latent's theta (`vals, idx [B, w]`,
-        zero-padded), the pairs less than eps/2 below it (`idx, live [B, w']`: their threshold
-        gradient, see `_JumpBelow`) and per latent the count of pairs within eps/2 of theta on
-        either side (`near [m]`, the L0 penalty's gradient), all from fp32 pre-activations.
-
-        One pass over each dense block keeps the candidates, the pairs above theta - eps/2;
-        everything else works on them. With a bf16 encoder matmul (CPU), the candidates are the
-        pairs above theta - eps/2 - delta in bf16, rescored in fp32, delta = 2^-7 (|x_c| max_i
-        |W_enc[i]| + max |b_enc|) + 2^-8 theta bounding the bf16 error (inputs and output rounded,
-        fp32 accumulation) for the block's largest |x_c|, so the selection is fp32's."""
-        near = torch.zeros(self.n_latents, dtype=xc.dtype, device=xc.device)
-        dt = self._matmul_dtype()
-        rescore = dt != self.W_enc.dtype and not self.W_enc.is_cuda
-        low = theta - eps / 2
-        if rescore:
-            w_max = float(self.W_enc.detach().norm(dim=1).max()) + float(self.b_enc.detach().abs().max())
-            low = low - theta / 256
-        above, below = [], []
-        for rows, pre in self._preacts(xc, dt):
-            lo = low
-            if rescore:  # lowered by the block's error bound, then rounded down into bf16
-                lo = lo - (float(xc[rows].norm(dim=1).max()) + 1.0) * w_max / 128
-                lo = (lo - lo.abs() / 128).to(dt)
-            cand = pre > lo
-            live, ids = _pack(cand, cand)
-            if rescore:
-                pre = backend(xc).gather_dot(ids, self.W_enc, xc[rows]) + self.b_enc[ids]  # fp32 [r, w]
-            else:
-                pre = pre.gather(1, ids)
-            pre = pre.masked_fill(~live, float("-inf"))  # padding: never selected
-            gap = pre - theta[ids]
-            on = gap > 0
-            close = gap.abs() < eps / 2
-            near.index_add_(0, ids[close], torch.ones_like(ids[close], dtype=near.dtype))
-            above.append(_pack(on, pre, ids))
-            below.append(_pack(close & ~on, close, ids))
-        (vals, idx), (live, idx_below) = _cat_padded(above), _cat_padded(below)
-        return vals, idx, idx_below, live, near
+            blocks.append((v.masked_fill(v == float("-inf"), 0).to(self.W_enc.dtype), i))
+        return cat_padded(blocks)
 
     def encode(self, x: torch.Tensor, aux: dict | None = None) -> SparseCode:
         """Sparse code of `x [B, d_in]` (the sources concatenated); differentiable in the parameters
@@ -363,19 +301,17 @@ class SAE(nn.Module):
         come in no particular order (the top k are selected, not ranked:
         `values.sort(dim=1, descending=True)` ranks them); a zero value is padding. `aux`, when
         given, receives what a rule's training losses need beyond the code (JumpReLU's
-        near-threshold pairs, see `encode_jumprelu`).
+        near-threshold pairs, see saekit.families).
         """
         x = x.to(self.W_enc.dtype)
-        return RULES[self.cfg.architecture].encode(self, x, aux)
+        return self.family.encode(self, x, aux)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor, aux: dict | None = None) -> torch.Tensor:
         """`sum_j values[b,j] W_dec[indices[b,j]] + b_dec` -> [B, d_out] (gather-sum, never dense).
-        `aux` from a training encode adds the JumpReLU threshold gradient of the pairs just below
-        their threshold (their value is 0, so the decode alone gives them none)."""
+        `aux` from a training encode may hold a `decode` step of the rule's own (JumpReLU: the
+        threshold gradient of the pairs just below their threshold, whose value 0 gets none here)."""
         x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
-        if aux and "below" in aux:
-            x_hat = _JumpBelow.apply(x_hat, *aux["below"], self.W_dec, self.bandwidth)
-        return x_hat
+        return aux["decode"](x_hat) if aux and "decode" in aux else x_hat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction of `x [B, d_in]` ([B, d_out], the targets concatenated)."""
@@ -428,10 +364,8 @@ class SAE(nn.Module):
             self.cfg.threshold *= sigma
         if self.cfg.mp_threshold is not None:
             self.cfg.mp_threshold *= sigma
-        if self.cfg.architecture == "jumprelu":
-            self.threshold.mul_(sigma)
-            if hasattr(self, "log_threshold"):
-                self.log_threshold.add_(math.log(sigma))
+        if self.family.fold:
+            self.family.fold(self, sigma)
         if self.cfg.sources:
             self.cfg.part_scales = {n: scales[n] / sigma for n in dict.fromkeys(names)}
         return self
@@ -441,7 +375,7 @@ class SAE(nn.Module):
         """Unit-norm decoder rows; for several targets the stacked row (sum over targets of the
         squared norms = 1), so each target's share of a latent is free (Lindsey et al. 2024)."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        if self.cfg.architecture == "mp":  # tied: the stored encoder is the decoder
+        if self.family.tied:  # the stored encoder is the decoder
             self.W_enc.copy_(self.W_dec)
 
     # -- files ----------------------------------------------------------------------------
@@ -451,8 +385,7 @@ class SAE(nn.Module):
         return {n: getattr(self, n).detach().contiguous().cpu() for n in self._stored()}
 
     def _stored(self) -> tuple[str, ...]:
-        return (_PARAMS + (("threshold",) if self.cfg.architecture == "jumprelu" else ())
-                + (("b_in",) if hasattr(self, "b_in") else ()))
+        return _PARAMS + self.family.tensors + (("b_in",) if hasattr(self, "b_in") else ())
 
     def save(self, path: str | os.PathLike, extra: dict | None = None, format: str = "saekit") -> Path:
         """Write `path/cfg.json` and `path/sae.safetensors` (each atomically); `format="sae-lens"`
@@ -587,154 +520,5 @@ class Crosscoder(SAE):
         return cc
 
 
-def _pack(mask: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The entries of `values [R, n]` where `mask`, as zero-padded rows `(vals, ids) [R, w]` (w the
-    longest row, at least 1); `ids [R, n]` name the columns' latents (default: the column)."""
-    rows, cols = mask.nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=mask.shape[0])
-    width = max(int(counts.max()) if len(counts) else 0, 1)
-    pos = torch.arange(len(rows), device=mask.device) - (counts.cumsum(0) - counts)[rows]
-    vals = torch.zeros(mask.shape[0], width, dtype=values.dtype, device=mask.device)
-    idx = torch.zeros(mask.shape[0], width, dtype=torch.long, device=mask.device)
-    vals[rows, pos] = values[rows, cols]
-    idx[rows, pos] = cols if ids is None else ids[rows, cols]
-    return vals, idx
-
-
-def _cat_padded(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(v.shape[1] for v, _ in parts)
-    pad = lambda t: nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-    return torch.cat([pad(v) for v, _ in parts]), torch.cat([pad(i) for _, i in parts])
-
-
-class _Jump(torch.autograd.Function):
-    """z = pre * H(pre - theta) on selected pairs (all above theta): the value passes its gradient
-    to pre; theta gets the straight-through estimate -(theta/eps) K((pre - theta)/eps) with the
-    rectangle kernel K = 1 on (-1/2, 1/2) (Rajamanoharan et al. 2024)."""
-
-    @staticmethod
-    def forward(ctx, vals, theta_sel, eps):
-        ctx.save_for_backward(vals, theta_sel)
-        ctx.eps = eps
-        return vals.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        vals, theta_sel = ctx.saved_tensors
-        close = (vals - theta_sel) < ctx.eps / 2
-        return grad, -(theta_sel / ctx.eps) * grad * close, None
-
-
-class _JumpBelow(torch.autograd.Function):
-    """Identity on the reconstruction; in the backward, the pairs just below their threshold
-    (value 0, so the sparse decode gives them no gradient) send theta its straight-through
-    estimate -(theta/eps) * dL/dz, dL/dz = grad_out . W_dec[i]."""
-
-    @staticmethod
-    def forward(ctx, x_hat, theta, idx, live, W_dec, eps):
-        ctx.save_for_backward(theta, idx, live, W_dec)
-        ctx.eps = eps
-        return x_hat.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        theta, idx, live, W_dec = ctx.saved_tensors
-        dz = backend(W_dec).gather_dot(idx, W_dec, grad.contiguous()) * live
-        grad_theta = torch.zeros_like(theta).index_add_(0, idx.reshape(-1), dz.reshape(-1) * theta[idx].reshape(-1))
-        return grad, -grad_theta / ctx.eps, None, None, None, None
-
-
-class _L0(torch.autograd.Function):
-    """The number of active pairs (forward) with the straight-through gradient of H(pre - theta)
-    in theta: -(1/eps) times the pairs within eps/2 of theta, per latent (Rajamanoharan et al. 2024)."""
-
-    @staticmethod
-    def forward(ctx, theta, active, near, eps):
-        ctx.save_for_backward(near)
-        ctx.eps = eps
-        return active.sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        (near,) = ctx.saved_tensors
-        return -grad * near / ctx.eps, None, None, None
-
-
-def jumprelu_l0(sae: SAE, vals: torch.Tensor, idx: torch.Tensor, aux: dict) -> torch.Tensor:
-    """The batch's count of active (token, latent) pairs, differentiable in log_threshold."""
-    active = torch.zeros(sae.n_latents, dtype=vals.dtype, device=vals.device)
-    active.index_add_(0, idx.reshape(-1), (vals > 0).reshape(-1).to(vals.dtype))
-    return _L0.apply(sae.theta, active, aux["near"], sae.bandwidth)
-
-
-def encode_jumprelu(sae: SAE, x: torch.Tensor, aux: dict | None) -> SparseCode:
-    """JumpReLU: every pre-activation above its latent's threshold. In training (after
-    `make_trainable`), theta = exp(log_threshold) receives the straight-through gradients."""
-    c = sae.centre()
-    xc = x - c.detach()
-    if not (sae.training and hasattr(sae, "log_threshold")):
-        vals, idx = sae.select_threshold(xc, sae.threshold.detach())
-        if torch.is_grad_enabled():
-            vals = selected_preacts(x, c, sae.W_enc, sae.b_enc, idx, vals)
-        return SparseCode(vals.relu(), idx)
-    theta = sae.theta
-    vals, idx, idx_below, live, near = sae.select_jump(xc, theta.detach(), sae.bandwidth)
-    if torch.is_grad_enabled():
-        vals = _Jump.apply(selected_preacts(x, c, sae.W_enc, sae.b_enc, idx, vals), theta[idx], sae.bandwidth)
-    if aux is not None:
-        aux.update(below=(theta, idx_below, live.to(vals.dtype)), near=near)
-    return SparseCode(vals, idx)
-
-
-def _select_batchtopk(sae: SAE, xc: torch.Tensor):
-    if sae.training or sae.cfg.threshold is None:
-        return sae.select_batch_topk(xc)[:2]
-    return sae.select_threshold(xc, sae.cfg.threshold)
-
-
-def _encode_selected(select):
-    """An encode rule from a no-grad selection `(sae, xc) -> (pre-activations, ids)`: the selected
-    pre-activations get their sparse gradients (`selected_preacts`), then ReLU."""
-    def encode(sae: SAE, x: torch.Tensor, aux: dict | None) -> SparseCode:
-        c = sae.centre()
-        vals, idx = select(sae, x - c.detach())
-        if torch.is_grad_enabled():
-            vals = selected_preacts(x, c, sae.W_enc, sae.b_enc, idx, vals)
-        return SparseCode(vals.relu(), idx)
-    return encode
-
-
-def encode_mp(sae: SAE, x: torch.Tensor, aux: dict | None) -> SparseCode:
-    """Matching pursuit over the tied dictionary W_dec (Costa et al. 2025; saekit.kernels.pursuit):
-    k steps from r = x - b_dec, or fewer once a residual falls below `mp_threshold`. The selection
-    runs without grad; with grad, the values are the pursuit's solve, differentiable in x, b_dec
-    and every chosen row."""
-    W, xc = sae.W_dec, x.to(sae.W_dec.dtype) - sae.b_dec
-    key = (W.data_ptr(), W._version)  # the Gram matrix holds while W is unchanged (evaluation)
-    if getattr(sae, "_gram", (None,))[0] != key:
-        sae._gram = (key, gram(W.detach()))
-    G = sae._gram[1]
-    order, coeffs = mp_pursue(xc.detach(), W.detach(), sae.k, sae.cfg.mp_threshold, G)
-    if torch.is_grad_enabled():
-        return SparseCode(*mp_values(xc, W, order, G))
-    return SparseCode(*distinct(coeffs, order))
-
-
-class Rule(NamedTuple):
-    encode: Callable  # (sae, x [B, d_in], aux dict | None) -> SparseCode
-    trainable: bool
-
-
-# How each architecture encodes. Losses per architecture: saekit.trainer.LOSSES.
-RULES = {
-    "topk": Rule(_encode_selected(lambda sae, xc: sae.select_topk(xc, sae.k)), True),
-    "batchtopk": Rule(_encode_selected(_select_batchtopk), True),
-    "matryoshka": Rule(_encode_selected(_select_batchtopk), True),  # BatchTopK codes, nested-prefix loss
-    "jumprelu": Rule(encode_jumprelu, True),
-    "mp": Rule(encode_mp, True),  # tied matching pursuit; AuxK: dead rows' correlations with the residual
-    "relu": Rule(_encode_selected(lambda sae, xc: sae.select_threshold(xc, 0.0)), False),
-}
-TRAINABLE = tuple(a for a, r in RULES.items() if r.trainable)
 # omitted from cfg.json when unset
 _OPTIONAL = ("matryoshka_groups", "sources", "targets", "dims", "part_scales", "mp_threshold")

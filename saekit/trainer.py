@@ -2,9 +2,10 @@
 transcoder), all stepped on the same batches of activations.
 
 One step per dictionary (Gao et al. 2024): scale each activation to unit RMS, read the sources,
-sparse encode/decode the targets, the architecture's losses (`LOSSES`: FVU per target summed,
+sparse encode/decode the targets, the family's losses (saekit.families: FVU per target summed,
 Matryoshka prefixes, AuxK on dead latents, the OrtSAE penalty, JumpReLU's L0), backward through
-the sparse kernels, project the decoder-parallel gradient out, Adam, renormalise decoder rows.
+the sparse kernels, project the decoder-parallel gradient out, Adam, renormalise decoder rows,
+the family's per-step hook (BatchTopK's inference threshold, JumpReLU's stored thresholds).
 Inputs are divided by a fixed per-activation scale during training; the saved dictionary has it
 folded back in and acts on raw activations.
 """
@@ -13,25 +14,22 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from itertools import chain
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from saekit import distributed as dist
 from saekit.config import TrainConfig, dictionaries, make_config, matryoshka_ends
 from saekit.errors import SaekitError
-from saekit.init import init_sae, init_thresholds
-from saekit.kernels import selected_preacts, sparse_decode
-from saekit.ortho import ortho_loss
+from saekit.families import FAMILIES, StepState
+from saekit.init import init_sae
 from saekit.run import Run
 from saekit.runtime import cpu_encoder_path, resolve_device
-from saekit.sae import SAE, Crosscoder, SAEConfig, jumprelu_l0
+from saekit.sae import SAE, Crosscoder, SAEConfig
 
 INIT_SAMPLE = 16_384  # tokens for b_dec's geometric median and the input scale
-JUMPRELU_THRESHOLD_LR = 10.0  # JumpReLU's log-threshold learning rate, relative to lr (see Trainer)
 # Out-of-memory errors of the devices (torch < 2.5 has only the CUDA one); a CPU allocation
 # failure is a RuntimeError ("can't allocate memory"), checked by message in `run_steps`.
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -45,124 +43,6 @@ def lr_factor(step: int, total: int | None, warmup: int, decay_start: float) -> 
         if step >= start:
             f = min(f, max(total - step, 0) / max(total - start, 1))
     return f
-
-
-@dataclass
-class StepState:
-    """One dictionary's forward pass in a training step: what its losses read."""
-
-    sae: SAE
-    cfg: TrainConfig
-    x: torch.Tensor  # [b, d_in] its sources side by side, in training units
-    y: torch.Tensor  # [b, d_out] its targets (x itself when they are the sources)
-    vals: torch.Tensor
-    idx: torch.Tensor
-    aux: dict  # what the encode rule left for the losses (JumpReLU's near-threshold pairs)
-    denoms: list  # per target: the global batch's total variance
-    B: int  # the global batch size
-    dead: torch.Tensor
-    step: int
-    parallel: bool
-    x_hat: torch.Tensor | None = None  # set by the reconstruction loss
-    fvu: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)  # metrics of the other losses
-
-def _fvu(y_hat: torch.Tensor, st: StepState) -> torch.Tensor:
-    """The FVU of `y_hat` per target, summed: each target's squared error over its total variance."""
-    if len(st.denoms) == 1:
-        return F.mse_loss(y_hat, st.y, reduction="sum") / st.denoms[0].clamp_min(1e-12)
-    targets = st.sae.cfg.target_names
-    return sum(F.mse_loss(y_hat[:, sl], st.y[:, sl], reduction="sum") / d.clamp_min(1e-12)
-               for sl, d in zip((st.sae.part_slice(t, True) for t in targets), st.denoms, strict=True))
-
-
-def loss_fvu(st: StepState) -> torch.Tensor:
-    """Reconstruction: FVU per target, summed (Gao et al. 2024; Lindsey et al. 2024 for several)."""
-    st.x_hat = st.sae.decode(st.vals, st.idx, st.aux)
-    st.fvu = _fvu(st.x_hat, st)
-    return st.fvu
-
-
-def loss_matryoshka(st: StepState) -> torch.Tensor:
-    """Matryoshka (Bussmann et al. 2025): the mean over nested prefixes of latents of the FVU using
-    only that prefix's latents (same codes, one encode). Each group's latents decode once; the
-    prefixes are running sums of those partial decodes."""
-    sae = st.sae
-    ends = torch.tensor(sae.cfg.matryoshka_groups, device=st.idx.device)
-    group = torch.bucketize(st.idx.contiguous(), ends, right=True)  # [b, k] the group of each slot
-    x_hat, total = sae.b_dec, 0.0
-    for g in range(len(ends)):
-        x_hat = x_hat + sparse_decode(st.vals * (group == g), st.idx, sae.W_dec)
-        total = total + _fvu(x_hat, st)
-    st.x_hat = x_hat
-    st.fvu = _fvu(x_hat.detach(), st)  # the full dictionary's, for the metrics
-    return total / len(ends)
-
-
-def loss_ortho(st: StepState) -> torch.Tensor | None:
-    """OrtSAE (Korznikov et al. 2025), every `ortho_every` steps with weight n * gamma. A penalty on
-    the (replicated) decoder alone: added by one process, whose gradient is summed."""
-    cfg = st.cfg
-    if cfg.ortho_penalty > 0 and st.step % cfg.ortho_every == 0 and (not st.parallel or dist.is_main()):
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.step)
-        return cfg.ortho_penalty * cfg.ortho_every * ortho_loss(st.sae.W_dec, g)
-    return None
-
-
-def loss_auxk(st: StepState) -> torch.Tensor | None:
-    """AuxK (Gao et al. 2024): reconstruct the residual from the top-k_aux dead latents (no b_dec),
-    weight auxk_alpha, scaled by min(n_dead / k_aux, 1); none while nothing is dead. Dead latents
-    are ranked by their encoder pre-activations, or for the tied `mp` by their decoder rows'
-    correlations with the residual (as one more pursuit step would)."""
-    cfg, sae, dead = st.cfg, st.sae, st.dead
-    if not len(dead) or cfg.auxk_alpha <= 0:
-        return None
-    err = (st.y - st.x_hat).detach()
-    if st.parallel:  # the residual's total variance over the global batch
-        denom = dist.all_reduce((err - dist.all_reduce(err.sum(0)) / st.B).pow(2).sum())
-    else:
-        denom = (err - err.mean(0)).pow(2).sum()
-    k_aux = cfg.k_aux or sae.d_in // 2
-    if sae.cfg.architecture == "mp":  # tied pursuit: the dead rows' correlations with the residual itself
-        x, c, W, b = err, torch.zeros_like(sae.b_dec), sae.W_dec[dead], err.new_zeros(len(dead))
-    else:
-        x, c, W, b = st.x, sae.centre().detach(), sae.W_enc[dead], sae.b_enc[dead]
-    with torch.no_grad():
-        vals, idx = torch.addmm(b, x - c, W.T).topk(min(k_aux, len(dead)), dim=1, sorted=False)
-    vals = selected_preacts(x, c, W, b, idx, vals).relu()
-    err_hat = sparse_decode(vals, dead[idx], sae.W_dec)
-    scale = min(len(dead) / k_aux, 1.0)
-    aux = scale * (err_hat - err).pow(2).sum() / denom.clamp_min(1e-12)
-    st.extra["aux_loss"] = aux
-    return cfg.auxk_alpha * aux
-
-
-def loss_l0(st: StepState) -> torch.Tensor | None:
-    """JumpReLU's sparsity (Rajamanoharan et al. 2024): l0_coeff times the active latents per token
-    (over the global batch), its threshold gradient through the straight-through estimator. On
-    the FVU's scale a firing pays off when it removes more than l0_coeff of its token's share of
-    the variance. With `target_l0` the coefficient is l0_coeff * (L0 / target_l0 - 1) at the
-    batch's L0, the gradient of l0_coeff * target_l0 / 2 * (L0 / target_l0 - 1)^2 (the quadratic
-    of dictionary_learning's JumpReLU trainer): it lowers the L0 above the target, raises it below."""
-    cfg = st.cfg
-    if cfg.l0_coeff <= 0:
-        return None
-    count = jumprelu_l0(st.sae, st.vals, st.idx, st.aux)
-    if cfg.target_l0 is None:
-        return cfg.l0_coeff * count / st.B
-    l0 = count.detach() / st.B  # this process's share of the global batch's L0
-    l0 = dist.all_reduce(l0) if st.parallel else l0
-    return cfg.l0_coeff * (l0 / cfg.target_l0 - 1) * count / st.B
-
-
-# The loss terms of each architecture, summed in this order (a term may be absent in a step).
-LOSSES = {
-    "topk": (loss_fvu, loss_ortho, loss_auxk),
-    "batchtopk": (loss_fvu, loss_ortho, loss_auxk),
-    "matryoshka": (loss_matryoshka, loss_ortho, loss_auxk),
-    "jumprelu": (loss_fvu, loss_ortho, loss_l0),
-    "mp": (loss_fvu, loss_ortho, loss_auxk),
-}
 
 
 class Trainer:
@@ -193,10 +73,6 @@ class Trainer:
         self.scales: dict[str, float] = {}  # per activation name
         self.stats: dict[str, dict[str, torch.Tensor]] = {}
         self.init_reports: dict[str, dict] = {}
-        # BatchTopK threshold: bias-corrected EMA (decay 0.999) of the smallest kept value from
-        # step 1000 on (Bussmann et al.), or from the lr-decay phase in shorter runs: the cut
-        # drifts while the lr is high, and a lagging average would under-fire at inference.
-        self.threshold_start = min(1000, int(cfg.decay_start * total_steps) if total_steps else 1000)
         g = torch.Generator().manual_seed(cfg.seed)
         # the CPU encoder path, fixed for the run (a resume takes the stored one; see saekit.runtime)
         path = cpu_encoder_path()
@@ -218,8 +94,9 @@ class Trainer:
                 t = t - t.mean(0) if len(parts) > 1 else t  # so a large offset does not shrink one part's features
                 self.scales[n] = float(t.pow(2).sum(1).mean().div(dims[n]).sqrt().clamp_min(1e-8))
             m = cfg.n_latents or cfg.expansion * max(dims[n] for n in sources)
-            groups = matryoshka_ends(cfg.matryoshka_groups, m) if cfg.architecture == "matryoshka" else None
-            k = min(cfg.k, m) if cfg.architecture == "jumprelu" else cfg.k  # its k: only the starting L0
+            fam = FAMILIES[cfg.architecture]
+            groups = matryoshka_ends(cfg.matryoshka_groups, m) if "matryoshka_groups" in fam.options else None
+            k = cfg.k if fam.k_bounded else min(cfg.k, m)  # unbounded: k is only the starting L0
             if cfg.sources is None:
                 scfg = SAEConfig(dims[name], m, k, cfg.architecture, hookpoint=name, model=cfg.model,
                                  matryoshka_groups=groups, encoder_path=path, mp_threshold=cfg.mp_threshold)
@@ -233,18 +110,18 @@ class Trainer:
             x = self._concat(xs, sources)
             y = self._concat(xs, targets) if targets != sources else None
             self.init_reports[name] = init_sae(sae, x, cfg.init, g, cfg.subspace_rank, cfg.subspace_variance, y)
-            if cfg.architecture == "jumprelu":
-                init_thresholds(sae, x, cfg.k)
+            if fam.init:
+                fam.init(sae, x, cfg.k)
             if self.parallel:  # the same start everywhere, whatever each process was given
                 dist.broadcast_params(sae)
                 sae.batch_cut = dist.batch_cut
             self.saes[name] = sae
             lr = cfg.lr or 2e-4 / math.sqrt(m / 2**14)
-            # Adam moves log(theta) by about lr per step: JUMPRELU_THRESHOLD_LR times that lets the
-            # thresholds travel in runs of hundreds of steps, not only hundreds of thousands
-            groups = [{"params": [p for n, p in sae.named_parameters() if n != "log_threshold"]}]
-            if hasattr(sae, "log_threshold"):
-                groups.append({"params": [sae.log_threshold], "lr": lr * JUMPRELU_THRESHOLD_LR})
+            # a family's own parameters may take their own lr (JumpReLU's log-thresholds: Adam moves
+            # log(theta) by about lr per step, 10x lets them travel in runs of hundreds of steps)
+            named = dict(sae.named_parameters())
+            groups = [{"params": [p for n, p in named.items() if n not in fam.lr_scale]}]
+            groups += [{"params": [named[n]], "lr": lr * f} for n, f in fam.lr_scale.items()]
             self.opts[name] = torch.optim.Adam(groups, lr=lr, eps=6.25e-10, fused=True)
             self.stats[name] = {
                 "tokens_since_fired": torch.zeros(m, dtype=torch.long, device=device),
@@ -261,20 +138,6 @@ class Trainer:
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     # -- one step -------------------------------------------------------------------------
-    def _update_threshold(self, sae: SAE, ema: torch.Tensor, vals: torch.Tensor) -> None:
-        kept = vals[vals > 0]
-        if self.parallel:  # the smallest kept value of the global batch
-            low = kept.min() if len(kept) else torch.tensor(math.inf, device=vals.device, dtype=vals.dtype)
-            low = dist.all_reduce(low.reshape(1), "min")[0]
-            if low.isfinite():
-                ema[0] = 0.999 * ema[0] + 0.001 * low
-                ema[1] += 1
-                sae.cfg.threshold = float(ema[0] / (1 - 0.999 ** ema[1]))
-        elif len(kept):
-            ema[0] = 0.999 * ema[0] + 0.001 * kept.min()
-            ema[1] += 1
-            sae.cfg.threshold = float(ema[0] / (1 - 0.999 ** ema[1]))
-
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, float | torch.Tensor]]:
         """One optimisation step on `batch = {hookpoint: [B, d]}`; returns metrics per dictionary.
 
@@ -310,9 +173,10 @@ class Trainer:
                 fired = (dist.all_reduce(counts) if par else counts) > 0
                 since = (st["tokens_since_fired"] + B).masked_fill_(fired, 0)  # committed after the check
                 dead = (since >= cfg.dead_tokens).nonzero().squeeze(1)
-            state = StepState(sae, cfg, x, y, vals, idx, aux, denoms, B, dead, self.step, par)
+            state = StepState(sae, cfg, x, y, vals, idx, aux, denoms, B, dead, self.step, par,
+                              total_steps=self.total_steps)
             loss = None
-            for term in LOSSES[sae.cfg.architecture]:
+            for term in sae.family.losses:
                 part = term(state)
                 if part is not None:
                     loss = part if loss is None else loss + part
@@ -337,8 +201,6 @@ class Trainer:
                 st["tokens_since_fired"].copy_(since)
                 st["last_fired"].masked_fill_(fired, self.step)
                 st["first_fired"].masked_fill_(fired & (st["first_fired"] < 0), self.step)
-                if sae.cfg.architecture in ("batchtopk", "matryoshka") and self.step >= self.threshold_start:
-                    self._update_threshold(sae, st["threshold_ema"], vals)
             opt = self.opts[name]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -351,7 +213,8 @@ class Trainer:
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_f
             opt.step()
             sae.normalize_decoder()
-            sae.sync_threshold()
+            if sae.family.after_step:
+                sae.family.after_step(state, st)
             fvu = state.fvu
             aux = state.extra.get("aux_loss", torch.zeros((), device=self.device))
             parts = torch.stack([fvu.detach(), (vals > 0).sum().to(fvu.dtype), aux.detach().to(fvu.dtype)])
@@ -391,7 +254,8 @@ class Trainer:
         `Crosscoder` when the config names sources)."""
         src = self.saes[name]
         sae = (Crosscoder if src.cfg.sources else SAE)(SAEConfig(**asdict(src.cfg)), device=self.device)
-        sae.load_state_dict({k: v for k, v in src.state_dict().items() if k != "log_threshold"})
+        stored = sae.state_dict()  # the training-only parameters stay behind
+        sae.load_state_dict({k: v for k, v in src.state_dict().items() if k in stored})
         sources, targets = self.parts[name]
         scales = {n: self.scales[n] for n in sources + targets}
         return sae.fold_input_scales(scales).eval().requires_grad_(False)
@@ -482,10 +346,8 @@ class Trainer:
                     p.copy_(tensors[f"{h}/param/{n}"])
             for n in self.stats[h]:
                 self.stats[h][n] = tensors[f"{h}/stats/{n}"]
-            ema = self.stats[h]["threshold_ema"]
-            if ema[1] > 0:
-                sae.cfg.threshold = float(ema[0] / (1 - 0.999 ** ema[1]))
-            sae.sync_threshold()
+            if sae.family.resume:
+                sae.family.resume(sae, self.stats[h])
 
 
 def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quiet: bool = False,

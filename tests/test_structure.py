@@ -183,3 +183,39 @@ def test_triton_is_an_extra_the_cpu_path_never_imports(monkeypatch):
     assert saekit.fit(x, n_latents=16, k=2, epochs=1, batch_size=128).n_latents == 16
     with pytest.raises(SaekitError, match=r"saekit\[gpu\]"):
         kernels.backend(SimpleNamespace(is_cuda=True))
+
+
+def _family_tests(tree: ast.AST) -> list[int]:
+    """Lines comparing an architecture with a family name: `cfg.architecture == "mp"`,
+    `architecture in ("batchtopk", ...)` (other tools' names, e.g. SAELens's, are not ours)."""
+    from saekit.families import FAMILIES
+
+    def names(node) -> set:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return {node.value}
+        if isinstance(node, ast.Tuple | ast.List | ast.Set):
+            return set().union(*(names(e) for e in node.elts))
+        return set()
+
+    def architecture(node) -> bool:
+        return any(isinstance(n, ast.Attribute) and n.attr == "architecture"
+                   or isinstance(n, ast.Name) and n.id == "architecture" for n in ast.walk(node))
+
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Compare)
+            and any(names(s) & set(FAMILIES) for s in [node.left, *node.comparators])
+            and any(architecture(s) for s in [node.left, *node.comparators])]
+
+
+def test_family_names_are_tested_only_in_the_family_table():
+    """A family's behaviour lives in its saekit.families entry: no other module branches on its name."""
+    found = {str(p.relative_to(PKG)): lines for p in PKG.rglob("*.py") if p.name != "families.py"
+             if (lines := _family_tests(ast.parse(p.read_text())))}
+    assert not found, f"family names compared outside saekit/families.py: {found}"
+    assert _family_tests(ast.parse('if sae.cfg.architecture in ("batchtopk", "x"): pass'))  # the check sees them
+    assert _family_tests(ast.parse('k = 1 if "mp" == architecture else 2'))
+
+
+def test_readme_shows_the_jumprelu_entry_as_it_is():
+    readme = (PKG.parent / "README.md").read_text()
+    block = readme.split("JumpReLU's entry, for instance:\n```\n", 1)[1].split("```", 1)[0]
+    assert block.strip() and block.strip() in (PKG / "families.py").read_text()

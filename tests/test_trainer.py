@@ -6,8 +6,9 @@ import torch
 from saekit.activations import ActivationCache, ShuffledBatches, build_cache
 from saekit.config import TrainConfig, load_config, make_config
 from saekit.errors import SaekitError
+from saekit.families import StepState, loss_auxk
 from saekit.run import Run
-from saekit.trainer import StepState, Trainer, fit, loss_auxk, lr_factor
+from saekit.trainer import Trainer, fit, lr_factor
 
 
 def planted(n=60_000, d=48, n_feat=192, active=4, seed=0):

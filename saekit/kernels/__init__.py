@@ -16,7 +16,7 @@ from saekit.errors import SaekitError
 from saekit.kernels import torch_ops
 from saekit.kernels.topk import row_topk
 
-__all__ = ["backend", "row_topk", "selected_preacts", "sparse_decode"]
+__all__ = ["backend", "cat_padded", "row_topk", "selected_preacts", "sparse_decode"]
 
 
 def backend(t: torch.Tensor) -> ModuleType:
@@ -95,3 +95,11 @@ def selected_preacts(
     the k selected rows of W_enc per token.
     """
     return _SelectedPreacts.apply(x, b_dec, W_enc, b_enc, idx, pre_vals)
+
+
+def cat_padded(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row blocks of zero-padded codes `(values, ids) [r, w]` stacked into one, padded with zeros
+    to the widest block."""
+    width = max(v.shape[1] for v, _ in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    return torch.cat([pad(v) for v, _ in parts]), torch.cat([pad(i) for _, i in parts])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saekit.kernels import backend
-from saekit.kernels.torch_ops import _by_latent, _segment_sums
+from saekit.kernels.torch_ops import by_latent, segment_sums
 from saekit.runtime import torch_threads
 
 # Rows per block of the selection on CPU: their [rows, m] correlations stay in cache across the
@@ -172,9 +172,9 @@ class _PursuitSolve(torch.autograd.Function):
         grad_W = None
         if ctx.needs_input_grad[1]:
             M = (lam[:, :, None] * c[:, None, :]).tril(-1) + (c[:, :, None] * lam[:, None, :]).triu(1)
-            _, pair, tok, starts = _by_latent(j, live)
+            _, pair, tok, starts = by_latent(j, live)
             m = W.shape[0]
-            grad_W = _segment_sums(lam, pair, tok, starts, xc, m)
+            grad_W = segment_sums(lam, pair, tok, starts, xc, m)
             offsets = F.pad(starts, (0, m - len(starts)), value=len(pair)) * k
             grad_W -= F.embedding_bag(j[tok].flatten(), W, offsets, mode="sum",
                                       per_sample_weights=M.flatten(0, 1)[pair].flatten())

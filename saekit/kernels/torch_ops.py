@@ -31,7 +31,7 @@ _MODE_SUM = 0
 _PSW_BACKWARD = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
 
 
-def _by_latent(idx: torch.Tensor, coeffs: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def by_latent(idx: torch.Tensor, coeffs: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The live flat pairs of a [B, k] code (non-zero coefficient; all if `coeffs` is None)
     grouped by latent: their latent ids, positions in `idx.flatten()` and token ids ([n]
     each), and where each latent's run starts ([m'], m' = max id + 1).
@@ -63,7 +63,8 @@ def _dots(lat, tok, W, G):
                       for s in range(0, len(lat), step)] or [G.new_zeros(0)]).to(W.dtype)
 
 
-def _segment_sums(coeffs, pair, tok, starts, X, m):
+def segment_sums(coeffs, pair, tok, starts, X, m):
+    """Per latent, the sum of `coeffs * X[token]` over its pairs (grouped by `by_latent`) -> [m, d]."""
     starts = F.pad(starts, (0, m - len(starts)), value=len(pair))  # latents past the largest id: empty
     return F.embedding_bag(tok, X.contiguous(), starts, mode="sum",
                            per_sample_weights=coeffs.reshape(-1)[pair].to(X.dtype))
@@ -79,20 +80,20 @@ def gather_sum(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.
 
 def gather_dot(idx: torch.Tensor, W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     B, k = idx.shape
-    lat, pair, tok, _ = _by_latent(idx)
+    lat, pair, tok, _ = by_latent(idx)
     out = torch.empty(B * k, dtype=W.dtype, device=W.device)
     out[pair] = _dots(lat, tok, W, G)
     return out.view(B, k)
 
 
 def scatter_outer(coeffs: torch.Tensor, idx: torch.Tensor, X: torch.Tensor, m: int) -> torch.Tensor:
-    _, pair, tok, starts = _by_latent(idx, coeffs)
-    return _segment_sums(coeffs, pair, tok, starts, X, m)
+    _, pair, tok, starts = by_latent(idx, coeffs)
+    return segment_sums(coeffs, pair, tok, starts, X, m)
 
 
 def decode_backward(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor,
                     G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lat, pair, tok, starts = _by_latent(idx, vals)
+    lat, pair, tok, starts = by_latent(idx, vals)
     grad_vals = torch.zeros(vals.numel(), dtype=W.dtype, device=W.device)
     grad_vals[pair] = _dots(lat, tok, W, G)
-    return grad_vals.view(vals.shape), _segment_sums(vals, pair, tok, starts, G, W.shape[0])
+    return grad_vals.view(vals.shape), segment_sums(vals, pair, tok, starts, G, W.shape[0])
