@@ -266,7 +266,7 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     db.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?,?)", ex_rows)
     db.executemany("INSERT INTO logits VALUES (?,?,?,?,?,?)", logit_rows)
     db.executemany("INSERT INTO neighbours VALUES (?,?,?,?,?,?)", neigh_rows)
-    if sae.cfg.sources:  # a crosscoder or transcoder: each latent's decoder norm per target
+    if sae.cfg.crosscoder:  # a crosscoder or transcoder: each latent's decoder norm per target
         norms = sae.decoder_norms().float().cpu()  # [targets, m]
         db.executemany("INSERT INTO parts VALUES (?,?,?,?,?)", [
             (h, j, r, t, float(norms[r, j])) for r, t in enumerate(sae.targets) for j in range(m)])

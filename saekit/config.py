@@ -90,6 +90,11 @@ class TrainConfig:
     # process training every hookpoint on its slice of each batch (data parallel)
     shard_hookpoints: bool = False
 
+    @property
+    def crosscoder(self) -> bool:
+        """One dictionary over named sources (a crosscoder or transcoder), not one SAE per hookpoint."""
+        return self.sources is not None
+
     def __post_init__(self):
         if self.sources:
             self.hookpoints = list(dict.fromkeys(self.sources + (self.targets or [])))
@@ -188,10 +193,14 @@ def parse_source(name: str) -> tuple[str | None, str | None, str]:
     return model, revision or None, hook
 
 
-def dictionaries(cfg: "TrainConfig") -> dict[str, tuple[list[str], list[str]]]:
-    """The dictionaries a config trains, by name: (sources, targets). One SAE per hookpoint (named
-    after it), or with `sources` one dictionary, "crosscoder" (targets = sources) or "transcoder"."""
-    if cfg.sources is None:
+Wiring = tuple[list[str], list[str]]  # what a dictionary reads and writes: (sources, targets)
+
+
+def dictionaries(cfg: "TrainConfig") -> dict[str, Wiring]:
+    """The dictionaries a config trains, by name, with their wiring. One SAE per hookpoint (named
+    after it, wired ([h], [h])), or with `sources` one dictionary, "crosscoder" (targets = sources)
+    or "transcoder"."""
+    if not cfg.crosscoder:
         return {h: ([h], [h]) for h in cfg.hookpoints}
     targets = cfg.targets or cfg.sources
     return {"crosscoder" if targets == cfg.sources else "transcoder": (list(cfg.sources), list(targets))}

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from saekit.activations import Activations, batches
 from saekit.errors import SaekitError
 from saekit.model import logprobs
-from saekit.sae import SAE, Crosscoder
+from saekit.sae import SAE
 from saekit.splice import reconstruct, zero_ablate
 
 
@@ -29,7 +29,7 @@ def density_summary(density: torch.Tensor, dense_threshold: float = 0.1) -> dict
 def _pairs(sae: SAE, stream) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs [B, d_in], targets [B, d_out]) batches: an SAE's activations twice, or a crosscoder's
     sources and targets side by side from a stream of `{name: [B, d]}` dicts."""
-    if not isinstance(sae, Crosscoder):
+    if not sae.cfg.crosscoder:
         for x in batches(stream, sae.d_in):
             yield x, x
         return
@@ -62,7 +62,7 @@ def reconstruction_metrics(sae: SAE, stream: Activations, dense_threshold: float
     for x, y in _pairs(sae, stream):
         x, y = x.to(dev, torch.float32), y.to(dev, torch.float32)
         vals, idx = sae.encode(x)
-        x_hat = SAE.decode(sae, vals, idx)
+        x_hat = sae.decode_concat(vals, idx)
         active = vals > 0
         counts += firing_counts(vals, idx, sae.n_latents)
         n += len(x)
@@ -91,7 +91,7 @@ def reconstruction_metrics(sae: SAE, stream: Activations, dense_threshold: float
         "l2_ratio": ratio / n,
         **density_summary(counts.double() / n, dense_threshold),
     }
-    if isinstance(sae, Crosscoder):
+    if sae.cfg.crosscoder:
         out |= {f"fvu/{t}": float(sse[i] / var[i]) for i, t in enumerate(names)}
     return out
 

@@ -57,6 +57,10 @@ class StepState:
     fvu: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)  # metrics of the other losses
     total_steps: int | None = None  # the run's length (None: open-ended)
+    loss: torch.Tensor | None = None  # the sum of the family's loss terms
+    fired: torch.Tensor | None = None  # [m] the latents that fired in the global batch
+    since: torch.Tensor | None = None  # [m] tokens since each fired, after this batch
+    checks: list = field(default_factory=list)  # [inputs finite, loss finite], 0-dim bools
 
 
 # -- encode rules: (sae, x [B, d_in], aux dict | None) -> SparseCode ---------------------------
@@ -322,7 +326,7 @@ def _fvu(y_hat: torch.Tensor, st: StepState) -> torch.Tensor:
 
 def loss_fvu(st: StepState) -> torch.Tensor:
     """Reconstruction: FVU per target, summed (Gao et al. 2024; Lindsey et al. 2024 for several)."""
-    st.x_hat = st.sae.decode(st.vals, st.idx, st.aux)
+    st.x_hat = st.sae.decode_concat(st.vals, st.idx, st.aux)
     st.fvu = _fvu(st.x_hat, st)
     return st.fvu
 

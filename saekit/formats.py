@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from saekit.errors import SaekitError
 from saekit.families import FAMILIES
-from saekit.io import atomic_write
+from saekit.io import atomic_write, read_json
 
 
 class Loaded(NamedTuple):
@@ -48,15 +48,6 @@ EXPORT_FORMATS = ("sae-lens",)
 
 
 # -- helpers ------------------------------------------------------------------------------
-def _json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SaekitError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise SaekitError(f"{file} does not hold a JSON object")
-    return data
-
 
 def _need(d: dict, key: str, file: Path):
     if key not in d or d[key] is None:
@@ -117,12 +108,7 @@ def _is_saekit(path: Path) -> bool:
 def load_saekit(path: Path) -> Loaded:
     """saekit's own folder (written by SAE.save); SAE.load checks the config's keys and values."""
     cfg_file, weights = path / "cfg.json", path / "sae.safetensors"
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SaekitError(f"{cfg_file} is not a valid SAE config: {e}") from None
-    if not isinstance(raw, dict):
-        raise SaekitError(f"{cfg_file} is not a valid SAE config: not a JSON object")
+    raw = read_json(cfg_file, "is not a valid SAE config")
     raw.pop("extra", None)
     try:
         tensors = load_file(weights, device="cpu")
@@ -145,7 +131,7 @@ def _sae_lens_scale(path: Path, cfg_file: Path) -> float:
     """The constant input scale of a checkpoint trained with normalize_activations
     "expected_average_only_in" (SAELens keeps it beside the SAE in activation_scaler.json)."""
     scaler = path / "activation_scaler.json"
-    factor = _json(scaler).get("scaling_factor") if scaler.is_file() else None
+    factor = read_json(scaler).get("scaling_factor") if scaler.is_file() else None
     if factor is None:
         raise SaekitError(f"{cfg_file}: normalize_activations is 'expected_average_only_in' but no scaling factor "
                           f"was found ({scaler.name} with 'scaling_factor'); without it the SAE's input scale is "
@@ -155,7 +141,7 @@ def _sae_lens_scale(path: Path, cfg_file: Path) -> float:
 
 def load_sae_lens(path: Path) -> Loaded:
     cfg_file, weights = path / "cfg.json", path / "sae_weights.safetensors"
-    cfg = _json(cfg_file)
+    cfg = read_json(cfg_file)
     meta = cfg.get("metadata") or {}
     arch = cfg.get("architecture", "standard")
     act = cfg.get("activation_fn", cfg.get("activation_fn_str")) or "relu"  # the latter: SAELens < 6 configs
@@ -253,7 +239,7 @@ def sparsify_hookpoint(name: str) -> str:
 
 def load_sparsify(path: Path) -> Loaded:
     cfg_file, weights = path / "cfg.json", path / "sae.safetensors"
-    cfg = _json(cfg_file)
+    cfg = read_json(cfg_file)
     for key, bad in (("transcode", "a transcoder (predicts another module's output)"),
                      ("skip_connection", "has a linear skip connection (W_skip)")):
         if cfg.get(key):
@@ -285,7 +271,7 @@ def _is_dictionary_learning(path: Path) -> bool:
 
 def load_dictionary_learning(path: Path) -> Loaded:
     cfg_file, weights = path / "config.json", path / "ae.pt"
-    trainer = _need(_json(cfg_file), "trainer", cfg_file)
+    trainer = _need(read_json(cfg_file), "trainer", cfg_file)
     cls = _need(trainer, "dict_class", cfg_file)
     if cls not in DICTIONARY_LEARNING_CLASSES:
         raise SaekitError(f"{cfg_file}: dictionary_learning class {cls!r} is not supported (saekit loads "

@@ -99,7 +99,7 @@ def init_sae(sae: SAE, sample: torch.Tensor, init: str = "tied", generator: torc
     if init == "data":  # rows on data directions all fire strongly together: scale the codes by the
         # least-squares factor on the sample (TopK's choice is scale-free), else x_hat starts k times too long
         x = target.to(sae.b_dec) - median
-        x_hat = sae.decode(*sae.encode(sample.to(sae.b_dec))) - median
+        x_hat = sae.decode_concat(*sae.encode(sample.to(sae.b_dec))) - median
         scale = float((x * x_hat).sum() / x_hat.pow(2).sum().clamp_min(1e-12))
         sae.W_enc.mul_(max(scale, 1e-6))
         report["encoder_scale"] = scale

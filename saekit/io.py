@@ -2,6 +2,7 @@
 progress lines for long phases."""
 
 import errno
+import json
 import math
 import os
 import re
@@ -16,6 +17,18 @@ from saekit.errors import SaekitError
 def saekit_cache() -> Path:
     """Root of saekit's caches (dequantised models, activations): $SAEKIT_CACHE, else ~/.cache/saekit."""
     return Path(os.environ.get("SAEKIT_CACHE") or Path.home() / ".cache" / "saekit")
+
+
+def read_json(file: Path, what: str = "is not valid JSON") -> dict:
+    """The JSON object in `file`; text that is not JSON, or JSON that is not an object, raises a
+    SaekitError `"{file} {what}: {why}"` (an unreadable file raises its OSError)."""
+    try:
+        data = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SaekitError(f"{file} {what}: {e}") from None
+    if not isinstance(data, dict):
+        raise SaekitError(f"{file} {what}: not a JSON object")
+    return data
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

@@ -324,7 +324,7 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
         name = model_name or run.model_name
         cfg = TrainConfig(model=name, hookpoints=run.hookpoints) if name else None
     say = Phases("eval", quiet)
-    spliced = [h for h in run.hookpoints if run.parts(h) is None]  # crosscoders: reconstruction only
+    spliced = [] if run.crosscoder else run.hookpoints  # crosscoders: reconstruction only
     if activations is not None:  # activations of another width are refused before any model loads
         from saekit.activations import check_width
 
@@ -342,7 +342,7 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
     for h in run.hookpoints:
         device = next(model.parameters()).device if model is not None else None
         sae = run.sae(h, device=device)
-        if run.parts(h) is not None:  # a crosscoder or transcoder: reconstruction of each target
+        if run.crosscoder:  # a crosscoder or transcoder: reconstruction of each target
             results[h] = reconstruction_metrics(sae, run.dictionary_batches(h, path=activations))
             continue
         acts = run.activations(h, path=activations) if caches is None or activations else caches["val"].batches(h)

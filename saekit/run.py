@@ -23,16 +23,17 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from saekit.activations import ActivationCache, Stream, cache_path, open_activations
-from saekit.config import TrainConfig, dictionaries, make_config
+from saekit.config import TrainConfig, Wiring, dictionaries, make_config
 from saekit.errors import SaekitError
-from saekit.io import atomic_write
+from saekit.io import atomic_write, read_json
 from saekit.lock import FileLock
 from saekit.sae import SAE
 
 CONFIG, METRICS, STATE, EVAL, ANALYSIS = "config.json", "metrics.jsonl", "state.safetensors", "eval.json", "analysis"
+_BROKEN = (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError)  # what a bad state file raises
 SAE_FILES = ("cfg.json", "sae.safetensors")
 # Keys that may change between a run and its resume without changing what is trained.
 RESUMABLE_CHANGES = {"out", "device", "log_every", "checkpoint_every", "wandb", "harvest_batch", "eval_contexts",
@@ -90,12 +91,7 @@ class Run:
             raise SaekitError(f"{path} does not exist")
         fmt = sae_format(path)
         if (path / CONFIG).is_file() and fmt != "dictionary_learning":  # its SAE folders hold a config.json
-            try:
-                values = json.loads((path / CONFIG).read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SaekitError(f"{path / CONFIG} is corrupt: {e}") from None
-            if not isinstance(values, dict):
-                raise SaekitError(f"{path / CONFIG} is corrupt: expected a JSON object")
+            values = read_json(path / CONFIG, "is corrupt")
             # runs saved before data_seed existed drew their data with their one seed
             values.setdefault("data_seed", values.get("seed", 0))
             try:
@@ -204,24 +200,25 @@ class Run:
         folder or a .safetensors file) if given, else the run's own cache of `split`. For a
         crosscoder or transcoder, its sources side by side (what its `encode` reads)."""
         hookpoint = self.hookpoint(hookpoint)
-        parts = self.parts(hookpoint)
-        if parts is None:
+        if not self.crosscoder:
             return open_activations(path if path is not None else self.cache(split).path, hookpoint)
         cache = ActivationCache.open(path) if path is not None else self.cache(split)
-        sources = parts[0]
+        sources, _ = self.wiring(hookpoint)
         return Stream(lambda: (torch.cat([b[s] for s in sources], 1) for b in cache.batches_of(sources)))
 
-    def parts(self, name: str) -> tuple[list[str], list[str]] | None:
-        """(sources, targets) of dictionary `name` when it reads other names than its own, else None."""
-        if self.bare:
-            return None
-        sources, targets = dictionaries(self.config).get(name, ([name], [name]))
-        return None if sources == targets == [name] else (sources, targets)
+    @property
+    def crosscoder(self) -> bool:
+        """Whether the run trained one crosscoder or transcoder (over named sources), not SAEs."""
+        return not self.bare and self.config.crosscoder
+
+    def wiring(self, name: str) -> Wiring:
+        """What dictionary `name` reads and writes: (sources, targets); an SAE's are its hookpoint."""
+        return ([name], [name]) if self.bare else dictionaries(self.config).get(name, ([name], [name]))
 
     def dictionary_batches(self, name: str, split: str = "val", path: str | Path | None = None):
         """A re-iterable stream of `{hookpoint: [batch, d]}` of every source and target of
         dictionary `name` (aligned rows), from `path` (a cache folder) or the run's cache of `split`."""
-        sources, targets = self.parts(self.hookpoint(name)) or ([name], [name])
+        sources, targets = self.wiring(self.hookpoint(name))
         cache = ActivationCache.open(path) if path is not None else self.cache(split)
         return Stream(lambda: cache.batches_of(list(dict.fromkeys(sources + targets))))
 
@@ -230,15 +227,20 @@ class Run:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         atomic_write(self.path / STATE, lambda p: save_file(tensors, p, metadata={"meta": json.dumps(meta)}))
 
+    def _read_state(self, names: list[str] | None = None, device=None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The training state's metadata and its tensors `names` (every one when None); a broken
+        file raises one of `_BROKEN` (FileNotFoundError when there is none)."""
+        with safe_open(self.path / STATE, "pt", device=str(device or "cpu")) as f:
+            meta = json.loads(f.metadata()["meta"])
+            return meta, {k: f.get_tensor(k) for k in (f.keys() if names is None else names)}
+
     def load_state(self, device=None) -> tuple[dict[str, torch.Tensor], dict]:
         file = self.path / STATE
         try:
-            tensors = load_file(file, device=str(device or "cpu"))
-            with safe_open(file, "pt") as f:
-                meta = json.loads(f.metadata()["meta"])
+            meta, tensors = self._read_state(device=device)
         except FileNotFoundError:
             raise SaekitError(f"nothing to resume: {file} does not exist") from None
-        except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        except _BROKEN as e:
             raise SaekitError(f"{file} is corrupt or truncated ({e}); start a new run") from None
         if not isinstance(meta, dict):
             raise SaekitError(f"{file} is corrupt (its metadata is not a JSON object); start a new run")
@@ -251,9 +253,8 @@ class Run:
         if self.bare or not file.is_file():
             return None
         try:
-            with safe_open(file, "pt") as f:
-                meta = json.loads(f.metadata()["meta"])
-        except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            meta, _ = self._read_state([])
+        except _BROKEN as e:
             raise SaekitError(f"{file} is corrupt or truncated ({e}); start a new run") from None
         return meta if isinstance(meta, dict) else None
 
@@ -264,11 +265,10 @@ class Run:
             return None
         hookpoint = self.hookpoint(hookpoint)
         try:
-            with safe_open(file, "pt") as f:
-                step = json.loads(f.metadata()["meta"])["step"]
-                first, last, since = (f.get_tensor(f"{hookpoint}/stats/{n}")
-                                      for n in ("first_fired", "last_fired", "tokens_since_fired"))
-        except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            meta, t = self._read_state([f"{hookpoint}/stats/{n}" for n in ("first_fired", "last_fired",
+                                                                             "tokens_since_fired")])
+            step, (first, last, since) = meta["step"], t.values()
+        except _BROKEN as e:
             raise SaekitError(f"{file} is corrupt or has no stats for {hookpoint!r} ({e})") from None
         return FiringHistory(step, first, last, since, self.config.dead_tokens)
 

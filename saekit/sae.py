@@ -82,10 +82,10 @@ class SAEConfig:
             raise SaekitError(f"mp_threshold must be >= 0 and is for architecture "
                               f"{' or '.join(map(repr, users('mp_threshold')))}, got {self.mp_threshold!r} "
                               f"with {self.architecture!r}")
-        if fam.tied and self.sources is not None:
+        if fam.tied and self.crosscoder:
             raise SaekitError(f"architecture {self.architecture!r} is a tied SAE of one hookpoint (its encoder is its "
                               "decoder); crosscoders and transcoders are not supported")
-        if self.sources is not None:
+        if self.crosscoder:
             self.targets = list(self.targets or self.sources)
             dims = self.dims or {}
             missing = [n for n in self.sources + self.targets if n not in dims]
@@ -94,6 +94,12 @@ class SAEConfig:
                                   f"(sources {self.sources}, targets {self.targets}, dims {self.dims})")
             if self.d_in != sum(dims[s] for s in self.sources):
                 raise SaekitError(f"d_in {self.d_in} is not the sources' total width {[dims[s] for s in self.sources]}")
+
+    @property
+    def crosscoder(self) -> bool:
+        """A dictionary over named sources and targets (a crosscoder or transcoder), not an SAE of one
+        hookpoint."""
+        return self.sources is not None
 
     @property
     def source_names(self) -> list[str]:
@@ -106,10 +112,10 @@ class SAEConfig:
     @property
     def d_out(self) -> int:
         """The targets' total width (d_in for an SAE)."""
-        return sum(self.dims[t] for t in self.targets) if self.sources else self.d_in
+        return sum(self.dims[t] for t in self.targets) if self.crosscoder else self.d_in
 
     def width(self, name: str) -> int:
-        return self.dims[name] if self.sources else self.d_in
+        return self.dims[name] if self.crosscoder else self.d_in
 
 
 class SAE(nn.Module):
@@ -139,7 +145,7 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         where = f", hookpoint={c.hookpoint!r}" if c.hookpoint else ""
-        where += f", sources={c.sources}, targets={c.targets}" if c.sources else ""
+        where += f", sources={c.sources}, targets={c.targets}" if c.crosscoder else ""
         return f"d_in={c.d_in}, n_latents={c.n_latents}, k={c.k}, architecture={c.architecture!r}{where}"
 
     @property
@@ -306,12 +312,16 @@ class SAE(nn.Module):
         x = x.to(self.W_enc.dtype)
         return self.family.encode(self, x, aux)
 
-    def decode(self, values: torch.Tensor, indices: torch.Tensor, aux: dict | None = None) -> torch.Tensor:
+    def decode_concat(self, values: torch.Tensor, indices: torch.Tensor, aux: dict | None = None) -> torch.Tensor:
         """`sum_j values[b,j] W_dec[indices[b,j]] + b_dec` -> [B, d_out] (gather-sum, never dense).
         `aux` from a training encode may hold a `decode` step of the rule's own (JumpReLU: the
         threshold gradient of the pairs just below their threshold, whose value 0 gets none here)."""
         x_hat = sparse_decode(values, indices, self.W_dec) + self.b_dec
         return aux["decode"](x_hat) if aux and "decode" in aux else x_hat
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor, aux: dict | None = None) -> torch.Tensor:
+        """The reconstruction of a code ([B, d_out]; a `Crosscoder` gives it by target name)."""
+        return self.decode_concat(values, indices, aux)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction of `x [B, d_in]` ([B, d_out], the targets concatenated)."""
@@ -366,7 +376,7 @@ class SAE(nn.Module):
             self.cfg.mp_threshold *= sigma
         if self.family.fold:
             self.family.fold(self, sigma)
-        if self.cfg.sources:
+        if self.cfg.crosscoder:
             self.cfg.part_scales = {n: scales[n] / sigma for n in dict.fromkeys(names)}
         return self
 
@@ -390,7 +400,7 @@ class SAE(nn.Module):
     def save(self, path: str | os.PathLike, extra: dict | None = None, format: str = "saekit") -> Path:
         """Write `path/cfg.json` and `path/sae.safetensors` (each atomically); `format="sae-lens"`
         writes SAELens's layout instead (cfg.json + sae_weights.safetensors, see saekit.formats)."""
-        if format != "saekit" and self.cfg.sources:
+        if format != "saekit" and self.cfg.crosscoder:
             raise SaekitError("SAELens has no crosscoder or transcoder format; saekit's own folder (format saekit: "
                               "cfg.json + sae.safetensors with sources, targets and dims) is this dictionary's export")
         if format != "saekit":
@@ -421,7 +431,7 @@ class SAE(nn.Module):
             raise SaekitError(f"{cfg_file}: {e}") from None
         except TypeError as e:  # a missing key
             raise SaekitError(f"{cfg_file} is not a valid SAE config: {e}") from None
-        sae = (Crosscoder if cfg.sources else SAE).from_tensors(cfg, tensors, str(weights))
+        sae = (Crosscoder if cfg.crosscoder else SAE).from_tensors(cfg, tensors, str(weights))
         return sae.to(device) if device is not None else sae
 
     @classmethod
@@ -462,7 +472,7 @@ class Crosscoder(SAE):
     concatenated activations (`concat`)."""
 
     def __init__(self, cfg: SAEConfig, device=None, dtype=torch.float32):
-        if not cfg.sources:
+        if not cfg.crosscoder:
             raise SaekitError("a Crosscoder needs sources (and targets); an SAE of one hookpoint is saekit.SAE")
         super().__init__(cfg, device, dtype)
         self._name_columns()
@@ -506,9 +516,6 @@ class Crosscoder(SAE):
     def decode(self, values: torch.Tensor, indices: torch.Tensor, aux: dict | None = None) -> dict[str, torch.Tensor]:
         """{target: reconstruction [B, d_target]}; `decode_concat` gives them side by side."""
         return self.split(self.decode_concat(values, indices, aux))
-
-    def decode_concat(self, values: torch.Tensor, indices: torch.Tensor, aux: dict | None = None) -> torch.Tensor:
-        return super().decode(values, indices, aux)
 
     def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.decode(*self.encode(x))

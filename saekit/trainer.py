@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from itertools import chain
 
 import torch
@@ -45,8 +45,26 @@ def lr_factor(step: int, total: int | None, warmup: int, decay_start: float) -> 
     return f
 
 
+@dataclass
+class Dictionary:
+    """One dictionary in training: the model (a `Crosscoder` when it reads named sources), what it
+    reads and writes, its optimizer, its per-latent firing statistics and its init report."""
+
+    sae: SAE
+    sources: list[str]
+    targets: list[str]
+    opt: torch.optim.Adam
+    stats: dict[str, torch.Tensor]
+    init_report: dict
+
+    @property
+    def names(self) -> list[str]:
+        """Every activation it reads or writes, once each."""
+        return list(dict.fromkeys(self.sources + self.targets))
+
+
 class Trainer:
-    """Holds the dictionaries, their optimizers and per-latent firing statistics.
+    """Holds the dictionaries (one `Dictionary` record each) and the input scales.
 
     Data parallel inside an initialised process group of several processes (unless
     `data_parallel=False`): every process is given the same global batches, trains on its own
@@ -62,75 +80,84 @@ class Trainer:
         self.parallel = dist.active() if data_parallel is None else data_parallel and dist.active()
         if self.parallel and cfg.batch_size < dist.world():
             raise SaekitError(f"batch_size {cfg.batch_size} is smaller than the {dist.world()} processes training it")
-        device = dist.local_device(device)
-        self.cfg, self.total_steps, self.device = cfg, total_steps, device
+        self.cfg, self.total_steps, self.device = cfg, total_steps, dist.local_device(device)
         self.step = 0
         self.tokens = 0  # tokens trained on (skipped batches excluded)
         self.skipped = 0  # batches skipped for NaN/Inf (on_nonfinite: skip)
-        self.saes: dict[str, SAE] = {}
-        self.parts: dict[str, tuple[list[str], list[str]]] = {}  # name -> (sources, targets)
-        self.opts: dict[str, torch.optim.Adam] = {}
         self.scales: dict[str, float] = {}  # per activation name
-        self.stats: dict[str, dict[str, torch.Tensor]] = {}
-        self.init_reports: dict[str, dict] = {}
+        self.dicts: dict[str, Dictionary] = {}
         g = torch.Generator().manual_seed(cfg.seed)
         # the CPU encoder path, fixed for the run (a resume takes the stored one; see saekit.runtime)
         path = cpu_encoder_path()
         if self.parallel:
             path = dist.broadcast_object(path)
         for name, (sources, targets) in dictionaries(cfg).items():
-            if not set(sources + targets) <= set(dims):
-                continue
-            self.parts[name] = (sources, targets)
-            parts = list(dict.fromkeys(sources + targets))
-            xs = {n: sample[n].float() for n in parts}
-            ok = torch.stack([t.isfinite().all(1) for t in xs.values()]).all(0)
-            if not ok.any():  # NaN/Inf rows say nothing about the scale or the geometry
-                raise SaekitError(f"every activation of {', '.join(map(repr, parts))} in the initialisation sample is "
-                                  "NaN or Inf" if len(parts) > 1 else f"every activation of hookpoint {name!r} in the "
-                                  "initialisation sample is NaN or Inf")
-            xs = {n: t[ok] for n, t in xs.items()}
-            for n, t in xs.items():  # unit RMS; with several parts, of each one's deviations from its mean,
-                t = t - t.mean(0) if len(parts) > 1 else t  # so a large offset does not shrink one part's features
-                self.scales[n] = float(t.pow(2).sum(1).mean().div(dims[n]).sqrt().clamp_min(1e-8))
-            m = cfg.n_latents or cfg.expansion * max(dims[n] for n in sources)
-            fam = FAMILIES[cfg.architecture]
-            groups = matryoshka_ends(cfg.matryoshka_groups, m) if "matryoshka_groups" in fam.options else None
-            k = cfg.k if fam.k_bounded else min(cfg.k, m)  # unbounded: k is only the starting L0
-            if cfg.sources is None:
-                scfg = SAEConfig(dims[name], m, k, cfg.architecture, hookpoint=name, model=cfg.model,
-                                 matryoshka_groups=groups, encoder_path=path, mp_threshold=cfg.mp_threshold)
-            else:
-                scfg = SAEConfig(sum(dims[n] for n in sources), m, k, cfg.architecture, model=cfg.model,
-                                 matryoshka_groups=groups, sources=sources, targets=targets,
-                                 dims={n: dims[n] for n in parts}, encoder_path=path)
-            sae = SAE(scfg, device=device).make_trainable(cfg.jumprelu_bandwidth)
-            if device.type == "cuda":
-                sae.matmul_dtype = torch.bfloat16
-            x = self._concat(xs, sources)
-            y = self._concat(xs, targets) if targets != sources else None
-            self.init_reports[name] = init_sae(sae, x, cfg.init, g, cfg.subspace_rank, cfg.subspace_variance, y)
-            if fam.init:
-                fam.init(sae, x, cfg.k)
-            if self.parallel:  # the same start everywhere, whatever each process was given
-                dist.broadcast_params(sae)
-                sae.batch_cut = dist.batch_cut
-            self.saes[name] = sae
-            lr = cfg.lr or 2e-4 / math.sqrt(m / 2**14)
-            # a family's own parameters may take their own lr (JumpReLU's log-thresholds: Adam moves
-            # log(theta) by about lr per step, 10x lets them travel in runs of hundreds of steps)
-            named = dict(sae.named_parameters())
-            groups = [{"params": [p for n, p in named.items() if n not in fam.lr_scale]}]
-            groups += [{"params": [named[n]], "lr": lr * f} for n, f in fam.lr_scale.items()]
-            self.opts[name] = torch.optim.Adam(groups, lr=lr, eps=6.25e-10, fused=True)
-            self.stats[name] = {
-                "tokens_since_fired": torch.zeros(m, dtype=torch.long, device=device),
-                "first_fired": torch.full((m,), -1, dtype=torch.long, device=device),
-                "last_fired": torch.full((m,), -1, dtype=torch.long, device=device),
-                "threshold_ema": torch.zeros(2, dtype=torch.float64, device=device),  # [ema, n]
-            }
+            if set(sources + targets) <= set(dims):
+                self.dicts[name] = self._build(name, sources, targets, dims, sample, g, path)
         if self.parallel:
             self.scales = dist.broadcast_object(self.scales)
+
+    # the dictionaries' parts by name (views of the records)
+    saes = property(lambda self: {n: d.sae for n, d in self.dicts.items()})
+    opts = property(lambda self: {n: d.opt for n, d in self.dicts.items()})
+    stats = property(lambda self: {n: d.stats for n, d in self.dicts.items()})
+
+    def _sample(self, name: str, names: list[str], dims: dict[str, int], sample: dict[str, torch.Tensor]):
+        """The sample's finite rows of `names`; sets each one's input scale (unit RMS)."""
+        xs = {n: sample[n].float() for n in names}
+        ok = torch.stack([t.isfinite().all(1) for t in xs.values()]).all(0)
+        if not ok.any():  # NaN/Inf rows say nothing about the scale or the geometry
+            raise SaekitError(f"every activation of {', '.join(map(repr, names))} in the initialisation sample is "
+                              "NaN or Inf" if len(names) > 1 else f"every activation of hookpoint {name!r} in the "
+                              "initialisation sample is NaN or Inf")
+        xs = {n: t[ok] for n, t in xs.items()}
+        for n, t in xs.items():  # unit RMS; with several parts, of each one's deviations from its mean,
+            t = t - t.mean(0) if len(names) > 1 else t  # so a large offset does not shrink one part's features
+            self.scales[n] = float(t.pow(2).sum(1).mean().div(dims[n]).sqrt().clamp_min(1e-8))
+        return xs
+
+    def _build(self, name: str, sources: list[str], targets: list[str], dims: dict[str, int],
+               sample: dict[str, torch.Tensor], g: torch.Generator, path: str) -> Dictionary:
+        """One dictionary, initialised on the sample, with its optimizer and statistics."""
+        cfg, device = self.cfg, self.device
+        names = list(dict.fromkeys(sources + targets))
+        xs = self._sample(name, names, dims, sample)
+        m = cfg.n_latents or cfg.expansion * max(dims[n] for n in sources)
+        fam = FAMILIES[cfg.architecture]
+        groups = matryoshka_ends(cfg.matryoshka_groups, m) if "matryoshka_groups" in fam.options else None
+        k = cfg.k if fam.k_bounded else min(cfg.k, m)  # unbounded: k is only the starting L0
+        if not cfg.crosscoder:
+            scfg = SAEConfig(dims[name], m, k, cfg.architecture, hookpoint=name, model=cfg.model,
+                             matryoshka_groups=groups, encoder_path=path, mp_threshold=cfg.mp_threshold)
+        else:
+            scfg = SAEConfig(sum(dims[n] for n in sources), m, k, cfg.architecture, model=cfg.model,
+                             matryoshka_groups=groups, sources=sources, targets=targets,
+                             dims={n: dims[n] for n in names}, encoder_path=path)
+        sae = (Crosscoder if scfg.crosscoder else SAE)(scfg, device=device).make_trainable(cfg.jumprelu_bandwidth)
+        if device.type == "cuda":
+            sae.matmul_dtype = torch.bfloat16
+        x = self._concat(xs, sources)
+        y = self._concat(xs, targets) if targets != sources else None
+        report = init_sae(sae, x, cfg.init, g, cfg.subspace_rank, cfg.subspace_variance, y)
+        if fam.init:
+            fam.init(sae, x, cfg.k)
+        if self.parallel:  # the same start everywhere, whatever each process was given
+            dist.broadcast_params(sae)
+            sae.batch_cut = dist.batch_cut
+        lr = cfg.lr or 2e-4 / math.sqrt(m / 2**14)
+        # a family's own parameters may take their own lr (JumpReLU's log-thresholds: Adam moves
+        # log(theta) by about lr per step, 10x lets them travel in runs of hundreds of steps)
+        named = dict(sae.named_parameters())
+        groups = [{"params": [p for n, p in named.items() if n not in fam.lr_scale]}]
+        groups += [{"params": [named[n]], "lr": lr * f} for n, f in fam.lr_scale.items()]
+        stats = {
+            "tokens_since_fired": torch.zeros(m, dtype=torch.long, device=device),
+            "first_fired": torch.full((m,), -1, dtype=torch.long, device=device),
+            "last_fired": torch.full((m,), -1, dtype=torch.long, device=device),
+            "threshold_ema": torch.zeros(2, dtype=torch.float64, device=device),  # [ema, n]
+        }
+        opt = torch.optim.Adam(groups, lr=lr, eps=6.25e-10, fused=True)
+        return Dictionary(sae, sources, targets, opt, stats, report)
 
     def _concat(self, xs: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
         """Activations `xs` of `names`, each divided by its scale, side by side."""
@@ -144,97 +171,91 @@ class Trainer:
         fvu, l0 and aux_loss stay 0-dim device tensors (`float()` them to read): on a GPU the
         host syncs of a step are the lists of dead latents and one finiteness check.
 
-        Every dictionary's loss is computed before any update: if an input or a loss holds NaN
-        or Inf, no parameter, optimizer state or firing statistic changes; the batch is then
-        skipped (returns {}) or training stops with a SaekitError, per `on_nonfinite`."""
-        cfg, par = self.cfg, self.parallel
-        lr_f = lr_factor(self.step, self.total_steps, cfg.warmup_steps, cfg.decay_start)
-        pending, checks = {}, []
-        for name, sae in self.saes.items():
-            sources, targets = self.parts[name]
-            B = len(batch[sources[0]])  # the global batch; under data parallelism this process takes a slice
-            xs = {n: (dist.shard(batch[n]) if par else batch[n]).to(self.device, torch.float32, non_blocking=True)
-                  for n in dict.fromkeys(sources + targets)}
-            x = self._concat(xs, sources)
-            y = x if targets == sources else self._concat(xs, targets)
-            aux = {}
-            vals, idx = sae.encode(x, aux)
-            denoms = []
-            for t in targets:
-                yt = y[:, sae.part_slice(t, True)] if len(targets) > 1 else y
-                if par:  # the global batch's total variance: this slice's error sum over it adds up to FVU
-                    denoms.append(dist.all_reduce((yt - dist.all_reduce(yt.sum(0)) / B).pow(2).sum()))
-                else:
-                    denoms.append((yt - yt.mean(0)).pow(2).sum())
-            st = self.stats[name]
-            with torch.no_grad():  # masked updates, not boolean indexing: no host sync
-                active = (vals > 1e-3).reshape(-1).float()
-                counts = torch.zeros(sae.n_latents, device=self.device).index_add_(0, idx.reshape(-1), active)
-                fired = (dist.all_reduce(counts) if par else counts) > 0
-                since = (st["tokens_since_fired"] + B).masked_fill_(fired, 0)  # committed after the check
-                dead = (since >= cfg.dead_tokens).nonzero().squeeze(1)
-            state = StepState(sae, cfg, x, y, vals, idx, aux, denoms, B, dead, self.step, par,
-                              total_steps=self.total_steps)
-            loss = None
-            for term in sae.family.losses:
-                part = term(state)
-                if part is not None:
-                    loss = part if loss is None else loss + part
-            finite = x.isfinite().all() if y is x else x.isfinite().all() & y.isfinite().all()
-            checks += [finite, loss.isfinite()]
-            pending[name] = (B, state, loss, fired, since)
-
-        ok = torch.stack(checks)
-        if par:  # a NaN in any slice skips (or stops) the step everywhere
+        Every dictionary's loss is computed (`forward`) before any update: if an input or a loss
+        holds NaN or Inf, no parameter, optimizer state or firing statistic changes; the batch is
+        then skipped (returns {}) or training stops with a SaekitError, per `on_nonfinite`."""
+        states = {name: self.forward(d, batch) for name, d in self.dicts.items()}
+        ok = torch.stack([c for st in states.values() for c in st.checks])
+        if self.parallel:  # a NaN in any slice skips (or stops) the step everywhere
             ok = dist.all_reduce(ok.float(), "min") > 0
         ok = ok.tolist()  # one host sync for every dictionary
-        for i, name in enumerate(pending):
+        for i, name in enumerate(states):
             if not (ok[2 * i] and ok[2 * i + 1]):
                 self._nonfinite(name, "activations" if not ok[2 * i] else "loss")
                 self.step += 1  # the batch index still advances: a resume sees the same batches
                 return {}
-
-        metrics = {}
-        for name, (B, state, loss, fired, since) in pending.items():
-            sae, st, vals = self.saes[name], self.stats[name], state.vals
-            with torch.no_grad():
-                st["tokens_since_fired"].copy_(since)
-                st["last_fired"].masked_fill_(fired, self.step)
-                st["first_fired"].masked_fill_(fired & (st["first_fired"] < 0), self.step)
-            opt = self.opts[name]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if par:
-                dist.all_reduce_grads(sae.parameters())
-            with torch.no_grad():  # keep decoder rows on the unit sphere: drop the radial gradient
-                W, G = sae.W_dec, sae.W_dec.grad
-                G.addcmul_(torch.linalg.vecdot(G, W)[:, None], W, value=-1)
-            for group in opt.param_groups:
-                group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_f
-            opt.step()
-            sae.normalize_decoder()
-            if sae.family.after_step:
-                sae.family.after_step(state, st)
-            fvu = state.fvu
-            aux = state.extra.get("aux_loss", torch.zeros((), device=self.device))
-            parts = torch.stack([fvu.detach(), (vals > 0).sum().to(fvu.dtype), aux.detach().to(fvu.dtype)])
-            if par:
-                dist.all_reduce(parts)
-            metrics[name] = {
-                "fvu": parts[0],
-                "l0": parts[1] / B,
-                "dead_fraction": len(state.dead) / sae.n_latents,
-                "aux_loss": parts[2],
-                "lr": opt.param_groups[0]["lr"],
-            }
-        self.tokens += next(iter(pending.values()))[0]
+        lr_f = lr_factor(self.step, self.total_steps, self.cfg.warmup_steps, self.cfg.decay_start)
+        metrics = {name: self.update(self.dicts[name], st, lr_f) for name, st in states.items()}
+        self.tokens += next(iter(states.values())).B
         self.step += 1
         return metrics
 
+    def forward(self, d: Dictionary, batch: dict[str, torch.Tensor]) -> StepState:
+        """One dictionary's forward pass on `batch`: its code, losses, the latents that fire and
+        the checks (finite inputs, finite loss), nothing committed."""
+        cfg, par, sae = self.cfg, self.parallel, d.sae
+        B = len(batch[d.sources[0]])  # the global batch; under data parallelism this process takes a slice
+        xs = {n: (dist.shard(batch[n]) if par else batch[n]).to(self.device, torch.float32, non_blocking=True)
+              for n in d.names}
+        x = self._concat(xs, d.sources)
+        y = x if d.targets == d.sources else self._concat(xs, d.targets)
+        aux = {}
+        vals, idx = sae.encode(x, aux)
+        denoms = []
+        for t in d.targets:
+            yt = y[:, sae.part_slice(t, True)] if len(d.targets) > 1 else y
+            if par:  # the global batch's total variance: this slice's error sum over it adds up to FVU
+                denoms.append(dist.all_reduce((yt - dist.all_reduce(yt.sum(0)) / B).pow(2).sum()))
+            else:
+                denoms.append((yt - yt.mean(0)).pow(2).sum())
+        with torch.no_grad():  # masked updates, not boolean indexing: no host sync
+            active = (vals > 1e-3).reshape(-1).float()
+            counts = torch.zeros(sae.n_latents, device=self.device).index_add_(0, idx.reshape(-1), active)
+            fired = (dist.all_reduce(counts) if par else counts) > 0
+            since = (d.stats["tokens_since_fired"] + B).masked_fill_(fired, 0)  # committed by `update`
+            dead = (since >= cfg.dead_tokens).nonzero().squeeze(1)
+        st = StepState(sae, cfg, x, y, vals, idx, aux, denoms, B, dead, self.step, par,
+                       total_steps=self.total_steps, fired=fired, since=since)
+        for term in sae.family.losses:
+            part = term(st)
+            if part is not None:
+                st.loss = part if st.loss is None else st.loss + part
+        finite = x.isfinite().all() if y is x else x.isfinite().all() & y.isfinite().all()
+        st.checks = [finite, st.loss.isfinite()]
+        return st
+
+    def update(self, d: Dictionary, st: StepState, lr_f: float) -> dict[str, float | torch.Tensor]:
+        """Commit one dictionary's step: firing statistics, backward, decoder-radial gradient out,
+        Adam at `lr_f` times its lr, unit-norm decoder rows, the family's hook; its metrics."""
+        sae, stats, opt = d.sae, d.stats, d.opt
+        with torch.no_grad():
+            stats["tokens_since_fired"].copy_(st.since)
+            stats["last_fired"].masked_fill_(st.fired, self.step)
+            stats["first_fired"].masked_fill_(st.fired & (stats["first_fired"] < 0), self.step)
+        opt.zero_grad(set_to_none=True)
+        st.loss.backward()
+        if self.parallel:
+            dist.all_reduce_grads(sae.parameters())
+        with torch.no_grad():  # keep decoder rows on the unit sphere: drop the radial gradient
+            W, G = sae.W_dec, sae.W_dec.grad
+            G.addcmul_(torch.linalg.vecdot(G, W)[:, None], W, value=-1)
+        for group in opt.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_f
+        opt.step()
+        sae.normalize_decoder()
+        if sae.family.after_step:
+            sae.family.after_step(st, stats)
+        fvu = st.fvu
+        aux = st.extra.get("aux_loss", torch.zeros((), device=self.device))
+        sums = torch.stack([fvu.detach(), (st.vals > 0).sum().to(fvu.dtype), aux.detach().to(fvu.dtype)])
+        if self.parallel:
+            dist.all_reduce(sums)
+        return {"fvu": sums[0], "l0": sums[1] / st.B, "dead_fraction": len(st.dead) / sae.n_latents,
+                "aux_loss": sums[2], "lr": opt.param_groups[0]["lr"]}
+
     def _nonfinite(self, name: str, what: str) -> None:
-        sources, targets = self.parts[name]
-        parts = list(dict.fromkeys(sources + targets))
-        which = f"hookpoint {name!r}" if parts == [name] else f"dictionary {name!r} ({', '.join(parts)})"
+        names = self.dicts[name].names
+        which = f"hookpoint {name!r}" if names == [name] else f"dictionary {name!r} ({', '.join(names)})"
         where = f"NaN or Inf in the {what} of {which} at step {self.step}"
         if self.cfg.on_nonfinite == "stop":
             raise SaekitError(f"{where}; stopped before the update (the last checkpoint is intact; "
@@ -246,19 +267,17 @@ class Trainer:
     @property
     def encoder_path(self) -> str:
         """The numeric path the encoders take (the same for every hookpoint; see SAE.encoder_path)."""
-        return next(iter(self.saes.values())).encoder_path
+        return next(iter(self.dicts.values())).sae.encoder_path
 
     # -- results and checkpoints ------------------------------------------------------------
     def final_sae(self, name: str) -> SAE:
         """A copy of the dictionary acting on raw (unscaled) activations, in eval mode (a
         `Crosscoder` when the config names sources)."""
-        src = self.saes[name]
-        sae = (Crosscoder if src.cfg.sources else SAE)(SAEConfig(**asdict(src.cfg)), device=self.device)
+        d = self.dicts[name]
+        sae = type(d.sae)(SAEConfig(**asdict(d.sae.cfg)), device=self.device)
         stored = sae.state_dict()  # the training-only parameters stay behind
-        sae.load_state_dict({k: v for k, v in src.state_dict().items() if k in stored})
-        sources, targets = self.parts[name]
-        scales = {n: self.scales[n] for n in sources + targets}
-        return sae.fold_input_scales(scales).eval().requires_grad_(False)
+        sae.load_state_dict({k: v for k, v in d.sae.state_dict().items() if k in stored})
+        return sae.fold_input_scales({n: self.scales[n] for n in d.names}).eval().requires_grad_(False)
 
     def save(self, run: Run, extra: dict | None = None) -> None:
         """Folded SAEs to the run's SAE folders, then the whole training state in one atomic file."""
@@ -283,13 +302,13 @@ class Trainer:
         """The training state (tensors by name, metadata); refuses one holding NaN or Inf."""
         tensors = {}
         meta = {"step": self.step, "total_steps": self.total_steps, "scales": self.scales, "tokens": self.tokens,
-                "skipped": self.skipped, "encoder_path": next(iter(self.saes.values())).cfg.encoder_path}
-        for h, sae in self.saes.items():
-            for n, p in sae.named_parameters():
+                "skipped": self.skipped, "encoder_path": next(iter(self.dicts.values())).sae.cfg.encoder_path}
+        for h, d in self.dicts.items():
+            for n, p in d.sae.named_parameters():
                 tensors[f"{h}/param/{n}"] = p.detach()
-                for key, t in self.opts[h].state.get(p, {}).items():
+                for key, t in d.opt.state.get(p, {}).items():
                     tensors[f"{h}/adam/{n}/{key}"] = t.reshape(-1) if t.ndim == 0 else t
-            for n, t in self.stats[h].items():
+            for n, t in d.stats.items():
                 tensors[f"{h}/stats/{n}"] = t
         floats = [k for k, t in tensors.items() if t.is_floating_point()]
         finite = torch.stack([tensors[k].isfinite().all() for k in floats]).tolist()
@@ -301,18 +320,18 @@ class Trainer:
         return tensors, meta
 
     def save_saes(self, run: Run, extra: dict | None = None) -> None:
-        for h, (sources, targets) in self.parts.items():
-            scale = {"input_scale": self.scales[h]} if sources == targets == [h] else \
-                {"input_scales": {n: self.scales[n] for n in dict.fromkeys(sources + targets)}}
-            info = {**scale, "step": self.step, "init": self.init_reports[h], **(extra or {})}
+        for h, d in self.dicts.items():
+            scale = {"input_scale": self.scales[h]} if d.sources == d.targets == [h] else \
+                {"input_scales": {n: self.scales[n] for n in d.names}}
+            info = {**scale, "step": self.step, "init": d.init_report, **(extra or {})}
             self.final_sae(h).save(run.sae_dir(h), extra=info)
 
     def load(self, run: Run) -> None:
         """Restore the state written by `save` (the SAEs must have been built with the same config)."""
         tensors, meta = run.load_state(self.device)
         file = run.path / "state.safetensors"
-        want = {f"{h}/param/{n}": p for h, sae in self.saes.items() for n, p in sae.named_parameters()}
-        want |= {f"{h}/stats/{n}": t for h, st in self.stats.items() for n, t in st.items()}
+        want = {f"{h}/param/{n}": p for h, d in self.dicts.items() for n, p in d.sae.named_parameters()}
+        want |= {f"{h}/stats/{n}": t for h, d in self.dicts.items() for n, t in d.stats.items()}
         missing = [k for k, t in want.items()
                    if tensors.get(k) is None or tensors[k].shape != t.shape or tensors[k].dtype != t.dtype]
         if missing:
@@ -323,31 +342,31 @@ class Trainer:
                 and all(isinstance(scales.get(h), float) for h in self.scales)):
             raise SaekitError(f"{file} is corrupt (bad step or input scales in its metadata); start a new run")
         adam = {}
-        for h, sae in self.saes.items():
-            for n, p in sae.named_parameters():
+        for h, d in self.dicts.items():
+            for n, p in d.sae.named_parameters():
                 state = {key.rsplit("/", 1)[1]: t for key, t in tensors.items() if key.startswith(f"{h}/adam/{n}/")}
                 if state and (set(state) != {"step", "exp_avg", "exp_avg_sq"} or state["step"].numel() != 1
                               or state["exp_avg"].shape != p.shape or state["exp_avg_sq"].shape != p.shape):
                     raise SaekitError(f"{file} holds a bad optimizer state for {h}/{n}; start a new run")
                 if state:
                     state["step"] = state["step"].reshape(())
-                    adam[p] = (h, state)
+                    adam[p] = (d.opt, state)
         self.step, self.scales = meta["step"], {h: scales[h] for h in self.scales}
         tokens, skipped = meta.get("tokens"), meta.get("skipped")
         self.tokens = tokens if isinstance(tokens, int) else self.step * self.cfg.batch_size  # older states
         self.skipped = skipped if isinstance(skipped, int) else 0
-        for p, (h, state) in adam.items():
-            self.opts[h].state[p] = state
+        for p, (opt, state) in adam.items():
+            opt.state[p] = state
         path = cpu_encoder_path(meta.get("encoder_path"))  # SAEKIT_ENCODER may still override it
-        for h, sae in self.saes.items():
-            sae.cfg.encoder_path = path
+        for h, d in self.dicts.items():
+            d.sae.cfg.encoder_path = path
             with torch.no_grad():
-                for n, p in sae.named_parameters():
+                for n, p in d.sae.named_parameters():
                     p.copy_(tensors[f"{h}/param/{n}"])
-            for n in self.stats[h]:
-                self.stats[h][n] = tensors[f"{h}/stats/{n}"]
-            if sae.family.resume:
-                sae.family.resume(sae, self.stats[h])
+            for n in d.stats:
+                d.stats[n] = tensors[f"{h}/stats/{n}"]
+            if d.sae.family.resume:
+                d.sae.family.resume(d.sae, d.stats)
 
 
 def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quiet: bool = False,

@@ -69,7 +69,7 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
     hooks = run.hookpoints if hookpoint is None else [run.hookpoint(hookpoint)]
     acts = {h: _activations(run, h, activations, tuple(analyses)) for h in hooks}
     for h in hooks if activations is not None else ():  # a wrong width is named before the model loads
-        if acts[h] is not None and run.parts(h) is None:
+        if acts[h] is not None and not run.crosscoder:
             check_width(acts[h], run.sae(h).cfg.d_in)
     full, lm, skipped = tuple(analyses) == ANALYSES, None, {}
     if "absorption" in analyses:
@@ -94,7 +94,7 @@ def analyze_run(run: str | Path | Run, analyses: tuple[str, ...] = ANALYSES, hoo
         sae = run.sae(h)
         results[h], results["wall_time_s"][h] = {}, {}
         for name in analyses:
-            if name == "absorption" and run.parts(h) is not None:
+            if name == "absorption" and run.crosscoder:
                 say(f"{h}: absorption probes one hookpoint's SAE; skipped for this crosscoder/transcoder")
                 continue
             with Phases(h, quiet) as phase:  # absorption adds a bar and lines of its own
