@@ -42,7 +42,7 @@ class _Setup:
             from saekit.model import check_hookpoints
 
             sae = self.run.sae(name, device=next(self.model.parameters()).device).requires_grad_(False)
-            if not sae.cfg.sources and not sae.cfg.hookpoint:
+            if not sae.cfg.crosscoder and not sae.cfg.hookpoint:
                 raise SaekitError(f"the SAE of {self.run.path} records no hookpoint to splice it at")
             check_hookpoints(self.model, sae.cfg.source_names + sae.cfg.target_names)
             self.saes[name] = sae
@@ -225,7 +225,7 @@ def attribute(run, prompt: str, target: str | int, against: str | int | None = N
     sae = splice.saes[name]
     attr = (vals * grads[0]).detach()
     error = sum(float((g * err).sum()) for g, (_, _, err) in zip(grads[1:], written, strict=True))
-    bias = sum(float((g.sum(0) * sae.b_dec[sae.part_slice(h, True) if sae.cfg.sources else slice(None)]).sum())
+    bias = sum(float((g.sum(0) * sae.b_dec[sae.part_slice(h, True) if sae.cfg.crosscoder else slice(None)]).sum())
                for g, (h, _, _) in zip(grads[1:], written, strict=True))
     on = vals.detach() > 0
     labels = s.labels(name)

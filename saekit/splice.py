@@ -142,7 +142,7 @@ class Splice:
                 continue
             if name not in self._out:
                 self._out[name] = self._decode(name, sae, m, pos)
-            cols = sae.part_slice(h, True) if sae.cfg.sources else slice(None)
+            cols = sae.part_slice(h, True) if sae.cfg.crosscoder else slice(None)
             x_hat, clean_hat = (r[:, cols] for r in self._out[name])
             err = (acts[m].flatten(1).float() - clean_hat).detach()
             new = x_hat + err if self.error else x_hat
