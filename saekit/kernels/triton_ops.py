@@ -98,24 +98,22 @@ def _segment_kernel(lat_order_ptr, starts_ptr, pairs_ptr, coeffs_ptr, X_ptr, out
     tl.store(out_ptr + lat * d + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
-def gather_sum(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+def _per_row(kernel, inputs: tuple, idx: torch.Tensor, W: torch.Tensor, width: int) -> torch.Tensor:
+    """Run a gather kernel, one program per row of `idx [B, k]`, over `inputs` into a new [B, width]."""
     B, k = idx.shape
     d = W.shape[1]
-    out = torch.empty(B, d, dtype=W.dtype, device=W.device)
+    out = torch.empty(B, width, dtype=W.dtype, device=W.device)
     block_d, rows, warps = _tiles(d, k, "gather")
-    _gather_sum_kernel[(B,)](vals.contiguous(), idx.contiguous(), W.contiguous(), out, k, d,
-                             BLOCK_K=rows, BLOCK_D=block_d, num_warps=warps)
+    kernel[(B,)](*(t.contiguous() for t in inputs), out, k, d, BLOCK_K=rows, BLOCK_D=block_d, num_warps=warps)
     return out
+
+
+def gather_sum(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    return _per_row(_gather_sum_kernel, (vals, idx, W), idx, W, W.shape[1])
 
 
 def gather_dot(idx: torch.Tensor, W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    B, k = idx.shape
-    d = W.shape[1]
-    out = torch.empty(B, k, dtype=W.dtype, device=W.device)
-    block_d, rows, warps = _tiles(d, k, "gather")
-    _gather_dot_kernel[(B,)](idx.contiguous(), W.contiguous(), G.contiguous(), out, k, d,
-                             BLOCK_K=rows, BLOCK_D=block_d, num_warps=warps)
-    return out
+    return _per_row(_gather_dot_kernel, (idx, W, G), idx, W, idx.shape[1])
 
 
 def _segments(coeffs: torch.Tensor, idx: torch.Tensor, m: int):
