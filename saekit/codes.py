@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from saekit.activations import Activations, batches
 from saekit.errors import SaekitError
+from saekit.kernels import cat_padded
 from saekit.sae import SAE, SparseCode
 
 BATCH = 4096
@@ -81,9 +82,7 @@ class Codes:
 def encode_all(sae: SAE, activations: Activations, max_tokens: int | None = None, batch_size: int = BATCH,
                progress: str | None = None, total: int | None = None) -> Codes:
     """`sae`'s codes on every row of `activations`, held as one `Codes` (progress: as `encode_batches`)."""
-    parts = list(encode_batches(sae, activations, max_tokens, batch_size, progress, total))
-    if not parts:
+    blocks = list(encode_batches(sae, activations, max_tokens, batch_size, progress, total))
+    if not blocks:
         raise SaekitError("no activations to encode: the activation stream is empty")
-    width = max(v.shape[1] for v, _ in parts)  # BatchTopK rows have different widths
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-    return Codes(torch.cat([pad(v) for v, _ in parts]), torch.cat([pad(i) for _, i in parts]), sae.n_latents)
+    return Codes(*cat_padded(blocks), sae.n_latents)  # BatchTopK rows have different widths

@@ -97,7 +97,7 @@ class Trainer:
         if self.parallel:
             self.scales = dist.broadcast_object(self.scales)
 
-    # the dictionaries' parts by name (views of the records)
+    # each dictionary's model, optimizer and statistics by name (views of the records)
     saes = property(lambda self: {n: d.sae for n, d in self.dicts.items()})
     opts = property(lambda self: {n: d.opt for n, d in self.dicts.items()})
     stats = property(lambda self: {n: d.stats for n, d in self.dicts.items()})
