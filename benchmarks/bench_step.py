@@ -35,6 +35,11 @@ the anchors' wheels on PYTHONPATH). An anchor that cannot be imported is skipped
     python3 benchmarks/bench_step.py --device cuda --no-venv --d 2304 --m 65536 --batch 16384
     python3 benchmarks/bench_step.py --only saekit --profile     # where saekit's step spends its time
     python3 benchmarks/bench_step.py --fit 12 --only saekit,sparsify,matmul   # 12-step fits, set-up included
+    python3 benchmarks/bench_step.py --only saekit --against /tmp/old --no-memory   # against another checkout
+
+`--against DIR` adds the contender `saekit@DIR`: the step of the saekit in checkout DIR (e.g. a
+`git worktree` of the commit before a change), imported into this same process beside this
+checkout's and timed interleaved with it, so a change's step cost is a ratio from one run.
 """
 
 import argparse
@@ -106,6 +111,23 @@ def make_saekit(x, a, fp32=False):
     if fp32:
         trainer.saes["x"].matmul_dtype = torch.float32
     return lambda: trainer.train_step({"x": x})
+
+
+def make_saekit_from(root: str, x, a):
+    """`make_saekit` with the saekit of checkout `root`: its modules are imported under their
+    usual names, the step keeps them, and this checkout's are put back."""
+    mine = {n: m for n, m in sys.modules.items() if n == "saekit" or n.startswith("saekit.")}
+    for n in mine:
+        del sys.modules[n]
+    sys.path.insert(0, str(Path(root).resolve()))
+    try:
+        step = make_saekit(x, a)
+    finally:
+        sys.path.pop(0)
+        for n in [n for n in sys.modules if n == "saekit" or n.startswith("saekit.")]:
+            del sys.modules[n]
+        sys.modules.update(mine)
+    return step
 
 
 def make_saekit_fit(x, a):
@@ -273,11 +295,17 @@ def main():
     p.add_argument("--profile", action="store_true", help="profile the first contender's step, then stop")
     p.add_argument("--no-memory", action="store_true", help="skip the per-contender memory subprocesses")
     p.add_argument("--fit", type=int, default=0, help="time whole N-batch trainings (set-up included)")
+    p.add_argument("--against", metavar="DIR", help="also time the saekit step of the checkout in DIR (no --fit)")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     a = p.parse_args()
     names = [n for n in a.only.split(",") if n]
     if unknown := set(names) - set(CONTENDERS):
         p.error(f"unknown contenders {sorted(unknown)}; choose from {CONTENDERS}")
+    if a.against:
+        if a.fit or not a.no_memory:
+            p.error("--against times steps in this process: give --no-memory, and no --fit")
+        MAKERS[f"saekit@{a.against}"] = lambda x, a: make_saekit_from(a.against, x, a)
+        names.append(f"saekit@{a.against}")
     if any(n in ("sparsify", "sae-lens") for n in names) and not a.no_venv:
         ensure_venv()
 
@@ -318,6 +346,8 @@ def main():
         mean = 1e3 * statistics.mean(times[n])
         print(f"| {n:9} | {1e3 * t:.2f} | {mean:.2f} | {a.batch * (a.fit or 1) / t:,.0f} | {bound['matmul']} | "
               f"{bound['matmul-bf16']} | {mb} |")
+    if a.against and "saekit" in med:
+        print(f"saekit@{a.against} / saekit step time: {med[f'saekit@{a.against}'] / med['saekit']:.3f}")
     for ours in ("saekit", "saekit-fp32"):
         for n in ("sparsify", "sae-lens", "dense"):
             if ours in med and n in med:
