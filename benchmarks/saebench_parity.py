@@ -110,6 +110,9 @@ def driver(args) -> None:
             os.chdir(tmp)  # it writes artifacts/ under the working directory
             res = absorption_main.run_eval(cfg, [("saekit", SAE.load_from_disk(args.sae, device="cpu"))], "cpu",
                                            tmp, force_rerun=True)
+        if not res:  # run_eval prints why and returns nothing: too few letters pass its probe
+            sys.exit(f"sae-bench (seed {seed}) found fewer than 20 letters whose probe F1 > 0.6 on these "
+                     f"{len(words)} words: use more --words (3,000 reach 20 and more)")
         r = next(iter(res.values()))
         means = r["eval_result_metrics"]["mean"]
         details = r["eval_result_details"]
