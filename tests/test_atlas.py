@@ -380,7 +380,7 @@ def test_real_card_peaks_match_reencoding(real, smollm2):
         assert "&lt;script&gt;" in page and "<script>alert" not in page
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{base}/text.html?q=" + "a%20" * 9000)
-        assert e.value.code == 400 and b"the model reads at most" in e.value.read()
+        assert e.value.code == 400 and b"the page takes at most 1,000" in e.value.read()
     finally:
         server.shutdown()
         server.server_close()
