@@ -1,18 +1,13 @@
 """saekit: sparse autoencoders on transformer activations — train, evaluate, analyse."""
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 
 from saekit.config import TrainConfig, load_config
 from saekit.errors import SaekitError
 from saekit.run import Run
+from saekit.runtime import VERSION as __version__
 from saekit.sae import SAE, Crosscoder, SAEConfig, SparseCode
 from saekit.trainer import fit
-
-try:
-    __version__ = version("saekit")
-except PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
 
 _SUBMODULES = ("analyze", "matching")  # imported on first use: `saekit.analyze.dead(...)` after `import saekit`
 

@@ -5,10 +5,16 @@ import contextlib
 import ctypes
 import os
 import re
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
 from saekit.errors import SaekitError
+
+try:
+    VERSION = version("saekit")
+except PackageNotFoundError:  # a source tree that was never installed
+    VERSION = "0+unknown"
 
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from saekit.analyze.common import Result
 from saekit.errors import SaekitError
 from saekit.io import Phases
-from saekit.runtime import torch_threads
+from saekit.runtime import VERSION, torch_threads
 from saekit.sae import SAE
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -529,7 +529,6 @@ def saebench_output(res: AbsorptionResult, sae: SAE, model_name: str | None = No
     import time
     import uuid
 
-    import saekit
 
     if res.protocol != "saebench":
         raise SaekitError("sae-bench's output schema holds SAEBench's protocol: run it with protocol='saebench'")
@@ -558,7 +557,7 @@ def saebench_output(res: AbsorptionResult, sae: SAE, model_name: str | None = No
             "mean_num_split_features": statistics.mean(n_split), "std_dev_absorption_fraction_score": sd(frac),
             "std_dev_full_absorption_score": sd(full), "std_dev_num_split_features": sd(n_split)}},
         "eval_result_details": details,
-        "sae_bench_commit_hash": f"saekit {saekit.__version__}",
+        "sae_bench_commit_hash": f"saekit {VERSION}",
         "sae_lens_id": res.hookpoint or sae.cfg.hookpoint or "",
         "sae_lens_release_id": "saekit",
         "sae_lens_version": None,
