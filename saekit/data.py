@@ -2,6 +2,7 @@
 contexts, each starting with BOS, with a mask that excludes BOS/EOS/special positions."""
 
 import importlib.util
+import math
 import random
 import re
 from collections.abc import Iterable, Iterator
@@ -147,3 +148,19 @@ def split_contexts(tokens: torch.Tensor, mask: torch.Tensor, n_val: int, seed: i
     perm = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed + 1))
     val, train = perm[:n_val].sort().values, perm[n_val:].sort().values
     return (tokens[train], mask[train]), (tokens[val], mask[val])
+
+
+def contexts(cfg, tokenizer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Packed token contexts and masks: {"train": ..., "val": ...}, disjoint and seeded by `data_seed`.
+    With `activations: stream` only {"val": ...}: the stream's first contexts (`stream_batches` reads the rest)."""
+    texts = load_texts(cfg.dataset, text_field=cfg.text_field)
+    if cfg.activations == "stream":
+        return {"val": pack_contexts(texts, tokenizer, cfg.ctx_len, cfg.val_tokens, cfg.data_seed)}
+    tokens, mask = pack_contexts(texts, tokenizer, cfg.ctx_len, cfg.n_tokens + cfg.val_tokens,
+                           cfg.data_seed)
+    n_val = max(1, math.ceil(cfg.val_tokens / max(1.0, float(mask.sum()) / len(mask))))
+    if n_val >= len(tokens):
+        raise SaekitError(f"dataset {cfg.dataset!r} is too small: {int(mask.sum())} tokens for "
+                          f"n_tokens={cfg.n_tokens} plus val_tokens={cfg.val_tokens}")
+    (tt, tm), (vt, vm) = split_contexts(tokens, mask, n_val, cfg.data_seed)
+    return {"train": (tt, tm), "val": (vt, vm)}

@@ -3,7 +3,6 @@
 evaluate); the run folder belongs to `saekit.run.Run`; this module only wires them together.
 """
 
-import math
 import sys
 from dataclasses import asdict
 from itertools import islice
@@ -16,6 +15,7 @@ from saekit import distributed as dist
 from saekit import model as lm
 from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_path, merge_parts, resume_point
 from saekit.config import TrainConfig, dictionaries, parse_source
+from saekit.data import contexts
 from saekit.errors import SaekitError
 from saekit.evaluate import downstream_metrics, reconstruction_metrics
 from saekit.io import Phases, figure, md_table
@@ -24,22 +24,6 @@ from saekit.run import EVAL, Run
 from saekit.runtime import resolve_device
 from saekit.stream import StreamedBatches
 from saekit.trainer import INIT_SAMPLE, Trainer, run_steps
-
-
-def contexts(cfg: TrainConfig, tokenizer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Packed token contexts and masks: {"train": ..., "val": ...}, disjoint and seeded by `data_seed`.
-    With `activations: stream` only {"val": ...}: the stream's first contexts (`stream_batches` reads the rest)."""
-    texts = data.load_texts(cfg.dataset, text_field=cfg.text_field)
-    if cfg.activations == "stream":
-        return {"val": data.pack_contexts(texts, tokenizer, cfg.ctx_len, cfg.val_tokens, cfg.data_seed)}
-    tokens, mask = data.pack_contexts(texts, tokenizer, cfg.ctx_len, cfg.n_tokens + cfg.val_tokens,
-                                      cfg.data_seed)
-    n_val = max(1, math.ceil(cfg.val_tokens / max(1.0, float(mask.sum()) / len(mask))))
-    if n_val >= len(tokens):
-        raise SaekitError(f"dataset {cfg.dataset!r} is too small: {int(mask.sum())} tokens for "
-                          f"n_tokens={cfg.n_tokens} plus val_tokens={cfg.val_tokens}")
-    (tt, tm), (vt, vm) = data.split_contexts(tokens, mask, n_val, cfg.data_seed)
-    return {"train": (tt, tm), "val": (vt, vm)}
 
 
 def activation_cache(cfg: TrainConfig, models, split: str, tokens, mask, quiet: bool = False) -> ActivationCache:

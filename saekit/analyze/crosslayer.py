@@ -179,8 +179,8 @@ def chain_report(run: str | Path | Run, max_tokens: int | None = 32768, n_contex
     model = ctx = None
     n_ctx = run.config.eval_contexts if n_contexts is None and run.config else (n_contexts or 0)
     if n_ctx:
+        from saekit.data import contexts
         from saekit.model import load_model
-        from saekit.pipeline import contexts
 
         model = load_model(run.model_name)
         ctx = contexts(run.config, model.tokenizer)["val"]
