@@ -199,43 +199,75 @@ class Attribution:
                 "rows": self.table.to_dict("records")}
 
 
-def attribute(run, prompt: str, target: str | int, against: str | int | None = None, hookpoint: str | None = None,
-              model=None) -> Attribution:
+def attribute(run, prompt: str | list[str], target, against=None, hookpoint: str | None = None,
+              model=None) -> Attribution | list[Attribution]:
     """Which latents drove the prediction of `target` (a one-token string such as " king", or a
     token id) after `prompt`, against `against` if given: for each active latent i at each
     position p of the dictionary at `hookpoint` (default: the run's only one), its activation
     z and attribution z * dm/dz with m = logit[target] - logit[against] at the last position,
     through the model with the dictionary spliced in and its error term held fixed. For a linear
     decoder the attributions at a position sum to <dm/dx, x_hat - b_dec>, so the attributions,
-    the error term's and the bias's add up to <dm/dx, x> (tests/test_intervene.py)."""
-    _nonempty(prompt)
+    the error term's and the bias's add up to <dm/dx, x> (tests/test_intervene.py).
+
+    A list of prompts (with one target and against for all, or a list of each) gives a list of
+    Attributions from one forward and backward of the prompts as one batch, padded on the right:
+    a causal model's prediction at a prompt's last position never reads the padding, so each is
+    the prompt's own attribution (benchmarks/RESULTS.md §22: what the batch saves)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise SaekitError("no prompts to attribute")
+    for p in prompts:
+        _nonempty(p)
+    n = len(prompts)
+    targets, againsts = (_per_prompt(v, n, what) for v, what in ((target, "target"), (against, "against")))
     s = _Setup(run, model)
-    ids, mask = s.tokens(prompt)
-    t = s.token_id(target)
-    a = None if against is None else s.token_id(against)
+    enc = [s.tokens(p) for p in prompts]
+    t = [s.token_id(x) for x in targets]
+    a = [None if x is None else s.token_id(x) for x in againsts]
+    lengths = [len(ids[0]) for ids, _ in enc]
+    width = max(lengths)
+    pad = s.tok.pad_token_id if s.tok.pad_token_id is not None else (s.tok.eos_token_id or 0)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros(n, width, dtype=torch.bool)
+    for b, ((i, m), L) in enumerate(zip(enc, lengths, strict=True)):
+        ids[b, :L], mask[b, :L] = i[0], m[0]
     splice = s.splice([], hookpoint, mask, error=True, grad=True)
     (name,) = splice.saes
+    sae = splice.saes[name]
     with torch.enable_grad():
         logits, _ = forward(s.model, ids, splice)
-        last = logits[0, -1].float()
-        metric = last[t] - (last[a] if a is not None else 0)
-        vals, idx, _, pos = splice.codes[name]
+        last = logits[torch.arange(n), torch.tensor(lengths) - 1].float()  # [n, vocab]
+        metric = torch.stack([last[b, t[b]] - (last[b, a[b]] if a[b] is not None else 0) for b in range(n)])
+        vals, idx, rows, pos = splice.codes[name]
         written = splice.written[name]
-        grads = torch.autograd.grad(metric, [vals] + [w for _, w, _ in written])
-    sae = splice.saes[name]
+        grads = torch.autograd.grad(metric.sum(), [vals] + [w for _, w, _ in written])
     attr = (vals * grads[0]).detach()
-    error = sum(float((g * err).sum()) for g, (_, _, err) in zip(grads[1:], written, strict=True))
-    bias = sum(float((g.sum(0) * sae.b_dec[sae.part_slice(h, True) if sae.cfg.crosscoder else slice(None)]).sum())
-               for g, (h, _, _) in zip(grads[1:], written, strict=True))
-    on = vals.detach() > 0
+    vals = vals.detach()
+    bias_of = {h: sae.b_dec[sae.part_slice(h, True)] if sae.cfg.crosscoder else sae.b_dec for h, _, _ in written}
     labels = s.labels(name)
-    rows_pos = pos[:, None].expand_as(idx)[on].tolist()
-    latents = idx[on].tolist()
-    words = [s.tok.decode([i]) for i in ids[0].tolist()]
-    table = pd.DataFrame({"position": rows_pos, "token": [words[p] for p in rows_pos], "latent": latents,
-                          "activation": vals.detach()[on].tolist(), "attribution": attr[on].tolist(),
-                          "label": [labels.get(j) for j in latents]})
-    table = table.reindex(table.attribution.abs().sort_values(ascending=False, kind="stable").index)
-    total = float(table.attribution.abs().sum())
-    return Attribution(table.reset_index(drop=True), float(metric.detach()), error, bias,
-                       abs(error) / (abs(error) + total) if abs(error) + total > 0 else 0.0)
+    out = []
+    for b in range(n):
+        own = rows == b
+        error = sum(float((g[own] * err[own]).sum()) for g, (_, _, err) in zip(grads[1:], written, strict=True))
+        bias = sum(float((g[own].sum(0) * bias_of[h]).sum()) for g, (h, _, _) in zip(grads[1:], written, strict=True))
+        on = (vals > 0) & own[:, None]
+        at = pos[:, None].expand_as(idx)[on].tolist()
+        latents = idx[on].tolist()
+        words = [s.tok.decode([i]) for i in ids[b, : lengths[b]].tolist()]
+        table = pd.DataFrame({"position": at, "token": [words[p] for p in at], "latent": latents,
+                              "activation": vals[on].tolist(), "attribution": attr[on].tolist(),
+                              "label": [labels.get(j) for j in latents]})
+        table = table.reindex(table.attribution.abs().sort_values(ascending=False, kind="stable").index)
+        total = float(table.attribution.abs().sum())
+        out.append(Attribution(table.reset_index(drop=True), float(metric[b].detach()), error, bias,
+                               abs(error) / (abs(error) + total) if abs(error) + total > 0 else 0.0))
+    return out[0] if isinstance(prompt, str) else out
+
+
+def _per_prompt(value, n: int, what: str) -> list:
+    """`value` for each of `n` prompts: a list of n, or one value (a token, or None) for all."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise SaekitError(f"{len(value)} values of {what} for {n} prompts; give one, or one per prompt")
+        return list(value)
+    return [value] * n

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from saekit import cli
+from saekit.errors import SaekitError
 from saekit.intervene import _Setup, attribute, steer
 from saekit.model import logprobs
 from saekit.sae import SAE, Crosscoder, SAEConfig
@@ -101,6 +102,29 @@ def test_attributions_complete_the_gradient(run, smollm2):
     assert 0 < res.error_share < 1
     assert res.table.attribution.abs().is_monotonic_decreasing
     assert set(res.table.columns) == {"position", "token", "latent", "activation", "attribution", "label"}
+
+
+def test_attribution_of_a_batch_is_each_prompts_own(run, smollm2):
+    """Prompts of different lengths attributed as one right-padded batch (one target each) give
+    each prompt's one-prompt attribution: same metric, rows, error and bias, and nothing at the
+    padding."""
+    prompts = [PROMPT, "When Mary and John went to the store, John gave a drink to", "Long live the"]
+    targets = [" king", " Mary", " king"]
+    batch = attribute(run, prompts, targets, [" queen", " John", None], model=smollm2)
+    assert len(batch) == 3
+    for p, t, a, got in zip(prompts, targets, [" queen", " John", None], batch, strict=True):
+        one = attribute(run, p, t, a, model=smollm2)
+        assert got.metric == pytest.approx(one.metric, rel=1e-3, abs=1e-4)
+        assert got.error == pytest.approx(one.error, rel=2e-3, abs=2e-4)
+        assert got.bias == pytest.approx(one.bias, rel=2e-3, abs=2e-4)
+        key = ["position", "latent"]
+        merged = one.table.merge(got.table, on=key, suffixes=("", "_b"))
+        assert len(merged) == len(one.table) == len(got.table)  # the same active latents, no padding rows
+        assert (merged.token == merged.token_b).all()
+        assert merged.activation.values == pytest.approx(merged.activation_b.values, rel=1e-3, abs=1e-4)
+        assert merged.attribution.values == pytest.approx(merged.attribution_b.values, rel=2e-3, abs=2e-4)
+    with pytest.raises(SaekitError, match="2 values of target for 3 prompts"):
+        attribute(run, prompts, [" king", " Mary"], model=smollm2)
 
 
 def test_steering_a_latent_towards_a_token_raises_it(smollm2, tmp_path):
