@@ -11,6 +11,9 @@ Attribution of a 64-token prompt (BOS + 63 tokens), seconds:
   fwd+bwd all  the same with every parameter's gradient too (`loss.backward()`)
   attribute    `saekit.intervene.attribute` over every latent of the SAE (loads the SAE and the
                atlas labels, splices, backward to the codes, builds the table)
+Attribution of `--batch` IOI prompts (about 16 tokens each), seconds:
+  one by one   `attribute` called once per prompt
+  batched      `attribute` given the list (one right-padded forward and backward)
 
     python3 benchmarks/bench_intervene.py runs/default --latent 6226
     python3 benchmarks/bench_intervene.py --untrained   # an untrained SAE of the default run's shape
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from saekit.analyze.ioi import ioi_prompts
 from saekit.intervene import _generate, _Setup, attribute
 from saekit.model import _TWINS, load_model
 from saekit.sae import SAE, SAEConfig
@@ -53,6 +57,7 @@ def main():
     ap.add_argument("--strength", type=float, default=8.0)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8, help="IOI prompts attributed one by one and as a batch")
     ap.add_argument("--untrained", action="store_true", help="time an untrained SAE of the default run's shape")
     args = ap.parse_args()
     if args.untrained:
@@ -106,11 +111,15 @@ def main():
 
     att = {"fwd+bwd x": fwd_bwd(False), "fwd+bwd all": fwd_bwd(True),
            "attribute": lambda: attribute(args.run, prompt, target, against, model=lm)}
-    times = {k: [] for k in [*gen, *att]}
-    for fn in [*gen.values(), *att.values()]:  # warm-up
+    ioi_p = ioi_prompts(lm.tokenizer, args.batch, seed=0)
+    texts, io, s_ = ioi_p.texts(), ioi_p.answer.tolist(), ioi_p.distractor.tolist()
+    batch = {"one by one": lambda: [attribute(args.run, *x, model=lm) for x in zip(texts, io, s_, strict=True)],
+             "batched": lambda: attribute(args.run, texts, io, s_, model=lm)}
+    times = {k: [] for k in [*gen, *att, *batch]}
+    for fn in [*gen.values(), *att.values(), *batch.values()]:  # warm-up
         fn()
     for _ in range(args.reps):
-        for k, fn in [*gen.items(), *att.items()]:
+        for k, fn in [*gen.items(), *att.items(), *batch.items()]:
             times[k].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"run {args.run} ({name}, {sae.n_latents:,} latents), {torch.get_num_threads()} threads, "
@@ -123,6 +132,10 @@ def main():
     print("| | s | / fwd+bwd x |\n|---|---:|---:|")
     for k in att:
         print(f"| {k} | {med[k]:.3f} | {med[k] / med['fwd+bwd x']:.2f} |")
+    print(f"\nattribution of {args.batch} IOI prompts ({ioi_p.where['end'].min() + 1}-{ioi_p.tokens.shape[1]} tokens)")
+    print("| | s | prompts/s | / one by one |\n|---|---:|---:|---:|")
+    for k in batch:
+        print(f"| {k} | {med[k]:.3f} | {args.batch / med[k]:.3g} | {med['one by one'] / med[k]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -85,24 +85,34 @@ def test_budget_plot_has_readable_ticks_one_legend_and_the_seeds_spread(monkeypa
 
 
 def test_check_readme_reads_every_headline_figure_and_finds_a_changed_one(tmp_path):
-    """benchmarks/check_readme.py compares the README's headline table with a run's eval.json: a
-    run with the README's own figures passes, one with another dead share fails naming it."""
+    """benchmarks/check_readme.py compares the README's headline table with a run's eval.json, in
+    the column of the run's encoder path: a run with that column's own figures passes, one with
+    another dead share fails naming it; a table without the run's column is refused."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import check_readme
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    path = "bf16+fp32-rescore"  # the column the README fills
-    printed = check_readme.figures(check_readme.headline(README, path))
-    assert {k for k, _, _ in printed} >= {"n_tokens", "fvu", "l0", "dead_fraction"}
-    values = {k: float(v.replace(",", "")) / scale for k, v, scale in printed} | {"encoder_path": path}
-    for change, code in (({}, 0), ({"dead_fraction": values["dead_fraction"] + 0.002}, 1)):
-        (tmp_path / "eval.json").write_text(json.dumps({check_readme.HOOK: {**values, **change}}))
-        res = subprocess.run([sys.executable, str(ROOT / "benchmarks/check_readme.py"), str(tmp_path)],
-                             capture_output=True, text=True)
-        assert res.returncode == code, res.stdout + res.stderr
-        assert ("DIFF dead_fraction" in res.stdout) == bool(change)
-    (tmp_path / "eval.json").write_text(json.dumps({check_readme.HOOK: {**values, "encoder_path": "fp32"}}))
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/check_readme.py"), str(tmp_path)],
-                         capture_output=True, text=True)
+
+    def check(values: dict, readme: Path | None = None) -> subprocess.CompletedProcess:
+        (tmp_path / "eval.json").write_text(json.dumps({check_readme.HOOK: values}))
+        more = ["--readme", str(readme)] if readme else []
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks/check_readme.py"), str(tmp_path), *more],
+                              capture_output=True, text=True)
+
+    columns = {}
+    for path in ("fp32", "bf16+fp32-rescore"):  # the README fills both columns
+        printed = check_readme.figures(check_readme.headline(README, path))
+        assert {k for k, _, _ in printed} >= {"n_tokens", "fvu", "l0", "dead_fraction"}
+        columns[path] = values = {k: float(v.replace(",", "")) / scale for k, v, scale in printed}
+        for change, code in (({}, 0), ({"dead_fraction": values["dead_fraction"] + 0.002}, 1)):
+            res = check({**values, **change, "encoder_path": path})
+            assert res.returncode == code, res.stdout + res.stderr
+            assert ("DIFF dead_fraction" in res.stdout) == bool(change)
+    assert {"cosine", "ce_sae", "loss_recovered", "kl_sae"} <= set(columns["fp32"])  # the downstream rows
+    assert columns["fp32"] != columns["bf16+fp32-rescore"]  # each path reads its own column
+    one_column = tmp_path / "README.md"
+    one_column.write_text("## What the main job gives\n\n| held-out metric (10 tokens) | bf16 encoder path |\n"
+                          "|---|---|\n| FVU (explained variance) | 0.1 (0.9) |\n")
+    res = check({**columns["fp32"], "encoder_path": "fp32"}, one_column)
     assert res.returncode != 0 and "no column for the fp32 encoder path" in res.stdout + res.stderr
