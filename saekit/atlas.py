@@ -119,7 +119,6 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     """One hookpoint's rows of every table; returns the encoder path its codes took. The codes of
     all read tokens are held in memory (12 bytes per token and code slot); every statistic is a
     sort or a scatter over their nonzeros."""
-    from saekit.analyze.geometry import top_neighbours
     from saekit.codes import encode_all
 
     t0 = time.perf_counter()
@@ -132,8 +131,59 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     ctx, pos, tok = (rows[f][:n].long() for f in ("_context", "_position", "_token"))
     say = Phases(f"atlas {h}", quiet)  # the steps after the encoding bar, each a few seconds to a minute
     say.step("sorting the codes, top contexts, labels")
+    s = _statistics(codes, ctx, tok, m, len(vocab))
+    say.step("context windows")
+    windows = _windows(codes, s, ctx, pos, tok, m)
+    say.step("logit effects, decoder and co-occurrence neighbours")
+    W = sae.W_dec.detach().float().cpu()
+    logit_rows, logit_hist = _logit_effects(h, W, model, m)
+    neigh_rows = _neighbours(h, W, codes, m)
+    say.step("writing the tables")
+    db.executemany("INSERT INTO features VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                   _feature_rows(h, s, tok, vocab, n, m, logit_hist))
+    db.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?,?)", _example_rows(h, s, windows))
+    db.executemany("INSERT INTO logits VALUES (?,?,?,?,?,?)", logit_rows)
+    db.executemany("INSERT INTO neighbours VALUES (?,?,?,?,?,?)", neigh_rows)
+    if sae.cfg.crosscoder:  # a crosscoder or transcoder: each latent's decoder norm per target
+        norms = sae.decoder_norms().float().cpu()  # [targets, m]
+        db.executemany("INSERT INTO parts VALUES (?,?,?,?,?)", [
+            (h, j, r, t, float(norms[r, j])) for r, t in enumerate(sae.targets) for j in range(m)])
+    say.end()
+    secs = time.perf_counter() - t0
+    db.execute("INSERT INTO hookpoints VALUES (?,?,?,?,?)", (h, m, sae.d_in, n, secs))
+    if not quiet:
+        print(f"atlas: {h}: {m} latents on {n:,} tokens in {secs:.1f} s", flush=True)
+    return sae.encoder_path
 
-    # the nonzero codes, ordered by latent, then activation descending
+
+@dataclass
+class _Stats:
+    """One hookpoint's nonzero codes, ordered by latent then activation descending (`val`, `lat`,
+    `row` per entry), and the per-latent statistics and example picks the atlas derives from them."""
+
+    val: torch.Tensor
+    lat: torch.Tensor
+    row: torch.Tensor
+    rank: torch.Tensor  # each entry's rank inside its latent
+    n_fires: torch.Tensor
+    sums: torch.Tensor
+    max_act: torch.Tensor
+    hist: torch.Tensor  # [m * HIST_BINS] over [0, max]
+    top: torch.Tensor  # entries of the top examples (best token of TOP distinct contexts)
+    quant: torch.Tensor  # entries of the quantile samples
+    qbin: torch.Tensor  # each entry's quantile slice
+    labels: list  # per latent: (token, score) or None
+    odd_fires: torch.Tensor  # fires on the odd (scoring) contexts
+    odd_hits: torch.Tensor  # of which on the label's token
+    odd_freq: np.ndarray  # token counts of the odd contexts
+    top_share: torch.Tensor  # the label's share of the top contexts' peaks
+    q_share: list  # per latent and slice, the label's share of the slice's firing tokens
+    n_ctx: int
+
+
+def _statistics(codes, ctx: torch.Tensor, tok: torch.Tensor, m: int, n_vocab: int) -> _Stats:
+    """Sort the nonzero codes; firing counts, maxima, histograms, top and quantile examples, labels."""
+    n = codes.n_tokens
     flat = codes.values.flatten()
     nz = (flat > 0).nonzero().flatten()
     val, lat, row = flat[nz], codes.indices.flatten()[nz], nz // codes.values.shape[1]
@@ -161,7 +211,7 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     _, e_rank = _segments(lat[even], m)
     even = even[e_rank < TOP]
     toks_np = tok.numpy()
-    freq = np.bincount(toks_np, minlength=len(vocab)).astype(np.float64)
+    freq = np.bincount(toks_np, minlength=n_vocab).astype(np.float64)
     bounds = torch.searchsorted(lat[even], torch.arange(m + 1)).tolist()
     peaks = tok[row[even]].numpy()
     labels = [_label(peaks[bounds[j] : bounds[j + 1]], freq, n) for j in range(m)]
@@ -169,7 +219,7 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     odd = ctx[row] % 2 == 1
     odd_fires = torch.bincount(lat[odd], minlength=m)
     odd_hits = torch.bincount(lat[odd & (tok[row] == label_tok[lat])], minlength=m)
-    odd_freq = np.bincount(toks_np[(ctx % 2 == 1).numpy()], minlength=len(vocab))
+    odd_freq = np.bincount(toks_np[(ctx % 2 == 1).numpy()], minlength=n_vocab)
 
     # histogram over [0, max]; quantile samples: one pseudo-random token from each of QUANTILES
     # equal-count slices of the latent's activations (slice 0 holds the strongest)
@@ -187,14 +237,20 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
     q_fires = torch.bincount(lat * QUANTILES + qbin, minlength=m * QUANTILES).view(m, QUANTILES)
     q_share = torch.bincount(lat * QUANTILES + qbin, on_label.double(), minlength=m * QUANTILES).view(m, QUANTILES)
     q_share = torch.where(q_fires > 0, q_share / q_fires.clamp_min(1), torch.nan).tolist()
+    return _Stats(val, lat, row, rank, n_fires, sums, max_act, hist, top, quant, qbin, labels, odd_fires, odd_hits,
+                  odd_freq, top_share, q_share, n_ctx)
 
-    say.step("context windows")
-    # context windows: the tokens ±WINDOW around each example's row and the latent's value on each
-    ex = torch.cat([top, quant])
-    ex_kind = ["top"] * len(top) + ["quantile"] * len(quant)
-    ex_rank = torch.cat([_segments(lat[top], m)[1], qbin[quant]])
+
+def _windows(codes, s: _Stats, ctx: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor, m: int) -> tuple:
+    """Context windows of the top and quantile examples: the tokens ±WINDOW around each example's
+    row and the latent's value on each -> (entries, kinds, ranks, tokens, values, present)."""
+    n = codes.n_tokens
+    lat, row = s.lat, s.row
+    ex = torch.cat([s.top, s.quant])
+    ex_kind = ["top"] * len(s.top) + ["quantile"] * len(s.quant)
+    ex_rank = torch.cat([_segments(lat[s.top], m)[1], s.qbin[s.quant]])
     ctx_len = int(pos.max()) + 1
-    rowmap = torch.full((n_ctx, ctx_len), -1, dtype=torch.long)
+    rowmap = torch.full((s.n_ctx, ctx_len), -1, dtype=torch.long)
     rowmap[ctx, pos] = torch.arange(n)
     wpos = pos[row[ex]].unsqueeze(1) + torch.arange(-WINDOW, WINDOW + 1)
     inside = (wpos >= 0) & (wpos < ctx_len)
@@ -207,75 +263,81 @@ def _build_hookpoint(db, run, h, split, rows, model, vocab, max_tokens, quiet):
         hit = codes.indices[w] == lat[ex[a : a + 16384]].view(-1, 1, 1)
         wact[a : a + 16384] = (codes.values[w] * hit).sum(-1)
     wact *= present
-    wtok = tok[wr]
+    return ex, ex_kind, ex_rank, tok[wr], wact, present
 
-    # logit effects (top, bottom and a histogram over the vocabulary) and decoder neighbours
-    say.step("logit effects, decoder and co-occurrence neighbours")
-    W = sae.W_dec.detach().float().cpu()
+
+def _logit_effects(h: str, W: torch.Tensor, model, m: int) -> tuple[list, list]:
+    """Each latent's top and bottom N_LOGITS logit effects (rows of `logits`) and a histogram of
+    its effects over the vocabulary (None without a model, or when the widths differ)."""
     W_U = _unembed(model) if model is not None else None
     logit_rows, logit_hist = [], [None] * m
-    if W_U is not None and W_U.shape[0] == W.shape[1]:
-        for a in range(0, m, 512):
-            eff = W[a : a + 512] @ W_U
-            tv, ti = eff.topk(N_LOGITS, dim=1)
-            bv, bi = eff.topk(N_LOGITS, dim=1, largest=False)
-            lo, hi = bv[:, :1], tv[:, :1]
-            b = ((eff - lo) / (hi - lo).clamp_min(1e-12) * HIST_BINS).long().clamp(0, HIST_BINS - 1)
-            counts = torch.zeros(len(eff), HIST_BINS, dtype=torch.long).scatter_add_(1, b, torch.ones_like(b))
-            for j in range(len(eff)):
-                logit_rows += [(h, a + j, 1, r, t, v) for r, (t, v) in enumerate(zip(ti[j].tolist(), tv[j].tolist(),
-                                                                                   strict=True))]
-                logit_rows += [(h, a + j, -1, r, t, v) for r, (t, v) in enumerate(zip(bi[j].tolist(), bv[j].tolist(),
-                                                                                    strict=True))]
-                logit_hist[a + j] = json.dumps({"lo": float(lo[j]), "hi": float(hi[j]), "counts": counts[j].tolist()})
-    neigh_rows = []
-    if m > 1:
-        cos, ids = top_neighbours(W, N_NEIGHBOURS)
-        for j, (cs, js) in enumerate(zip(cos.tolist(), ids.tolist(), strict=True)):
-            neigh_rows += [(h, j, "decoder", r, o, c) for r, (o, c) in enumerate(zip(js, cs, strict=True))]
-        neigh_rows += [(h, i, "cooccurrence", r, j, v) for i, r, j, v in
-                       zip(*(x.tolist() for x in _cooccurrence_neighbours(codes, N_NEIGHBOURS)), strict=True)]
+    if W_U is None or W_U.shape[0] != W.shape[1]:
+        return logit_rows, logit_hist
+    for a in range(0, m, 512):
+        eff = W[a : a + 512] @ W_U
+        tv, ti = eff.topk(N_LOGITS, dim=1)
+        bv, bi = eff.topk(N_LOGITS, dim=1, largest=False)
+        lo, hi = bv[:, :1], tv[:, :1]
+        b = ((eff - lo) / (hi - lo).clamp_min(1e-12) * HIST_BINS).long().clamp(0, HIST_BINS - 1)
+        counts = torch.zeros(len(eff), HIST_BINS, dtype=torch.long).scatter_add_(1, b, torch.ones_like(b))
+        for j in range(len(eff)):
+            logit_rows += [(h, a + j, 1, r, t, v) for r, (t, v) in enumerate(zip(ti[j].tolist(), tv[j].tolist(),
+                                                                               strict=True))]
+            logit_rows += [(h, a + j, -1, r, t, v) for r, (t, v) in enumerate(zip(bi[j].tolist(), bv[j].tolist(),
+                                                                                strict=True))]
+            logit_hist[a + j] = json.dumps({"lo": float(lo[j]), "hi": float(hi[j]), "counts": counts[j].tolist()})
+    return logit_rows, logit_hist
 
-    say.step("writing the tables")
+
+def _neighbours(h: str, W: torch.Tensor, codes, m: int) -> list:
+    """Rows of `neighbours`: each latent's nearest decoder rows and its strongest co-occurrences."""
+    from saekit.analyze.geometry import top_neighbours
+
+    if m <= 1:
+        return []
+    cos, ids = top_neighbours(W, N_NEIGHBOURS)
+    neigh_rows = []
+    for j, (cs, js) in enumerate(zip(cos.tolist(), ids.tolist(), strict=True)):
+        neigh_rows += [(h, j, "decoder", r, o, c) for r, (o, c) in enumerate(zip(js, cs, strict=True))]
+    neigh_rows += [(h, i, "cooccurrence", r, j, v) for i, r, j, v in
+                   zip(*(x.tolist() for x in _cooccurrence_neighbours(codes, N_NEIGHBOURS)), strict=True)]
+    return neigh_rows
+
+
+def _example_rows(h: str, s: _Stats, windows: tuple) -> list:
+    """Rows of `examples`: each example's window tokens and values (only the positions present)."""
+    ex, ex_kind, ex_rank, wtok, wact, present = windows
     ex_rows = []
-    lists = zip(ex_kind, ex_rank.tolist(), lat[ex].tolist(), row[ex].tolist(), val[ex].tolist(), wtok.tolist(),
-                wact.tolist(), present.tolist(), strict=True)
+    lists = zip(ex_kind, ex_rank.tolist(), s.lat[ex].tolist(), s.row[ex].tolist(), s.val[ex].tolist(),
+                wtok.tolist(), wact.tolist(), present.tolist(), strict=True)
     for kind, rk, j, r, v, wt, wa, keep in lists:
         t = [x for x, ok in zip(wt, keep, strict=True) if ok]
         av = [round(x, 6) for x, ok in zip(wa, keep, strict=True) if ok]
         peak = sum(keep[:WINDOW])
         ex_rows.append((h, j, kind, rk, r, v, peak, t[peak], json.dumps(t), json.dumps(av)))
+    return ex_rows
+
+
+def _feature_rows(h: str, s: _Stats, tok: torch.Tensor, vocab: list, n: int, m: int, logit_hist: list) -> list:
+    """Rows of `features`: firing statistics, histograms, the label and how well it holds."""
     top_text = [[] for _ in range(m)]
-    for j, t in zip(lat[top].tolist(), tok[row[top]].tolist(), strict=True):
+    for j, t in zip(s.lat[s.top].tolist(), tok[s.row[s.top]].tolist(), strict=True):
         top_text[j].append(vocab[t])
     feat_rows = []
-    hist_l = hist.view(m, HIST_BINS).tolist()
+    hist_l = s.hist.view(m, HIST_BINS).tolist()
     for j in range(m):
-        lb = labels[j]
-        fires, hits = int(odd_fires[j]), int(odd_hits[j])
+        lb = s.labels[j]
+        fires, hits = int(s.odd_fires[j]), int(s.odd_hits[j])
         prec = hits / fires if lb and fires else None
-        rec = hits / int(odd_freq[lb[0]]) if lb and odd_freq[lb[0]] else None
+        rec = hits / int(s.odd_freq[lb[0]]) if lb and s.odd_freq[lb[0]] else None
         f1 = 2 * prec * rec / (prec + rec) if prec and rec else (0.0 if lb else None)
-        cnt = int(n_fires[j])
-        shares = (float(top_share[j]), json.dumps([None if x != x else round(x, 4) for x in q_share[j]])) if lb \
+        cnt = int(s.n_fires[j])
+        shares = (float(s.top_share[j]), json.dumps([None if x != x else round(x, 4) for x in s.q_share[j]])) if lb \
             else (None, None)
-        feat_rows.append((h, j, cnt, cnt / n, sums[j].item() / max(cnt, 1), float(max_act[j]), json.dumps(hist_l[j]),
-                          logit_hist[j], vocab[lb[0]] if lb else None, lb[0] if lb else None, f1, prec, rec, *shares,
-                          "\x1f".join(top_text[j])))
-    db.executemany("INSERT INTO features VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", feat_rows)
-    db.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?,?)", ex_rows)
-    db.executemany("INSERT INTO logits VALUES (?,?,?,?,?,?)", logit_rows)
-    db.executemany("INSERT INTO neighbours VALUES (?,?,?,?,?,?)", neigh_rows)
-    if sae.cfg.crosscoder:  # a crosscoder or transcoder: each latent's decoder norm per target
-        norms = sae.decoder_norms().float().cpu()  # [targets, m]
-        db.executemany("INSERT INTO parts VALUES (?,?,?,?,?)", [
-            (h, j, r, t, float(norms[r, j])) for r, t in enumerate(sae.targets) for j in range(m)])
-    say.end()
-    secs = time.perf_counter() - t0
-    db.execute("INSERT INTO hookpoints VALUES (?,?,?,?,?)", (h, m, sae.d_in, n, secs))
-    if not quiet:
-        print(f"atlas: {h}: {m} latents on {n:,} tokens in {secs:.1f} s", flush=True)
-    return sae.encoder_path
+        feat_rows.append((h, j, cnt, cnt / n, s.sums[j].item() / max(cnt, 1), float(s.max_act[j]),
+                          json.dumps(hist_l[j]), logit_hist[j], vocab[lb[0]] if lb else None, lb[0] if lb else None,
+                          f1, prec, rec, *shares, "\x1f".join(top_text[j])))
+    return feat_rows
 
 
 def build_atlas(run, tokens: int | None = None, out: str | Path | None = None, *, split: str = "train",
@@ -460,6 +522,31 @@ class Card:
         for k, v in self.__dict__.items():
             out[k] = v.to_dict(orient="records") if hasattr(v, "to_dict") else v
         return out
+
+    def to_text(self) -> str:
+        """The card as `saekit atlas query --feature` prints it: label, statistics, top contexts
+        (the peak token in [[ ]]), logit effects, neighbours, added analyses and matches."""
+        score = "none" if self.label_score is None else f"{self.label_score:.3g}"
+        lines = [f"{self.hookpoint} latent {self.latent}: label {self.label!r} (score {score}), "
+                 f"density {self.density:.4g}, mean {self.mean_act:.4g}, max {self.max_act:.4g}",
+                 f"label: {self.label_note()}"]
+        tags = (("lobe", self.lobe), ("cluster", self.cluster), ("absorbs letters", self.absorbs))
+        added = [f"{k} {v}" for k, v in tags if v is not None]
+        if added:  # from `saekit atlas add`
+            lines.append("analyses: " + ", ".join(added))
+        lines.append("top contexts:")
+        ex = self.top_examples
+        for toks, acts, peak in zip(ex.tokens, ex.acts, ex.peak, strict=True):
+            text = "".join(f"[[{t}]]" if i == peak else t for i, t in enumerate(toks))
+            lines.append(f"  {acts[peak]:8.3f}  {text!r}")
+        lines.append("promotes: " + ", ".join(repr(t) for t in self.logits_top.token))
+        lines.append("suppresses: " + ", ".join(repr(t) for t in self.logits_bottom.token))
+        lines.append("neighbours: " + ", ".join(f"{j} ({c:.2f})" for j, c in zip(self.neighbours.latent,
+                                                                                 self.neighbours.cosine, strict=True)))
+        if self.matches is not None and len(self.matches):
+            lines.append("matched to: " + ", ".join(f"{h} {j} ({sc:.2f})" for h, j, sc in
+                                                    self.matches.itertuples(index=False, name=None)))
+        return "\n".join(lines)
 
 
 def _readable(query):

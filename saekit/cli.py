@@ -97,19 +97,11 @@ def _analyze(args, extra):
     from saekit.analyze.report import ANALYSES, analyze_run
 
     if args.analysis == "task":
-        from saekit.analyze.task import markdown, task_eval
-        from saekit.io import atomic_write
-        from saekit.run import Run
+        from saekit.analyze.task import task_report
 
-        res = task_eval(args.run, args.task, hookpoint=args.hookpoint, position=args.position, model=args.model,
-                        n_eval=args.prompts, n_pairs=min(args.pairs, args.prompts), progress=not args.quiet).to_dict()
-        run = Run.open(args.run)
-        run.write_json(f"analysis/task_{args.task}.json", res)
-        md = markdown(res)
-        atomic_write(run.analysis_dir / f"task_{args.task}.md", lambda p: p.write_text(md))
-        print(md)
+        print(task_report(args.run, args.task, hookpoint=args.hookpoint, position=args.position, model=args.model,
+                          n_eval=args.prompts, n_pairs=min(args.pairs, args.prompts), progress=not args.quiet))
         return
-
     analyze_run(args.run, ANALYSES if args.analysis == "all" else (args.analysis,), hookpoint=args.hookpoint,
                 activations=args.activations, tokens=args.tokens, words=args.words, f1_threshold=args.f1_threshold,
                 min_letters=args.min_letters, model=args.model, quiet=args.quiet, against=args.against,
@@ -136,7 +128,7 @@ def _stability(args, extra):
 def _match(args, extra):
     from saekit.analyze.crosslayer import chain_report
     from saekit.io import md_table
-    from saekit.matching import encode_all, match
+    from saekit.matching import match_saes
 
     if args.chain:
         if args.b is not None:
@@ -145,43 +137,15 @@ def _match(args, extra):
         return
     if args.b is None:
         raise SaekitError("give two SAEs to match (SAE folders, or RUN/<hookpoint>), or one run with --chain")
-    (run_a, ha, a), (run_b, hb, b) = _match_side(args.a), _match_side(args.b)
-    # A's run's analysis folder, named by both sides: B's run and hookpoint (just the hookpoint within A's run)
-    b_name = hb if run_b.path.resolve() == run_a.path.resolve() else f"{run_b.path.resolve().name}@{hb}"
-    out = Path(args.out) if args.out else run_a.analysis_dir / "matches" / f"{ha}__{b_name}.json"
-    if out.exists() and not args.force:
-        raise SaekitError(f"{out} exists; pass --force to overwrite it or --out PATH to write elsewhere")
-    codes = None
-    if args.method == "activations":
-        acts_a, acts_b = (run.activations(h, path=p) if p or not run.bare else None
-                          for run, h, p in ((run_a, ha, args.activations_a), (run_b, hb, args.activations_b)))
-        if acts_a is None or acts_b is None:
-            raise SaekitError("--method activations needs both SAEs' activations on the same tokens: SAEs of one run "
-                              "(its held-out cache), or --activations-a and --activations-b")
-        codes = (encode_all(a, acts_a, args.tokens), encode_all(b, acts_b, args.tokens))
-    m = match(a, b, args.method, args.solver, args.candidates, codes=codes, min_score=args.min_score)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    m.save(out)
+    m, out = match_saes(args.a, args.b, args.method, args.solver, args.candidates, min_score=args.min_score,
+                        tokens=args.tokens, activations=(args.activations_a, args.activations_b), out=args.out,
+                        force=args.force)
     print(md_table([{"A": args.a, "B": args.b, "method": m.method, "solver": m.solver, **m.summary(),
                      "seconds": m.info["seconds"]}]))
     table = m.table
     print(f"\n{table.sort_values('score', ascending=False).head(args.show).to_string(index=False)}")
     _left_out(len(table) - min(len(table), args.show), "--show N prints more; all are in the match file")
     print(f"\nsaekit: match written to {out}")
-
-
-def _match_side(spec: str):
-    """(run, hookpoint, SAE) of one side of a match: an SAE folder (inside a run folder, that
-    run's), or a run folder with one hookpoint."""
-    from saekit.run import Run, is_sae_folder
-
-    path = Path(spec)
-    if is_sae_folder(path) and (path.parent / "config.json").is_file():
-        run, h = Run.open(path.parent), path.name
-    else:
-        run = Run.open(path)
-        h = run.hookpoint()
-    return run, h, run.sae(h)
 
 
 def _export(args, extra):
@@ -229,52 +193,16 @@ def _atlas(args, extra):
         print(f"saekit: atlas written to {out} ({out.stat().st_size:,} bytes)")
         return
     atlas = Atlas.open(args.path)
-    given = [k for k in ("feature", "text", "similar", "token", "search", "top_by") if getattr(args, k) is not None]
-    given += [k for k in ("dead", "dense") if getattr(args, k)]
+    given = [k for k in ("feature", *_QUERIES) if getattr(args, k) is not None and getattr(args, k) is not False]
     if len(given) != 1:
         raise SaekitError("give exactly one of --feature, --text, --similar, --token, --search, --dead, --dense, "
                           "--top-by")
     what, h = given[0], args.hookpoint
     if what == "feature":
         card = atlas.card(args.feature, h)
-        if args.json:
-            print(json.dumps(card.to_dict(), indent=1))
-            return
-        score = "none" if card.label_score is None else f"{card.label_score:.3g}"
-        print(f"{card.hookpoint} latent {card.latent}: label {card.label!r} (score {score}), "
-              f"density {card.density:.4g}, mean {card.mean_act:.4g}, max {card.max_act:.4g}")
-        print(f"label: {card.label_note()}")
-        tags = (("lobe", card.lobe), ("cluster", card.cluster), ("absorbs letters", card.absorbs))
-        added = [f"{k} {v}" for k, v in tags if v is not None]
-        if added:  # from `saekit atlas add`
-            print("analyses:", ", ".join(added))
-        print("top contexts:")
-        for toks, acts, peak in zip(card.top_examples.tokens, card.top_examples.acts, card.top_examples.peak,
-                                    strict=True):
-            text = "".join(f"[[{t}]]" if i == peak else t for i, t in enumerate(toks))
-            print(f"  {acts[peak]:8.3f}  {text!r}")
-        print("promotes:", ", ".join(repr(t) for t in card.logits_top.token))
-        print("suppresses:", ", ".join(repr(t) for t in card.logits_bottom.token))
-        print("neighbours:", ", ".join(f"{j} ({c:.2f})" for j, c in zip(card.neighbours.latent,
-                                                                         card.neighbours.cosine, strict=True)))
-        if card.matches is not None and len(card.matches):
-            print("matched to:", ", ".join(f"{h} {j} ({sc:.2f})" for h, j, sc in
-                                            card.matches.itertuples(index=False, name=None)))
+        print(json.dumps(card.to_dict(), indent=1) if args.json else card.to_text())
         return
-    if what == "text":
-        df = atlas.text(args.text, h)
-    elif what == "similar":
-        df = atlas.similar(args.similar, h)
-    elif what == "token":
-        df = atlas.token(args.token, h)
-    elif what == "search":
-        df = atlas.search(args.search, h)
-    elif what == "dead":
-        df = atlas.dead(h)
-    elif what == "dense":
-        df = atlas.top_by("density", args.limit, h)
-    else:
-        df = atlas.top_by(args.top_by, args.limit, h)
+    df = _QUERIES[what](atlas, args, h)
     if args.json:
         print(df.to_json(orient="records"))
         return
@@ -320,6 +248,18 @@ def _attribute(args, extra):
     _left_out(len(res.table) - min(len(res.table), args.limit), "--limit N or --json shows them")
 
 
+# `saekit atlas query --WHAT`: the Atlas method each answers with (a table)
+_QUERIES = {
+    "text": lambda atlas, args, h: atlas.text(args.text, h),
+    "similar": lambda atlas, args, h: atlas.similar(args.similar, h),
+    "token": lambda atlas, args, h: atlas.token(args.token, h),
+    "search": lambda atlas, args, h: atlas.search(args.search, h),
+    "dead": lambda atlas, args, h: atlas.dead(h),
+    "dense": lambda atlas, args, h: atlas.top_by("density", args.limit, h),
+    "top_by": lambda atlas, args, h: atlas.top_by(args.top_by, args.limit, h),
+}
+
+
 def _left_out(n: int, how: str) -> None:
     """Say under a table cut to its first rows how many were left out and how to see them."""
     if n > 0:
@@ -361,11 +301,22 @@ def _at_least(lo: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from saekit.config import config_help
-
     p = argparse.ArgumentParser(prog="saekit", description=__doc__)
     p.add_argument("--version", action="version", version=f"saekit {saekit.__version__}")
     sub = p.add_subparsers(dest="verb", required=True)
+    for verb in (_train_verb, _cache_verb, _eval_verb, _analyze_verb, _match_verb, _stability_verb, _export_verb,
+                 _atlas_verb):
+        verb(sub).add_argument("--quiet", action="store_true", help="no progress bars")
+    for verb in (_steer_verb, _attribute_verb):
+        verb(sub)
+    for s in sub.choices.values():
+        s.set_defaults(parser=s)  # a verb's own usage in its error messages
+    return p
+
+
+def _train_verb(sub):
+    """`saekit train`'s arguments."""
+    from saekit.config import config_help
 
     t = sub.add_parser("train", usage="saekit train [CONFIG.yaml] [--resume] [--quiet] [--KEY VALUE ...]",
                        help="harvest activations and train one SAE per hookpoint, then evaluate",
@@ -376,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with its stored config")
     t.set_defaults(func=_train)
+    return t
+
+
+def _cache_verb(sub):
+    """`saekit cache`'s arguments."""
+    from saekit.config import config_help
 
     c = sub.add_parser("cache", usage="saekit cache [CONFIG.yaml] [--quiet] [--KEY VALUE ...] | saekit cache --list | "
                                       "saekit cache --remove KEY|all [--cache_dir DIR]",
@@ -389,14 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "hookpoints, model")
     c.add_argument("--remove", metavar="KEY|all", default=None, help="delete one cache (its key from --list) or all")
     c.set_defaults(func=_cache)
+    return c
 
+
+def _eval_verb(sub):
+    """`saekit eval`'s arguments."""
     e = sub.add_parser("eval", help="evaluate a run's SAEs on its held-out text (writes RUN/eval.json)")
     e.add_argument("run", help="a run folder or a bare SAE folder")
     e.add_argument("--contexts", type=_at_least(1), default=None, help="held-out contexts for the downstream loss")
     e.add_argument("--activations", default=None, help=ACTIVATIONS_HELP)
     e.add_argument("--model", default=None, help="model for the downstream loss of a bare SAE folder")
-    e.set_defaults(func=_eval)
+    e.set_defaults(func=_eval, strict=True)
+    return e
 
+
+def _analyze_verb(sub):
+    """`saekit analyze`'s arguments."""
     a = sub.add_parser("analyze", help="dead/dense latents, collapse, absorption, feature geometry of a run's SAEs, "
                                        "or a task evaluation against supervised dictionaries (writes RUN/analysis/)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ANALYSES_HELP)
@@ -418,8 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--position", default="end", help="task: prompt position read and replaced (ioi: end, io, s1, s2)")
     a.add_argument("--prompts", type=_at_least(1), default=64, help="task: held-out prompts the axes are measured on")
     a.add_argument("--pairs", type=_at_least(1), default=16, help="task: counterfactual pairs per edit")
-    a.set_defaults(func=_analyze)
+    a.set_defaults(func=_analyze, strict=True)
+    return a
 
+
+def _match_verb(sub):
+    """`saekit match`'s arguments."""
     mt = sub.add_parser("match", usage="saekit match A B [options] | saekit match RUN --chain [options]",
                         help="match the latents of two SAEs (or every layer of a run) and report how alike they are")
     mt.add_argument("a", help="SAE folder (or RUN/<hookpoint>); with --chain, a run folder")
@@ -441,8 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--force", action="store_true", help="overwrite an existing match file")
     mt.add_argument("--show", type=_at_least(1), default=10, help="best pairs to print")
     mt.set_defaults(func=_match, strict=True)
+    return mt
 
 
+def _stability_verb(sub):
+    """`saekit stability`'s arguments."""
     st = sub.add_parser("stability", help="how much two runs' SAEs of one hookpoint agree (two seeds): matched "
                                           "decoder/encoder cosines, shares >= 0.7 and 0.9, co-firing")
     st.add_argument("a", help="run folder (or SAE folder) A; its held-out cache gives the co-firing tokens")
@@ -452,7 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--tokens", type=_at_least(1), default=32768, help="held-out tokens for co-firing")
     st.add_argument("--json", action="store_true", help="print the result as JSON")
     st.set_defaults(func=_stability, strict=True)
+    return st
 
+
+def _export_verb(sub):
+    """`saekit export`'s arguments."""
     x = sub.add_parser("export", help="write a run's SAEs (or any SAE folder saekit loads) in another tool's format")
     x.add_argument("run", help="a run folder or an SAE folder (saekit, SAELens, sparsify, dictionary_learning, "
                                "Gemma Scope)")
@@ -460,8 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default=None, help="output folder (default: SAE_FOLDER-sae-lens, or "
                                                "RUN/export-sae-lens/<hookpoint>/; one subfolder per hookpoint)")
     x.add_argument("--hookpoint", default=None, help="export only this hookpoint of the run")
-    x.set_defaults(func=_export)
+    x.set_defaults(func=_export, strict=True)
+    return x
 
+
+def _atlas_verb(sub):
+    """`saekit atlas`'s arguments."""
     at = sub.add_parser("atlas", usage="saekit atlas build RUN [--tokens N] [--split S] [--out PATH] | "
                                        "saekit atlas add ATLAS [--run RUN] | saekit atlas export ATLAS [DIR] | "
                                        "saekit atlas serve ATLAS [--port P] | saekit atlas query ATLAS "
@@ -494,7 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--limit", type=_at_least(1), default=20, help="rows to print")
     at.add_argument("--json", action="store_true", help="JSON instead of a table")
     at.set_defaults(func=_atlas, strict=True)
+    return at
 
+
+def _steer_verb(sub):
     sr = sub.add_parser("steer", help="the run's model continuing a prompt, clean and with latents edited (the "
                                       "dictionaries spliced in, reconstruction error kept)")
     sr.add_argument("run", help="a run folder or an SAE folder")
@@ -507,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--seed", type=int, default=0, help="the sampling seed")
     sr.add_argument("--no-error", action="store_true", help="leave the reconstruction error out")
     sr.set_defaults(func=_steer)
+    return _spliced_options(sr)
+
+
+def _attribute_verb(sub):
     ab = sub.add_parser("attribute", help="the latents that drove the model's next-token logit of --target "
                                           "(activation x gradient through the spliced model)")
     ab.add_argument("run", help="a run folder or an SAE folder")
@@ -515,19 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--against", default=None, help="one token: attribute logit[target] - logit[against]")
     ab.add_argument("--limit", type=int, default=20, help="rows to print")
     ab.set_defaults(func=_attribute)
-    for s in (sr, ab):
-        s.add_argument("--hookpoint", default=None, help="the dictionary (needed when the run has several)")
-        s.add_argument("--model", default=None, help="the model (default: the run's)")
-        s.add_argument("--json", action="store_true", help="JSON instead of text")
-        s.set_defaults(strict=True)
+    return _spliced_options(ab)
 
-    for s in (t, c, e, a, mt, st, x, at):
-        s.add_argument("--quiet", action="store_true", help="no progress bars")
-    for s in (e, a, x):
-        s.set_defaults(strict=True)
-    for s in (t, c, e, a, mt, st, x, at):
-        s.set_defaults(parser=s)  # a verb's own usage in its error messages
-    return p
+
+def _spliced_options(s):
+    """The options of the verbs that run the model with a run's dictionaries spliced in."""
+    s.add_argument("--hookpoint", default=None, help="the dictionary (needed when the run has several)")
+    s.add_argument("--model", default=None, help="the model (default: the run's)")
+    s.add_argument("--json", action="store_true", help="JSON instead of text")
+    s.set_defaults(strict=True)
+    return s
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ from saekit.activations import Activations
 from saekit.codes import Codes, encode_all
 from saekit.errors import SaekitError
 from saekit.io import atomic_write
+from saekit.run import Run, is_sae_folder
 from saekit.runtime import FP32, cpu_encoder_path
 from saekit.sae import SAE
 
@@ -412,3 +413,42 @@ def pair_scores(a: SAE, b: SAE, b_for_a: torch.Tensor) -> torch.Tensor:
     out = torch.full((len(b_for_a),), math.nan)
     out[ok] = (da[ok] * db[b_for_a[ok]]).sum(1)
     return out
+
+
+def _side(spec: str) -> tuple[Run, str, SAE]:
+    """(run, hookpoint, SAE) of one side of a match: an SAE folder (inside a run folder, that
+    run's), or a run folder with one hookpoint."""
+    path = Path(spec)
+    if is_sae_folder(path) and (path.parent / "config.json").is_file():
+        run, h = Run.open(path.parent), path.name
+    else:
+        run = Run.open(path)
+        h = run.hookpoint()
+    return run, h, run.sae(h)
+
+
+def match_saes(a: str, b: str, method: Method = "decoder", solver: Solver = "auto", candidates: int = 16, *,
+               min_score: float | None = None, tokens: int = 32768, activations: tuple = (None, None),
+               out: str | Path | None = None, force: bool = False) -> tuple[Match, Path]:
+    """`match` the SAEs of folders `a` and `b` (SAE folders, or run folders of one hookpoint) and
+    save it to `out`, by default A's run's analysis/matches/<A hookpoint>__<B run>@<B hookpoint>.json
+    (just <B hookpoint> within A's run); refuses an existing file unless `force`. With method
+    activations, both SAEs encode the same `tokens` tokens: their runs' held-out caches, or
+    `activations` (a path for each side)."""
+    (run_a, ha, sae_a), (run_b, hb, sae_b) = _side(a), _side(b)
+    b_name = hb if run_b.path.resolve() == run_a.path.resolve() else f"{run_b.path.resolve().name}@{hb}"
+    out = Path(out) if out else run_a.analysis_dir / "matches" / f"{ha}__{b_name}.json"
+    if out.exists() and not force:
+        raise SaekitError(f"{out} exists; pass --force to overwrite it or --out PATH to write elsewhere")
+    codes = None
+    if method == "activations":
+        acts_a, acts_b = (run.activations(h, path=p) if p or not run.bare else None
+                          for run, h, p in ((run_a, ha, activations[0]), (run_b, hb, activations[1])))
+        if acts_a is None or acts_b is None:
+            raise SaekitError("--method activations needs both SAEs' activations on the same tokens: SAEs of one run "
+                              "(its held-out cache), or --activations-a and --activations-b")
+        codes = (encode_all(sae_a, acts_a, tokens), encode_all(sae_b, acts_b, tokens))
+    m = match(sae_a, sae_b, method, solver, candidates, codes=codes, min_score=min_score)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    m.save(out)
+    return m, out

@@ -4,7 +4,7 @@ evaluate); the run folder belongs to `saekit.run.Run`; this module only wires th
 """
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -191,6 +191,50 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     cfg = run.config if run else cfg
     quiet = quiet or not main
 
+    src = _data_source(cfg, quiet)
+    step = (run.checkpoint() or {}).get("step") if run else None
+    if isinstance(step, int) and step >= src.total:  # nothing left to train
+        evaluated = (run.path / EVAL).is_file()
+        if main:
+            print(f"saekit: {run.path} is complete (step {step} of {src.total}); "
+                  + (f"`saekit eval {run.path}` re-evaluates it" if evaluated else "evaluating it"), file=sys.stderr)
+        if not evaluated:  # stopped while evaluating
+            dist.main_first(lambda: evaluate_run(run, model=src.model, caches=src.caches, ctx=src.ctx, quiet=quiet))
+        return run.path
+    if again:
+        raise SaekitError(f"{run.path} holds an unfinished run (step {step} of {src.total}); continue it with "
+                          f"`saekit train --out {run.path} --resume`, or choose another --out")
+    trainer, run = _trainer(cfg, run, src)
+    _train_steps(cfg, trainer, run, src, quiet)
+    dist.main_first(lambda: evaluate_run(run, model=src.model, caches=src.caches, ctx=src.ctx, quiet=quiet))
+    return run.path
+
+
+@dataclass
+class _Source:
+    """A run's training data: the batches of this process's hookpoints (read from the cache, or
+    streamed from the model's forward), and what its evaluation reuses (the model and held-out
+    contexts when they were loaded, the caches)."""
+
+    caches: dict[str, ActivationCache]
+    hookpoints: list[str]
+    batches: ShuffledBatches | StreamedBatches
+    total: int  # steps of the whole run
+    sharded: bool  # each process trains its own dictionaries (shard_hookpoints)
+    model: object = None
+    ctx: dict | None = None
+
+    def init_sample(self, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+        """The rows the dictionaries initialise from: a stream's first rows (forwarded again on a
+        resume), else `init_sample` of the training cache."""
+        if isinstance(self.batches, StreamedBatches):
+            return self.batches.sample(INIT_SAMPLE, cfg.seed if cfg.init == "data" else None)
+        return init_sample(self.caches["train"], self.hookpoints, cfg)
+
+
+def _data_source(cfg: TrainConfig, quiet: bool) -> _Source:
+    """This process's batches: from the activation caches (harvested now if missing), or from a
+    stream of the model's forward (`activations: stream`)."""
     model = ctx = None
     stream = cfg.activations == "stream"
     if stream and cfg.shard_hookpoints and dist.active():
@@ -199,8 +243,6 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
     caches = None if stream else finished_caches(cfg)
     if dist.broadcast_object(caches is None):  # the main process's view: all harvest, or none
         model, ctx, caches = prepare(cfg, quiet)
-        forward_model = model  # every process forwards its share of a stream
-        model = model if main else None  # only the main process evaluates
     elif caches is None:
         raise SaekitError(f"the activation caches of {cfg.out} are not readable from process {dist.rank()}; "
                           "with several nodes, cache_dir must be on a file system every node shares")
@@ -211,45 +253,41 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         raise SaekitError(f"shard_hookpoints: {dist.world()} processes for {len(names)} dictionaries; "
                           "start at most one process per hookpoint")
     hookpoints = list(dict.fromkeys(h for n in mine for part in dictionaries(cfg)[n] for h in part))
-    if stream:
-        batches = stream_batches(cfg, forward_model, hookpoints, len(ctx["val"][0]))
+    if stream:  # every process forwards its share of the stream
+        batches = stream_batches(cfg, model, hookpoints, len(ctx["val"][0]))
     else:
         train_cache = caches["train"]
         missing = [h for h in hookpoints if h not in train_cache.hookpoints]
         if missing:
             raise SaekitError(f"the activation cache {train_cache.path} holds no {missing}; delete it to harvest again")
         batches = ShuffledBatches(train_cache, hookpoints, cfg.batch_size, cfg.seed, cfg.buffer_tokens)
-    total = cfg.epochs * batches.steps_per_epoch
-    step = (run.checkpoint() or {}).get("step") if run else None
-    if isinstance(step, int) and step >= total:  # nothing left to train
-        evaluated = (run.path / EVAL).is_file()
-        if main:
-            print(f"saekit: {run.path} is complete (step {step} of {total}); "
-                  + (f"`saekit eval {run.path}` re-evaluates it" if evaluated else "evaluating it"), file=sys.stderr)
-        if not evaluated:  # stopped while evaluating
-            dist.main_first(lambda: evaluate_run(run, model=model, caches=caches, ctx=ctx, quiet=quiet))
-        return run.path
-    if again:
-        raise SaekitError(f"{run.path} holds an unfinished run (step {step} of {total}); continue it with "
-                          f"`saekit train --out {run.path} --resume`, or choose another --out")
-    if stream:  # the first rows of the stream (forwarded again on a resume)
-        sample = batches.sample(INIT_SAMPLE, cfg.seed if cfg.init == "data" else None)
-        dims = {h: sample[h].shape[1] for h in hookpoints}
-        if cfg.epochs > 1 and main:
-            print(f"saekit: activations: stream forwards the model over the {cfg.n_tokens:,} training tokens again in "
-                  f"each of {cfg.epochs} epochs ({cfg.epochs}x the forwards of one); activations: cache forwards them "
-                  "once and reads them from disk after, which is faster when the disk holds them", file=sys.stderr)
-    else:
-        sample = init_sample(train_cache, hookpoints, cfg)
-        dims = {h: train_cache.dim(h) for h in hookpoints}
-    trainer = Trainer(cfg, dims, sample, total, resolve_device(cfg.device), data_parallel=not sharded)
+    model = model if dist.is_main() else None  # only the main process evaluates
+    return _Source(caches, hookpoints, batches, cfg.epochs * batches.steps_per_epoch, sharded, model, ctx)
+
+
+def _trainer(cfg: TrainConfig, run: Run | None, src: _Source) -> tuple[Trainer, Run]:
+    """The Trainer, restored from the run's last checkpoint if there is one, and the run folder
+    (created now for a new run)."""
+    sample = src.init_sample(cfg)
+    dims = {h: sample[h].shape[1] for h in src.hookpoints}
+    if isinstance(src.batches, StreamedBatches) and cfg.epochs > 1 and dist.is_main():
+        print(f"saekit: activations: stream forwards the model over the {cfg.n_tokens:,} training tokens again in "
+              f"each of {cfg.epochs} epochs ({cfg.epochs}x the forwards of one); activations: cache forwards them "
+              "once and reads them from disk after, which is faster when the disk holds them", file=sys.stderr)
+    trainer = Trainer(cfg, dims, sample, src.total, resolve_device(cfg.device), data_parallel=not src.sharded)
     if run and run.has_state:
         trainer.load(run)
-        if main:
+        if dist.is_main():
             run.truncate_metrics(trainer.step)
-            print(f"saekit: resuming {run.path} from step {trainer.step} of {total}", file=sys.stderr)
+            print(f"saekit: resuming {run.path} from step {trainer.step} of {src.total}", file=sys.stderr)
     else:  # a new run, or one that stopped before its first checkpoint
         run = dist.main_first(lambda: Run.create(cfg)) or Run.open(cfg.out)
+    return trainer, run
+
+
+def _train_steps(cfg: TrainConfig, trainer: Trainer, run: Run, src: _Source, quiet: bool) -> None:
+    """Train to the end, logging metrics (and collapse figures) and checkpointing as configured."""
+    main, sharded = dist.is_main(), src.sharded
     log = _wandb_logger(cfg, run.path) if main else None
 
     def on_log(step, metrics):
@@ -261,9 +299,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
                 if h in metrics:  # not after a skipped batch
                     metrics[h]["collapse"] = decoder_collapse(sae).summary()
         if sharded:  # every process's hookpoints, in one line
-            parts = dist.gather_objects({h: m for h, m in metrics.items() if h in trainer.saes})
-            if parts is not None:
-                metrics = {**metrics, **{h: m for part in parts for h, m in part.items()}}
+            gathered = dist.gather_objects({h: m for h, m in metrics.items() if h in trainer.saes})
+            if gathered is not None:
+                metrics = {**metrics, **{h: m for one in gathered for h, m in one.items()}}
         if not main:
             return
         run.log_metrics(step, metrics)
@@ -276,10 +314,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> Path:
         else:
             dist.main_first(lambda: trainer.save(run))
 
-    run_steps(trainer, batches.batches(trainer.step, cfg.epochs), quiet=quiet, on_log=on_log, on_checkpoint=save)
+    run_steps(trainer, src.batches.batches(trainer.step, cfg.epochs), quiet=quiet, on_log=on_log, on_checkpoint=save)
     save()
-    dist.main_first(lambda: evaluate_run(run, model=model, caches=caches, ctx=ctx, quiet=quiet))
-    return run.path
 
 
 # What eval.json's figures measure, written beside them (README, "Evaluation conventions").

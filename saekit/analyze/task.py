@@ -20,7 +20,7 @@ import saekit.analyze.ioi as ioi
 from saekit.analyze.common import Result
 from saekit.analyze.supervised import compare, supervised_dictionary
 from saekit.errors import SaekitError
-from saekit.io import md_table
+from saekit.io import atomic_write, md_table
 from saekit.run import Run
 from saekit.sae import SAE
 
@@ -125,3 +125,14 @@ def markdown(res: dict) -> str:
                       "together; occluded: < half the values tracked or over-split while another attribute has "
                       ">= half tracked):", "", md_table(r["attributes"]), ""]
     return "\n".join(lines)
+
+
+def task_report(run: str | Path | Run, task: str = "ioi", **options) -> str:
+    """`task_eval` of a run's SAEs (`options` are its keyword arguments), written to
+    RUN/analysis/task_<task>.json and .md; returns the markdown."""
+    res = task_eval(run, task, **options).to_dict()
+    run = run if isinstance(run, Run) else Run.open(run)
+    run.write_json(f"analysis/task_{task}.json", res)
+    md = markdown(res)
+    atomic_write(run.analysis_dir / f"task_{task}.md", lambda p: p.write_text(md))
+    return md
