@@ -22,7 +22,7 @@ import numpy as np
 
 from saekit import Atlas
 from saekit.atlas import build_atlas
-from saekit.atlas_html import card_path, serve_in_thread
+from saekit.atlas.html import card_path, serve_in_thread
 from saekit.io import md_table
 
 OUT = Path(__file__).parent / "results"

@@ -171,7 +171,7 @@ def _atlas(args, extra):
     from saekit.atlas import Atlas, add_analyses, build_atlas
 
     if args.action in ("export", "serve"):
-        from saekit.atlas_html import export_html, make_server
+        from saekit.atlas.html import export_html, make_server
 
         if args.action == "export":
             out = export_html(args.path, args.target, args.hookpoint, quiet=args.quiet)

@@ -213,7 +213,7 @@ def test_export_and_serve_escape_everything(planted, tmp_path):
     import urllib.error
     import urllib.request
 
-    from saekit.atlas_html import STATIC_NOTE, serve_in_thread
+    from saekit.atlas.html import STATIC_NOTE, serve_in_thread
 
     atlas, *_ = planted
     assert cli.main(["atlas", "export", str(atlas.path), str(tmp_path / "site")]) == 0
@@ -249,7 +249,7 @@ def test_pages_in_a_headless_browser(planted, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
 
-    from saekit.atlas_html import export_html, serve_in_thread
+    from saekit.atlas.html import export_html, serve_in_thread
 
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("chromium and chromedriver are not installed")
@@ -334,7 +334,7 @@ def test_real_card_peaks_match_reencoding(real, smollm2):
 
     import numpy as np
 
-    from saekit.atlas_html import serve_in_thread
+    from saekit.atlas.html import serve_in_thread
     from saekit.codes import encode_all
     from saekit.pipeline import contexts
 
@@ -399,7 +399,7 @@ def test_served_steer_box_and_attribution(real, smollm2):
     import urllib.parse
     import urllib.request
 
-    from saekit.atlas_html import MAX_PROMPT, serve_in_thread
+    from saekit.atlas.html import MAX_PROMPT, serve_in_thread
     from saekit.intervene import attribute, steer
 
     run, atlas = real
@@ -502,7 +502,7 @@ def test_server_on_any_path(planted, paths):
     import urllib.parse
     import urllib.request
 
-    from saekit.atlas_html import serve_in_thread
+    from saekit.atlas.html import serve_in_thread
 
     atlas, *_ = planted
     server = serve_in_thread(atlas.path)
@@ -592,7 +592,7 @@ def test_cli_card_prints_label_shares_and_added_analyses(real, tmp_path, capsys)
 def test_crosscoder_card_shows_decoder_norm_per_target(tmp_path):
     """A crosscoder run over two hookpoints: each card carries the latent's decoder norm in each
     target (in target order, equal to `decoder_norms()`), drawn as one bar per target."""
-    from saekit.atlas_html import render_card
+    from saekit.atlas.html import render_card
     from saekit.sae import Crosscoder
 
     a, b = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
