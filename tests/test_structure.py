@@ -220,3 +220,11 @@ def test_readme_shows_the_jumprelu_entry_as_it_is():
     block = readme.split("JumpReLU's entry, for instance:\n```\n", 1)[1].split("```", 1)[0]
     words = " ".join(block.split())  # as in the source, up to indentation
     assert words and words in " ".join((PKG / "families.py").read_text().split())
+
+
+def test_no_function_over_80_lines():
+    """Long functions are cut at their seams (phases, one helper each), so each reads on one screen."""
+    long = [f"{p.relative_to(PKG)}:{n.name} ({n.end_lineno - n.lineno + 1})" for p in PKG.rglob("*.py")
+            for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+            and n.end_lineno - n.lineno + 1 > 80]
+    assert not long, f"functions over 80 lines: {long}"
