@@ -478,39 +478,40 @@ def _atlas_verb(sub):
 
 
 def _steer_verb(sub):
-    sr = sub.add_parser("steer", help="the run's model continuing a prompt, clean and with latents edited (the "
-                                      "dictionaries spliced in, reconstruction error kept)")
-    sr.add_argument("run", help="a run folder or an SAE folder")
-    sr.add_argument("--prompt", required=True, help="the text to continue (after a BOS token)")
+    """`saekit steer`'s arguments."""
+    sr = _spliced_verb(sub, "steer", _steer, "the run's model continuing a prompt, clean and with latents edited "
+                       "(the dictionaries spliced in, reconstruction error kept)",
+                       "the text to continue (after a BOS token)")
     sr.add_argument("--feature", action="append", required=True, metavar="LATENT=EDIT",
                     help="an edit at every position: N=+V or N=-V add, N=V set, N=xS scale, N=zero, N=mean "
                          "(repeat for several)")
-    sr.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (default 20)")
+    sr.add_argument("--max-new-tokens", type=_at_least(1), default=20, help="tokens to generate (default 20)")
     sr.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; else sample with --seed")
     sr.add_argument("--seed", type=int, default=0, help="the sampling seed")
     sr.add_argument("--no-error", action="store_true", help="leave the reconstruction error out")
-    sr.set_defaults(func=_steer)
-    return _spliced_options(sr)
+    return sr
 
 
 def _attribute_verb(sub):
-    ab = sub.add_parser("attribute", help="the latents that drove the model's next-token logit of --target "
-                                          "(activation x gradient through the spliced model)")
-    ab.add_argument("run", help="a run folder or an SAE folder")
-    ab.add_argument("--prompt", required=True, help="the text after which the next token is predicted")
+    """`saekit attribute`'s arguments."""
+    ab = _spliced_verb(sub, "attribute", _attribute, "the latents that drove the model's next-token logit of "
+                       "--target (activation x gradient through the spliced model)",
+                       "the text after which the next token is predicted")
     ab.add_argument("--target", required=True, help="one token, e.g. ' king'")
     ab.add_argument("--against", default=None, help="one token: attribute logit[target] - logit[against]")
-    ab.add_argument("--limit", type=int, default=20, help="rows to print")
-    ab.set_defaults(func=_attribute)
-    return _spliced_options(ab)
+    ab.add_argument("--limit", type=_at_least(1), default=20, help="rows to print")
+    return ab
 
 
-def _spliced_options(s):
-    """The options of the verbs that run the model with a run's dictionaries spliced in."""
+def _spliced_verb(sub, name: str, func, what: str, prompt: str):
+    """A verb that runs the model with a run's dictionaries spliced in, with the arguments all such verbs take."""
+    s = sub.add_parser(name, help=what)
+    s.add_argument("run", help="a run folder or an SAE folder")
+    s.add_argument("--prompt", required=True, help=prompt)
     s.add_argument("--hookpoint", default=None, help="the dictionary (needed when the run has several)")
     s.add_argument("--model", default=None, help="the model (default: the run's)")
     s.add_argument("--json", action="store_true", help="JSON instead of text")
-    s.set_defaults(strict=True)
+    s.set_defaults(func=func, strict=True)
     return s
 
 

@@ -41,11 +41,16 @@ def _tiles(d: int, max_rows: int, kind: str) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _this_row(d, BLOCK_D: tl.constexpr):
+    """The program's row (int64, for offsets past 2**31) and its column offsets with their mask."""
+    cols = tl.arange(0, BLOCK_D)
+    return tl.program_id(0).to(tl.int64), cols, cols < d
+
+
+@triton.jit
 def _gather_sum_kernel(vals_ptr, idx_ptr, W_ptr, out_ptr, k, d,
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < d
+    b, cols, cmask = _this_row(d, BLOCK_D)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for s in range(0, k, BLOCK_K):
         slots = s + tl.arange(0, BLOCK_K)
@@ -61,9 +66,7 @@ def _gather_sum_kernel(vals_ptr, idx_ptr, W_ptr, out_ptr, k, d,
 @triton.jit
 def _gather_dot_kernel(idx_ptr, W_ptr, G_ptr, out_ptr, k, d,
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < d
+    b, cols, cmask = _this_row(d, BLOCK_D)
     g = tl.load(G_ptr + b * d + cols, mask=cmask, other=0).to(tl.float32)  # [BD]
     for s in range(0, k, BLOCK_K):
         slots = s + tl.arange(0, BLOCK_K)
