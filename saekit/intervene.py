@@ -73,16 +73,6 @@ class _Setup:
             raise SaekitError(f"{token!r} is {len(ids)} tokens on this model ({pieces}); give one token")
         return ids[0]
 
-    def labels(self, name: str) -> dict[int, str]:
-        """latent -> atlas label, where RUN/atlas.sqlite exists."""
-        path = self.run.path / "atlas.sqlite"
-        if self.run.bare or not path.is_file():
-            return {}
-        from saekit.atlas import Atlas
-
-        f = Atlas.open(path).features(name)
-        return dict(zip(f.latent.tolist(), f.label.tolist(), strict=True))
-
     def means(self, name: str, sae: SAE) -> dict[int, float]:
         """Each latent's mean value over the first MEAN_TOKENS held-out activations (zeros counted)."""
         total, n = torch.zeros(sae.n_latents, dtype=torch.float64), 0
@@ -244,7 +234,7 @@ def attribute(run, prompt: str | list[str], target, against=None, hookpoint: str
     attr = (vals * grads[0]).detach()
     vals = vals.detach()
     bias_of = {h: sae.b_dec[sae.part_slice(h, True)] if sae.cfg.crosscoder else sae.b_dec for h, _, _ in written}
-    labels = s.labels(name)
+    labels = s.run.labels(name)
     out = []
     for b in range(n):
         own = rows == b

@@ -17,7 +17,9 @@ in saekit reads config.json or state.safetensors.
 
 import json
 import math
+import sqlite3
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from saekit.errors import SaekitError
 from saekit.io import atomic_write, read_json
 from saekit.lock import FileLock
 from saekit.sae import SAE
+
+ATLAS_FILE = "atlas.sqlite"  # the feature atlas in a run folder (saekit.atlas)
 
 CONFIG, METRICS, STATE, EVAL, ANALYSIS = "config.json", "metrics.jsonl", "state.safetensors", "eval.json", "analysis"
 _BROKEN = (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError)  # what a bad state file raises
@@ -144,6 +148,14 @@ class Run:
                               "(the run's stored config is used) or choose a new --out")
         run.config = make_config(TrainConfig, {**stored, **{k: given[k] for k in RESUMABLE_CHANGES}})
         return run
+
+    def labels(self, hookpoint: str) -> dict[int, str]:
+        """latent -> its label in the run's feature atlas (`saekit atlas build`); empty without one."""
+        path = self.path / ATLAS_FILE
+        if self.bare or not path.is_file():
+            return {}
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return dict(db.execute("SELECT latent, label FROM features WHERE hookpoint = ?", (hookpoint,)))
 
     @property
     def has_state(self) -> bool:

@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 
 from saekit.errors import SaekitError
-from saekit.run import choose_hookpoint
+from saekit.run import ATLAS_FILE, choose_hookpoint
 
 SCHEMA_VERSION = 3
-ATLAS_FILE = "atlas.sqlite"
-
 SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
