@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from saekit.errors import SaekitError
-from saekit.model import _TWINS, _twin_hooks, twin_hook
+from saekit.model import plain_twin, twin_hook
 from saekit.sae import SAE
 
 OPS = ("set", "add", "scale", "zero", "mean")
@@ -177,10 +177,10 @@ def _run_hooked(model, pairs, tokens: torch.Tensor, past=None) -> tuple[torch.Te
     continue from. On the plain HF model behind the bridge where every hookpoint is a module's
     input or output (faster, and it caches keys and values); else on the bridge (no cache: a
     continuation forwards the whole sequence again)."""
-    where = _twin_hooks(model, [h for h, _ in pairs])
+    plain = plain_twin(model, [h for h, _ in pairs])
     device = next(model.parameters()).device
-    if where is not None and "lm_head" in dict(_TWINS[model].named_children()):
-        twin = _TWINS[model]
+    if plain is not None:
+        twin, where = plain
         fns = dict(pairs)
         handles = [twin_hook(twin, path, side, fns[h]) for h, path, side in where]
         try:
@@ -221,7 +221,7 @@ def forward(model, tokens: torch.Tensor, splice: "Splice | None" = None, past=No
 def needs_full_forward(model, splice: "Splice") -> bool:
     """Whether a continuation must forward the whole sequence again (no KV cache): hookpoints the
     plain HF model lacks, or a crosscoder that reads sources after its targets."""
-    return _twin_hooks(model, splice.hookpoints()) is None or any(
+    return plain_twin(model, splice.hookpoints()) is None or any(
         sae.cfg.sources and sae.cfg.sources == sae.cfg.target_names and len(sae.cfg.sources) > 1
         for sae in splice.saes.values())
 
