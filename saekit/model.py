@@ -12,6 +12,8 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,10 +97,30 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
     """A TransformerBridge for `name`: "smollm2-135m", a local HF folder, a hub name, or any of
     these with `@revision` (a snapshot of a local series or a hub revision: `resolve_model`);
     `revision=` is the same as `name@revision`."""
+    path, revision = resolve_model(f"{name}@{revision}" if revision else name)
+    return _ctrl_c_after(lambda: _load_bridge(name, path, revision, device, dtype))
+
+
+def _ctrl_c_after(load):
+    """`load()`, with a Ctrl-C that comes meanwhile raised once it returns: the loading code of
+    transformers and the bridge can swallow a KeyboardInterrupt, which would leave a run going."""
+    if threading.current_thread() is not threading.main_thread():
+        return load()
+    hit = []
+    old = signal.signal(signal.SIGINT, lambda *_: hit.append(True))
+    try:
+        out = load()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hit:
+        raise KeyboardInterrupt
+    return out
+
+
+def _load_bridge(name: str, path, revision, device: str, dtype: torch.dtype):
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, revision = resolve_model(f"{name}@{revision}" if revision else name)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision)
         hf = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)

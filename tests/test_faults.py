@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -197,3 +198,24 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
     (run.path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"st')  # a line cut by the kill
     run.truncate_metrics(1)
     assert (run.path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_ctrl_c_while_the_model_loads_is_not_lost():
+    """The loading code of transformers and the bridge can swallow a KeyboardInterrupt (a run then
+    went on after Ctrl-C): one that comes while the model loads is raised once the load returns."""
+    import signal
+
+    from saekit.model import _ctrl_c_after
+
+    def load_that_swallows_ctrl_c():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        return "model"
+
+    with pytest.raises(KeyboardInterrupt):
+        _ctrl_c_after(load_that_swallows_ctrl_c)
+    assert _ctrl_c_after(lambda: "model") == "model"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
