@@ -71,8 +71,9 @@ class StreamedBatches:
 
     def sample(self, n: int, seed: int | None = None) -> dict[str, torch.Tensor]:
         """The first `n` rows of the stream (what a run initialises from), or with `seed` `n` rows
-        that the seed draws from its first `4 n` (so two seeds of `init: data` start on different rows)."""
-        want = n if seed is None else 4 * n
+        that the seed draws from its first `4 n` (so two seeds of `init: data` start on different rows);
+        never rows past the epoch's `n_tokens`, which the run does not train on."""
+        want = min(n if seed is None else 4 * n, self.n_tokens)
         got, n_got = [], 0
         for t, m in self.contexts():
             if n_got >= want:

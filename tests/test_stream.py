@@ -125,6 +125,17 @@ def test_memory_holds_one_buffer_whatever_n_tokens_and_the_corpus_end_stops_the_
     assert "the corpus ended after" in err and f"stops at step {len(got)} of epoch 1" in err
 
 
+def test_the_init_sample_reads_only_contexts_the_run_trains_on():
+    n_tokens = 5 * B  # far fewer rows than the sample asks for
+    trained: list[int] = []
+    list(fake_stream(n_tokens, log=trained).batches(0, 1))
+    for seed in (None, 3):
+        read: list[int] = []
+        sample = fake_stream(n_tokens, log=read).sample(16_384, seed)
+        assert read and set(read) <= set(trained), (seed, sorted(set(read) - set(trained)))
+        assert len(sample["x"]) <= sum(int(m.sum()) for _, m in islice(fake_contexts(), len(set(trained))))
+
+
 def test_held_out_contexts_are_the_streams_first_and_never_enter_training(smollm2, tiny):
     cfg = load_config(None, [*tiny, "--activations", "stream"])
     val, _ = pipeline.contexts(cfg, smollm2.tokenizer)["val"]
