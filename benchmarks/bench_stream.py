@@ -7,13 +7,15 @@ default config: SmolLM2-135M layer 6, 16x, k 32, batch 4,096):
   cached    training from an activation cache on disk (`activations: cache`, after its harvest)
 
 tokens/s are trained (or forwarded) tokens over the wall time of reading the batches (the trainer's
-set-up not counted); each way runs `--reps` times, interleaved,
-and the median is printed.
+set-up not counted); tokens per CPU s over the process's CPU time (all its threads) in the same span,
+which other processes on the machine disturb far less than the wall time; cores busy is CPU time over
+wall time. Each way runs `--reps` times, interleaved, and the medians are printed.
 
     python3 benchmarks/bench_stream.py --tokens 65536 --reps 2
 """
 
 import argparse
+import os
 import queue
 import statistics
 import tempfile
@@ -44,17 +46,18 @@ def threaded(batches, depth: int = 8):
         yield b
 
 
-def timed(batches, step=None) -> tuple[int, float]:
-    """(rows, seconds) of reading `batches` (and stepping on each); set-up before the first is timed too."""
-    t0, n = time.perf_counter(), 0
+def timed(batches, step=None) -> tuple[int, float, float]:
+    """(rows, wall seconds, CPU seconds of the whole process) of reading `batches` (and stepping on
+    each); set-up before the first is timed too."""
+    t0, c0, n = time.perf_counter(), time.process_time(), 0
     for b in batches:
         if step:
             step(b)
         n += len(next(iter(b.values())))
-    return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0, time.process_time() - c0
 
 
-def train(cfg: TrainConfig, batches, sample, total: int) -> tuple[int, float]:
+def train(cfg: TrainConfig, batches, sample, total: int) -> tuple[int, float, float]:
     tr = Trainer(cfg, {h: sample[h].shape[1] for h in sample}, sample, total, torch.device("cpu"))  # not timed
     return timed(batches, tr.train_step)
 
@@ -65,6 +68,7 @@ def main():
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--buffer_tokens", type=int, default=16_384, help="rows per shuffle buffer (the stream's)")
     a = p.parse_args()
+    load0 = os.getloadavg()[0]  # the 1-minute load: other processes share the cores the timing runs on
     cfg = load_config("configs/default.yaml", ["--n_tokens", str(a.tokens), "--val_tokens", "1",
                                                "--buffer_tokens", str(a.buffer_tokens)])
     model = lm.load_model(cfg.model)
@@ -88,16 +92,22 @@ def main():
             "cached": lambda: train(cfg, ShuffledBatches(ActivationCache.open(tmp), hooks, cfg.batch_size, cfg.seed,
                                                          cfg.buffer_tokens).batches(0, 1), sample, steps),
         }
-        rates = {k: [] for k in ways}
+        rates, cpu_rates, busy = {k: [] for k in ways}, {k: [] for k in ways}, {k: [] for k in ways}
         for _ in range(a.reps):
             for k, fn in ways.items():
-                n, secs = fn()
+                n, secs, cpu = fn()
                 rates[k].append(n / secs)
+                cpu_rates[k].append(n / cpu)
+                busy[k].append(cpu / secs)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"{a.tokens} tokens, buffer {cfg.buffer_tokens}, {torch.get_num_threads()} threads, {a.reps} reps")
-    print("| way | tokens/s (median) | runs | vs harvest |\n|---|---|---|---|")
+    cpu_med = {k: statistics.median(v) for k, v in cpu_rates.items()}
+    print(f"{a.tokens} tokens, buffer {cfg.buffer_tokens}, {torch.get_num_threads()} threads, {a.reps} reps, "
+          f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print("| way | tokens/s (median) | runs | vs harvest | tokens per CPU s | vs harvest (CPU) | cores busy |\n"
+          "|---|---|---|---|---|---|---|")
     for k, v in med.items():
-        print(f"| {k} | {v:,.0f} | {', '.join(f'{x:,.0f}' for x in rates[k])} | {v / med['harvest']:.2f} |")
+        print(f"| {k} | {v:,.0f} | {', '.join(f'{x:,.0f}' for x in rates[k])} | {v / med['harvest']:.2f} | "
+              f"{cpu_med[k]:,.0f} | {cpu_med[k] / cpu_med['harvest']:.2f} | {statistics.median(busy[k]):.2f} |")
 
 
 if __name__ == "__main__":
