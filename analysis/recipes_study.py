@@ -3,10 +3,13 @@ layer-6 residual stream, data, width, k and budget), over several seeds, with fi
 absorption (Chanin et al. 2024) and seed stability per recipe.
 
     nice -n 15 python3 analysis/recipes_study.py [--seeds 0,1,2] [--recipes TopK,MP,...] [--stability TopK]
+        [--hookpoint blocks.6.hook_attn_out]
 
 Each (recipe, seed) is one `saekit train` run under runs/recipes/<recipe>/s<seed> with the
 config of configs/default.yaml plus the recipe's keys (the seed sets initialisation and batch
-order; every run reads the same activation cache). Resumable: finished runs are read back,
+order; every run reads the same activation cache). `--hookpoint` trains the same recipes on another
+hookpoint of the model (runs under runs/recipes_<hookpoint>/, results in
+analysis/results/recipes_<hookpoint>.{md,json}). Resumable: finished runs are read back,
 killed ones resume, and each run's absorption is stored next to it (absorption.json). Writes
 analysis/results/recipes.{md,json} after every run. Step costs are not timed here: side by side
 timings of the families are in benchmarks/RESULTS.md (bench_dictionary.py, bench_mp.py).
@@ -47,12 +50,13 @@ def slug(name: str) -> str:
     return name.lower().replace(" + ", "-").replace(" ", "-")
 
 
-def run_one(name: str, seed: int, root: Path) -> Path:
+def run_one(name: str, seed: int, root: Path, hookpoint: str) -> Path:
     """Train (or finish, or read back) one recipe at one seed."""
     out = root / slug(name) / f"s{seed}"
     if (out / "eval.json").is_file():
         return out
-    overrides = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in RECIPES[name].items()]
+    keys = {**RECIPES[name], "hookpoints": [hookpoint]}
+    overrides = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in keys.items()]
     cfg = load_config("configs/default.yaml", [*overrides, "--seed", str(seed), "--out", str(out)])
     return train(cfg, resume=(out / "state.safetensors").is_file(), quiet=True)
 
@@ -89,7 +93,7 @@ def train_seconds(out: Path) -> float:
     return last["tokens"] / last["tokens_per_s"]
 
 
-def write(res: dict, argv: list[str], hookpoint: str, root: Path) -> None:
+def write(res: dict, argv: list[str], hookpoint: str, root: Path, stem: str) -> None:
     rows = []
     for name in RECIPES:
         per = [res["runs"][k] for k in sorted(res["runs"]) if k.startswith(f"{name}|")]
@@ -108,37 +112,42 @@ def write(res: dict, argv: list[str], hookpoint: str, root: Path) -> None:
     lines = [f"# Recipes on SmolLM2-135M {hookpoint}", "",
              f"Command: `{cmd}`; 2-core CPU shared with other jobs: train s (training alone, from the run's log) "
              "is an upper bound.", "",
-             "Every run: configs/default.yaml (350k Shakespeare tokens × 3 epochs = 255 steps, 9,216 latents, k 32, "
-             "Adam lr 2e-3) plus the recipe's keys; seeds differ in initialisation and batch order only (one "
+             f"Every run: configs/default.yaml at {hookpoint} (350k Shakespeare tokens × 3 epochs = 255 steps, "
+             "9,216 latents, k 32, Adam lr 2e-3) plus the recipe's keys; seeds differ in initialisation and batch "
+             "order only (one "
              "activation cache). Cells: mean (min–max) over seeds. FVU, L0 and dead % on the held-out tokens; "
              "absorption: mean absorption fraction over letters whose probe passes F1 0.6 (and full absorption), "
              "3,000 vocabulary words, in-context first-letter prompts; shared_0.7: share of latents matched "
              "one-to-one across two seeds at decoder cosine ≥ 0.7, over every pair of seeds (recipes in "
              "--stability).", "",
              md_table(rows), ""]
-    atomic_write(OUT / "recipes.md", lambda p: p.write_text("\n".join(lines)))
+    atomic_write(OUT / f"{stem}.md", lambda p: p.write_text("\n".join(lines)))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--recipes", default=",".join(RECIPES))
-    ap.add_argument("--root", default="runs/recipes")
+    ap.add_argument("--root", default=None, help="where the runs go (default runs/<results name>)")
+    ap.add_argument("--hookpoint", default=None, help="another hookpoint than configs/default.yaml's")
     ap.add_argument("--stability", default="TopK", help="recipes whose seeds are matched (a few minutes per pair)")
     args = ap.parse_args()
-    seeds, names, root = [int(s) for s in args.seeds.split(",")], args.recipes.split(","), Path(args.root)
+    default = load_config("configs/default.yaml", []).hookpoints[0]
+    hookpoint = args.hookpoint or default
+    stem = "recipes" if hookpoint == default else f"recipes_{hookpoint}"
+    seeds, names = [int(s) for s in args.seeds.split(",")], args.recipes.split(",")
+    root = Path(args.root or f"runs/{stem}")
     if unknown := set(names) - set(RECIPES):
         sys.exit(f"unknown recipes {sorted(unknown)}; recipes: {', '.join(RECIPES)}")
-    file = OUT / "recipes.json"
+    file = OUT / f"{stem}.json"
     res = json.loads(file.read_text()) if file.exists() else {"runs": {}, "stability": {}}
-    hookpoint = load_config("configs/default.yaml", []).hookpoints[0]
     data = None
     for seed, name in itertools.product(seeds, names):  # seed-major: every recipe gets seed 0 first
         key = f"{name}|{seed}"
         if key in res["runs"]:
             continue
         t0 = time.perf_counter()
-        out = run_one(name, seed, root)
+        out = run_one(name, seed, root, hookpoint)
         wall = round(time.perf_counter() - t0, 1)
         data = data or first_letter_data(load_model(), hookpoint)
         res["runs"][key] = {**measure(out, data), "wall_s": wall}
@@ -150,8 +159,8 @@ def main():
                 sa, sb = (Run.open(root / slug(name) / f"s{s}").sae(hookpoint) for s in (a, b))
                 res["stability"][pair] = stability(sa, sb).to_dict()["shared_0.7"]
         atomic_write(file, lambda p: p.write_text(json.dumps(res, indent=1)))  # noqa: B023
-        write(res, sys.argv[1:], hookpoint, root)
-    write(res, sys.argv[1:], hookpoint, root)
+        write(res, sys.argv[1:], hookpoint, root, stem)
+    write(res, sys.argv[1:], hookpoint, root, stem)
 
 
 if __name__ == "__main__":
