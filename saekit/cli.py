@@ -90,7 +90,7 @@ def _eval(args, extra):
     from saekit.pipeline import evaluate_run
 
     evaluate_run(args.run, quiet=args.quiet, n_contexts=args.contexts, activations=args.activations,
-                 model_name=args.model)
+                 model_name=args.model, format=args.format)
 
 
 def _analyze(args, extra):
@@ -356,6 +356,9 @@ def _eval_verb(sub):
     e.add_argument("--contexts", type=_at_least(1), default=None, help="held-out contexts for the downstream loss")
     e.add_argument("--activations", default=None, help=ACTIVATIONS_HELP)
     e.add_argument("--model", default=None, help="model for the downstream loss of a bare SAE folder")
+    e.add_argument("--format", choices=["saekit", "saebench"], default="saekit",
+                   help="saebench: also write sae-bench's core result files, CE under SAEBench's convention "
+                        "(RUN/saebench/core/)")
     e.set_defaults(func=_eval, strict=True)
     return e
 

@@ -96,35 +96,46 @@ def reconstruction_metrics(sae: SAE, stream: Activations, dense_threshold: float
     return out
 
 
+CE_CONVENTIONS = ("saekit", "saebench")
+
+
 @torch.no_grad()
 def downstream_metrics(model, sae: SAE, hookpoint: str, tokens: torch.Tensor, mask: torch.Tensor,
-                       batch_size: int = 4, progress: str | None = None) -> dict:
+                       batch_size: int = 4, progress: str | None = None, convention: str = "saekit") -> dict:
     """Next-token CE with clean activations, the SAE's reconstruction spliced in, and zeros;
     loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean); KL(clean || spliced).
 
-    Losses average over positions whose target is a real (unmasked) token. With `progress`, a
-    progress bar of that name over the contexts (three forward passes each).
+    `convention` "saekit": the SAE (or zeros) replaces the activations at real tokens only (BOS
+    keeps its own, which no SAE saw in training); CE and KL average over positions whose target
+    is a real token. "saebench": SAEBench's core evaluation (sae-bench 0.6.0), for comparing with
+    published numbers: every position is replaced, BOS included; CE averages over positions whose
+    input is a real token, KL too (the last position included). With `progress`, a progress bar
+    of that name over the contexts (three forward passes each).
     """
+    if convention not in CE_CONVENTIONS:
+        raise SaekitError(f"unknown CE convention {convention!r}; choose from {', '.join(CE_CONVENTIONS)}")
+    saebench = convention == "saebench"
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
-    n = 0
+    n_ce = n_kl = 0
     for s in tqdm(range(0, len(tokens), batch_size), disable=progress is None, desc=progress, unit="batch"):
         toks, m = tokens[s : s + batch_size], mask[s : s + batch_size]
+        at = torch.ones_like(m) if saebench else m  # where the SAE (or zeros) replaces the activations
         tgt = toks[:, 1:].unsqueeze(-1)
-        keep = m[:, 1:]
+        keep_ce = m[:, :-1] if saebench else m[:, 1:]
+        keep_kl = m if saebench else torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], 1)
         lp = {
-            "clean": logprobs(model, toks),
-            "sae": logprobs(model, toks, hookpoint, reconstruct(sae, m)),
-            "zero": logprobs(model, toks, hookpoint, zero_ablate(m)),
+            "clean": logprobs(model, toks).cpu(),
+            "sae": logprobs(model, toks, hookpoint, reconstruct(sae, at)).cpu(),
+            "zero": logprobs(model, toks, hookpoint, zero_ablate(at)).cpu(),
         }
         for name, v in lp.items():
-            v = v[:, :-1].cpu()
-            sums[f"ce_{name}"] += float(-(v.gather(-1, tgt).squeeze(-1))[keep].sum())
-            lp[name] = v
+            sums[f"ce_{name}"] += float(-(v[:, :-1].gather(-1, tgt).squeeze(-1))[keep_ce].sum())
         p_clean = lp["clean"].exp()
         for name in ("sae", "zero"):
-            sums[f"kl_{name}"] += float((p_clean * (lp["clean"] - lp[name])).sum(-1)[keep].sum())
-        n += int(keep.sum())
-    out = {k: v / n for k, v in sums.items()}
+            sums[f"kl_{name}"] += float((p_clean * (lp["clean"] - lp[name])).sum(-1)[keep_kl].sum())
+        n_ce += int(keep_ce.sum())
+        n_kl += int(keep_kl.sum())
+    out = {k: v / (n_kl if k.startswith("kl") else n_ce) for k, v in sums.items()}
     gap = out["ce_zero"] - out["ce_clean"]
     out["loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap > 0 else float("nan")
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from saekit import data
+from saekit import data, saebench
 from saekit import distributed as dist
 from saekit import model as lm
 from saekit.activations import ActivationCache, ShuffledBatches, build_cache, cache_path, merge_parts, resume_point
@@ -329,13 +329,21 @@ CONVENTIONS = {
 
 
 def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet: bool = False,
-                 n_contexts: int | None = None, activations: str | None = None, model_name: str | None = None) -> dict:
+                 n_contexts: int | None = None, activations: str | None = None, model_name: str | None = None,
+                 format: str = "saekit") -> dict:
     """Evaluate every SAE of a run on its held-out split (RUN/eval.json, a table on stdout).
 
     A bare SAE folder is evaluated on `activations` (reconstruction), and, when a model is
     known (`model_name` or the SAE's own record), on the default corpus's held-out contexts
-    spliced into that model (downstream loss)."""
+    spliced into that model (downstream loss). `format="saebench"` also writes each SAE's
+    figures in sae-bench's core schema, its CE and KL measured under SAEBench's convention
+    (RUN/saebench/core/saekit_<hookpoint>_eval_results.json; see saekit.saebench)."""
+    if format not in ("saekit", "saebench"):
+        raise SaekitError(f"unknown eval format {format!r}; choose from saekit, saebench")
     run = run if isinstance(run, Run) else Run.open(run)
+    if format == "saebench" and run.crosscoder:
+        raise SaekitError("sae-bench's core schema holds SAEs read and written at one hookpoint; "
+                          f"{run.path} holds a crosscoder or transcoder")
     cfg = run.config
     if run.bare:
         if activations is None:
@@ -375,6 +383,14 @@ def evaluate_run(run: Run | str | Path, model=None, caches=None, ctx=None, quiet
                                              progress=None if quiet else f"eval {h}: downstream loss")
         results[h]["encoder_path"] = sae.encoder_path
         results[h]["conventions"] = CONVENTIONS
+        if format == "saebench":
+            ce = None if model is None else downstream_metrics(
+                model, sae, h, tokens[:n_ctx], mask[:n_ctx], convention="saebench",
+                progress=None if quiet else f"eval {h}: downstream loss, SAEBench's convention")
+            run.write_json(f"saebench/core/saekit_{h}_eval_results.json",
+                           saebench.core(results[h], ce, sae, h, cfg.model if cfg else None,
+                                         dataset=cfg.dataset if cfg else "", context_size=cfg.ctx_len if cfg else 0,
+                                         n_contexts=min(n_ctx, len(tokens)) if ce else 0))
     run.write_json(EVAL, results)
     print(md_table([{"metric": k, **{h: figure(k, r[k]) for h, r in results.items()}}
                     for k in next(iter(results.values())) if k != "conventions"]))

@@ -42,8 +42,76 @@ def test_train_writes_a_loadable_evaluated_run(tiny, tmp_path, capsys):
     assert {m["encoder_path"] for m in metrics} == {path}
     out = capsys.readouterr().out
     assert "| fvu |" in out and f"the run is in {run}" in out
-    assert cli.main(["eval", str(run), "--quiet"]) == 0  # re-evaluation from the folder alone
+    assert cli.main(["eval", str(run), "--quiet", "--format", "saebench"]) == 0  # from the folder alone
+    check_saebench_core(run, json.loads((run / "eval.json").read_text())[HOOK])
 
+
+# sae-bench 0.6.0's core output schema (sae_bench/evals/core/eval_output.py): category -> fields
+SAEBENCH_CORE = {
+    "model_behavior_preservation": {"kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"},
+    "model_performance_preservation": {"ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae",
+                                       "ce_loss_without_sae"},
+    "reconstruction_quality": {"explained_variance", "explained_variance_legacy", "mse", "cossim"},
+    "shrinkage": {"l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"},
+    "sparsity": {"l0", "l1"},
+    "token_stats": {"total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"},
+    "misc_metrics": {"freq_over_1_percent", "freq_over_10_percent", "normalized_freq_over_1_percent",
+                     "normalized_freq_over_10_percent", "average_max_encoder_cosine_sim",
+                     "average_max_decoder_cosine_sim", "frac_alive"},
+}
+
+
+def check_saebench_core(run, ours: dict) -> None:
+    """RUN/saebench/core/ holds sae-bench's core schema; figures defined alike equal eval.json's."""
+    out = json.loads((run / "saebench" / "core" / f"saekit_{HOOK}_eval_results.json").read_text())
+    assert out["eval_type_id"] == "core" and out["sae_lens_id"] == HOOK and out["eval_result_details"] == []
+    assert {k: set(v) for k, v in out["eval_result_metrics"].items()} == SAEBENCH_CORE
+    m = out["eval_result_metrics"]
+    assert m["reconstruction_quality"]["explained_variance"] == ours["explained_variance_saebench"]
+    assert m["reconstruction_quality"]["cossim"] == ours["cosine"] and m["sparsity"]["l0"] == ours["l0"]
+    assert m["shrinkage"]["l2_ratio"] == ours["l2_ratio"]
+    assert m["misc_metrics"]["frac_alive"] == 1 - ours["dead_fraction"]
+    assert m["token_stats"]["total_tokens_eval_sparsity_variance"] == ours["n_tokens"]
+    ce = m["model_performance_preservation"]  # SAEBench's convention: BOS replaced too, so CE differs
+    assert ce["ce_loss_without_sae"] < min(ce["ce_loss_with_sae"], ce["ce_loss_with_ablation"])
+    assert ce["ce_loss_score"] == pytest.approx((ce["ce_loss_with_ablation"] - ce["ce_loss_with_sae"])
+                                                / (ce["ce_loss_with_ablation"] - ce["ce_loss_without_sae"]))
+    assert ce["ce_loss_with_ablation"] != ours["ce_zero"]
+    assert out["eval_result_unstructured"]["fvu"] == ours["fvu"]
+
+
+
+def test_saebench_ce_convention_is_sae_benchs_definition(smollm2):
+    """`downstream_metrics(convention="saebench")` equals sae-bench 0.6.0's core CE and KL written out
+    (its get_recons_loss): the SAE or zeros at every position, BOS included; CE over the positions
+    whose input is not BOS/EOS/padding, KL over every such position. saekit's own reads otherwise."""
+    from saekit.evaluate import downstream_metrics
+    from saekit.model import logprobs
+
+    tok = smollm2.tokenizer
+    ids = tok("Shall I compare thee to a summer's day? Thou art more lovely", add_special_tokens=False).input_ids
+    row = torch.tensor([tok.bos_token_id, *ids[:6], tok.eos_token_id, *ids[6:]])
+    tokens = torch.stack([row, torch.cat([row[:1], row[1:].flip(0)])])
+    mask = ~torch.isin(tokens, torch.tensor(tok.all_special_ids))
+    g = torch.Generator().manual_seed(0)
+    sae = SAE(SAEConfig(d_in=576, n_latents=1152, k=32)).eval().requires_grad_(False)
+    sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(1152, 576, generator=g), dim=1))
+    sae.W_enc.copy_(sae.W_dec)
+    every = lambda acts: sae(acts.reshape(-1, 576)).reshape(acts.shape)  # noqa: E731
+    lp = {n: logprobs(smollm2, tokens, HOOK, f)
+          for n, f in (("clean", None), ("sae", every), ("zero", torch.zeros_like))}
+    ce = {n: -(v[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1))[mask[:, :-1]].mean() for n, v in lp.items()}
+    kl = {n: (lp["clean"].exp() * (lp["clean"] - lp[n])).sum(-1)[mask].mean() for n in ("sae", "zero")}
+    ours = downstream_metrics(smollm2, sae, HOOK, tokens, mask, convention="saebench")
+    for n in ("clean", "sae", "zero"):
+        assert ours[f"ce_{n}"] == pytest.approx(float(ce[n]), rel=1e-4)
+    for n in ("sae", "zero"):
+        assert ours[f"kl_{n}"] == pytest.approx(float(kl[n]), rel=1e-4)
+    own = downstream_metrics(smollm2, sae, HOOK, tokens, mask)  # BOS keeps its activation
+    assert own["ce_clean"] != pytest.approx(ours["ce_clean"], rel=1e-3)  # other positions averaged
+    assert own["ce_zero"] != pytest.approx(ours["ce_zero"], rel=1e-3)
+    with pytest.raises(SaekitError, match="unknown CE convention"):
+        downstream_metrics(smollm2, sae, HOOK, tokens, mask, convention="sae-lens")
 
 def test_killed_run_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
     assert run_cli(*tiny, "--out", str(tmp_path / "full")) == 0

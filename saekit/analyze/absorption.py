@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from saekit.analyze.common import Result
 from saekit.errors import SaekitError
 from saekit.io import Phases
-from saekit.runtime import VERSION, torch_threads
+from saekit.runtime import torch_threads
 from saekit.sae import SAE
+from saekit.saebench import envelope
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PROMPT = " has the first letter:"  # "{word} has the first letter: {L}" (Chanin et al.)
@@ -526,9 +527,6 @@ def saebench_output(res: AbsorptionResult, sae: SAE, model_name: str | None = No
     """`res` (SAEBench's protocol) in sae-bench's absorption output schema (eval_type_id
     "absorption_first_letter"), so that SAEBench's tools read it beside their own results."""
     import statistics
-    import time
-    import uuid
-
 
     if res.protocol != "saebench":
         raise SaekitError("sae-bench's output schema holds SAEBench's protocol: run it with protocol='saebench'")
@@ -540,29 +538,15 @@ def saebench_output(res: AbsorptionResult, sae: SAE, model_name: str | None = No
                 "num_split_features": n} for r, n in zip(t.itertuples(), n_split, strict=True)]
     sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
     frac, full = list(t["absorption_fraction"]), list(t["full_absorption"])
-    return {
-        "eval_type_id": "absorption_first_letter",
-        "eval_config": {"model_name": model_name or sae.cfg.model or "", "random_seed": res.seed,
-                        "f1_jump_threshold": res.f1_jump, "max_k_value": res.max_k,
-                        "prompt_template": "{word} has the first letter:", "prompt_token_pos": -6,
-                        "llm_batch_size": 32, "llm_dtype": "float32", "k_sparse_probe_l1_decay": res.l1,
-                        "k_sparse_probe_batch_size": 4096, "k_sparse_probe_num_epochs": 50,
-                        "min_GT_probe_f1": res.f1_threshold, "min_feats_for_eval": res.min_letters,
-                        "eval_k_sparse_probe_batch_size": 24, "precalc_k_sparse_probe_sae_acts": True},
-        "eval_id": str(uuid.uuid4()),
-        "datetime_epoch_millis": int(time.time() * 1000),
-        "eval_result_metrics": {"mean": {
-            "mean_absorption_fraction_score": res.mean_absorption_fraction,
-            "mean_full_absorption_score": res.mean_full_absorption,
-            "mean_num_split_features": statistics.mean(n_split), "std_dev_absorption_fraction_score": sd(frac),
-            "std_dev_full_absorption_score": sd(full), "std_dev_num_split_features": sd(n_split)}},
-        "eval_result_details": details,
-        "sae_bench_commit_hash": f"saekit {VERSION}",
-        "sae_lens_id": res.hookpoint or sae.cfg.hookpoint or "",
-        "sae_lens_release_id": "saekit",
-        "sae_lens_version": None,
-        "sae_cfg_dict": {"d_in": sae.d_in, "d_sae": sae.n_latents, "architecture": sae.cfg.architecture,
-                         "k": sae.cfg.k, "hook_name": res.hookpoint or sae.cfg.hookpoint,
-                         "model_name": model_name or sae.cfg.model},
-        "eval_result_unstructured": None,
-    }
+    config = {"random_seed": res.seed, "f1_jump_threshold": res.f1_jump, "max_k_value": res.max_k,
+              "prompt_template": "{word} has the first letter:", "prompt_token_pos": -6,
+              "llm_batch_size": 32, "llm_dtype": "float32", "k_sparse_probe_l1_decay": res.l1,
+              "k_sparse_probe_batch_size": 4096, "k_sparse_probe_num_epochs": 50,
+              "min_GT_probe_f1": res.f1_threshold, "min_feats_for_eval": res.min_letters,
+              "eval_k_sparse_probe_batch_size": 24, "precalc_k_sparse_probe_sae_acts": True}
+    metrics = {"mean": {
+        "mean_absorption_fraction_score": res.mean_absorption_fraction,
+        "mean_full_absorption_score": res.mean_full_absorption,
+        "mean_num_split_features": statistics.mean(n_split), "std_dev_absorption_fraction_score": sd(frac),
+        "std_dev_full_absorption_score": sd(full), "std_dev_num_split_features": sd(n_split)}}
+    return envelope("absorption_first_letter", config, metrics, details, sae, res.hookpoint, model_name)
