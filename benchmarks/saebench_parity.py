@@ -1,13 +1,14 @@
-"""saekit's SAEBench absorption protocol next to sae-bench 0.6.0 itself, on the same SAE and words.
+"""saekit next to sae-bench 0.6.0 itself on the same SAE: SAEBench's absorption protocol on the same
+words, and the core figures on the same held-out contexts.
 
-    python3 benchmarks/saebench_parity.py [RUN] [--words 3000] [--seeds 0 1] [--hookpoint H]
+    python3 benchmarks/saebench_parity.py [RUN] [--words 3000] [--seeds 0 1] [--evals absorption core]
 
 RUN (default runs/default) is a saekit run whose SAE is exported to SAELens format (`saekit export
---format sae-lens`) and handed to sae-bench's own absorption evaluation (`run_eval`, unmodified)
-in benchmarks/.venv, which this script creates on first use: torch 2.13.0 (the CPU build, first,
-so that nothing pulls a CUDA torch), then sae-bench 0.6.0 with sae-lens 6 and transformer-lens 3.
-The PyPI torchvision (built for CUDA torch) is removed afterwards: on the CPU torch it breaks
-transformers' imports, and neither evaluation uses it.
+--format sae-lens`) and handed to sae-bench's own evaluations (absorption's `run_eval` and core's
+`run_evals`, unmodified) in benchmarks/.venv, which this script creates on first use: torch 2.13.0
+(the CPU build, first, so that nothing pulls a CUDA torch), then sae-bench 0.6.0 with sae-lens 6
+and transformer-lens 3. The PyPI torchvision (built for CUDA torch) is removed afterwards: on the
+CPU torch it breaks transformers' imports, and neither evaluation uses it.
 
 What sae-bench is given, and why:
 - the model: the offline SmolLM2-135M (saekit's dequantised GGUF, ~/.cache/saekit/models) as a
@@ -22,14 +23,22 @@ What sae-bench is given, and why:
 - the seed: python's `random` and torch are seeded with each `--seeds` value before a run; the two
   tools' randomness (word split, ICL examples, probe starts, minibatch order) is not shared, so
   several seeds of each measure how far each tool's own randomness moves its figures.
+- for core: the run's held-out contexts (`saekit.data.contexts`, BOS first, documents joined by
+  EOS) in place of its streamed OpenWebText, in batches of 8, with BOS, EOS and padding as the
+  tokens it ignores (as its `multiple_evals` passes them); CE and KL on the run's first
+  `eval_contexts` of them, as saekit's eval. saekit's side is RUN/eval.json and the same figures in
+  sae-bench's core schema (`saekit.saebench.core`, CE and KL under SAEBench's convention, as
+  `saekit eval --format saebench` writes them), which sae-bench's own `CoreEvalOutput` validates.
 
 `--prepare` does the model-side work only (both tools' prompts and activations, sae-bench's probe
 training through its own `train_and_save_probes`, as `run_eval` calls it first) and keeps it in
 ~/.cache/saekit/saebench-parity/, so that a busy CPU can do it while the SAE trains; a later run
 reuses it (sae-bench finds its probe where it caches probes, and goes on from there).
 
-Prints one row per tool and seed (mean absorption fraction, mean full-absorption rate, letters
-kept, mean main latents) and the difference of the means. Results: benchmarks/RESULTS.md.
+Prints the core figures side by side (saekit's eval.json, its sae-bench file, sae-bench's core),
+each row naming where the definitions differ; then one row per tool and seed of absorption (mean
+absorption fraction, mean full-absorption rate, letters kept, mean main latents) and the
+difference of the means. Results: benchmarks/RESULTS.md.
 """
 
 import argparse
@@ -66,8 +75,6 @@ def driver(args) -> None:
     import sae_bench.evals.absorption.main as absorption_main
     import torch
     import transformer_lens.loading_from_pretrained as loading
-    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
-    from sae_lens import SAE
     from transformer_lens import HookedTransformer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -89,6 +96,20 @@ def driver(args) -> None:
             return model
 
     absorption_main.HookedTransformer = Loader
+    out = {"absorption": absorption_driver(args, model, layer, words) if "absorption" in args.evals else []}
+    if "core" in args.evals and not args.prepare:
+        out["core"] = core_driver(args, model)
+    if not args.prepare:
+        Path(args.out).write_text(json.dumps(out))
+
+
+def absorption_driver(args, model, layer: int, words: list[str]) -> list[dict]:
+    """sae-bench's absorption `run_eval`, once per seed (with --prepare: its probe training only)."""
+    import sae_bench.evals.absorption.common as common
+    import sae_bench.evals.absorption.main as absorption_main
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+    from sae_lens import SAE
+
     stash = Path(args.stash)
     results_dir = Path(tempfile.mkdtemp(prefix="saebench-artifacts-"))
     own_results_dir(results_dir)
@@ -121,8 +142,45 @@ def driver(args) -> None:
                     "mean_full_absorption": means["mean_full_absorption_score"], "n_letters": len(details),
                     "mean_main_latents": statistics.mean(d["num_split_features"] for d in details),
                     "letters": {d["first_letter"]: d["mean_absorption_fraction"] for d in details}})
-    if not args.prepare:
-        Path(args.out).write_text(json.dumps(out))
+    return out
+
+
+def core_driver(args, model) -> dict:
+    """sae-bench's core `run_evals` (unmodified) on saekit's held-out contexts: the first
+    `n_ctx` for CE and KL, all of them for the reconstruction figures, in batches of 8; the
+    special tokens it ignores are BOS, EOS and padding, as in its `multiple_evals`. Also checks
+    saekit's `--format saebench` file against sae-bench's own schema (CoreEvalOutput)."""
+    import torch
+    from pydantic import TypeAdapter
+    from sae_bench.evals.core.eval_config import CoreEvalConfig
+    from sae_bench.evals.core.eval_output import CoreEvalOutput
+    from sae_bench.evals.core.main import run_evals
+    from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
+    from sae_lens import SAE
+
+    data = torch.load(args.core_tokens)
+    tokens, n_ctx, batch = data["tokens"], data["n_ctx"], 8
+
+    class Store:  # the ActivationsStore calls run_evals makes, served from saekit's contexts in order
+        context_size, store_batch_size_prompts, at = tokens.shape[1], batch, 0
+
+        def get_batch_tokens(self, n):
+            self.at += n
+            return tokens[self.at - n : self.at]
+
+        def reset_input_dataset(self):
+            self.at = 0
+
+    _, sae, _ = load_and_format_sae("saekit", SAE.load_from_disk(args.sae, device="cpu"), "cpu")
+    cfg = CoreEvalConfig(batch_size_prompts=batch, n_eval_reconstruction_batches=-(-n_ctx // batch),
+                         n_eval_sparsity_variance_batches=-(-len(tokens) // batch), compute_kl=True,
+                         compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
+                         compute_variance_metrics=True)
+    tok = model.tokenizer
+    ignore = {t for t in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) if t is not None}
+    metrics, _ = run_evals(sae, Store(), model, cfg, ignore_tokens=ignore)
+    TypeAdapter(CoreEvalOutput).validate_python(json.loads(Path(args.ours_core).read_text()))  # raises if not
+    return {k: v for group in metrics.values() for k, v in group.items()}
 
 
 def own_results_dir(root: Path) -> None:
@@ -203,10 +261,46 @@ def word_sample(words: list[tuple[int, str]], n: int, per_letter: int = 10) -> l
     return sorted(out)
 
 
+def core_table(ours: dict, ours_sb: dict, theirs: dict) -> None:
+    """saekit's eval.json, its `--format saebench` file and sae-bench's core evaluation, with what
+    each row measures where the definitions differ."""
+    sb = {k: v for group in ours_sb["eval_result_metrics"].values() for k, v in group.items()}
+    kl_score = (ours["kl_zero"] - ours["kl_sae"]) / ours["kl_zero"]
+    alike = "defined alike"
+    ce_pos = "saekit: positions whose target is a real token; SAEBench: whose input is"
+    spliced = "saekit: at real tokens, BOS keeps its own; SAEBench: at every position, BOS included"
+    rows = [
+        ("L0", ours["l0"], sb["l0"], "l0", alike),
+        ("cosine(x, x_hat)", ours["cosine"], sb["cossim"], "cossim", alike),
+        ("L2 ratio", ours["l2_ratio"], sb["l2_ratio"], "l2_ratio", alike),
+        ("explained variance", ours["explained_variance"], sb["explained_variance"], "explained_variance",
+         "saekit: 1 - FVU, centred on the mean; SAEBench (and `explained_variance_saebench`): variance about zero"),
+        ("explained variance (legacy)", None, None, "explained_variance_legacy",
+         "SAEBench only: per token, centred on its batch's mean"),
+        ("MSE", ours["mse"], None, "mse",
+         "saekit: per element; SAEBench: a token's squared error over its batch's tokens"),
+        ("CE clean", ours["ce_clean"], sb["ce_loss_without_sae"], "ce_loss_without_sae", ce_pos),
+        ("CE, SAE spliced", ours["ce_sae"], sb["ce_loss_with_sae"], "ce_loss_with_sae", f"{ce_pos}; {spliced}"),
+        ("CE, zero-ablated", ours["ce_zero"], sb["ce_loss_with_ablation"], "ce_loss_with_ablation",
+         f"{ce_pos}; {spliced}"),
+        ("loss recovered", ours["loss_recovered"], sb["ce_loss_score"], "ce_loss_score", "from the three CE above"),
+        ("KL, SAE spliced", ours["kl_sae"], sb["kl_div_with_sae"], "kl_div_with_sae",
+         f"{spliced}; SAEBench also counts the last position"),
+        ("KL, zero-ablated", ours["kl_zero"], sb["kl_div_with_ablation"], "kl_div_with_ablation", "as above"),
+        ("KL score", kl_score, sb["kl_div_score"], "kl_div_score", "from the two KL above"),
+    ]
+    f = lambda v: "-" if v is None or v == -1 else f"{v:.4f}"  # noqa: E731
+    print("\n| figure | saekit eval.json | saekit --format saebench | sae-bench 0.6.0 core | definitions |")
+    print("|---|---|---|---|---|")
+    for name, a, b, key, note in rows:
+        print(f"| {name} | {f(a)} | {f(b)} | {f(theirs.get(key))} | {note} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", nargs="?", default="runs/default")
     p.add_argument("--hookpoint", default=None)
+    p.add_argument("--evals", nargs="+", choices=["absorption", "core"], default=["absorption", "core"])
     p.add_argument("--words", type=int, default=3000, help="seeded vocabulary sample both tools use")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--only", choices=["saebench", "saekit"], default=None,
@@ -220,22 +314,29 @@ def main() -> None:
     p.add_argument("--words-file", help=argparse.SUPPRESS)
     p.add_argument("--stash", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--core-tokens", help=argparse.SUPPRESS)
+    p.add_argument("--ours-core", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.driver:
         return driver(args)
 
     import hashlib
 
+    import torch
     from transformers import AutoTokenizer
 
+    from saekit import saebench
     from saekit.analyze.absorption import saebench_words
+    from saekit.data import contexts
+    from saekit.evaluate import downstream_metrics
     from saekit.io import saekit_cache
     from saekit.model import DEFAULT_MODEL, load_model, resolve_model
-    from saekit.run import Run
+    from saekit.run import EVAL, Run
 
     ensure_venv()
     if args.prepare:
         run, h, sae = None, args.hookpoint or "blocks.6.hook_resid_post", None
+        args.evals = ["absorption"]
     else:
         run = Run.open(args.run)
         h = run.hookpoint(args.hookpoint)
@@ -243,7 +344,8 @@ def main() -> None:
             sys.exit(f"this comparison runs the offline {DEFAULT_MODEL}; {args.run} was trained on {run.model_name}")
         sae = run.sae(h)
     model_dir, _ = resolve_model(DEFAULT_MODEL)
-    words = word_sample(saebench_words(AutoTokenizer.from_pretrained(model_dir)), args.words)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    words = word_sample(saebench_words(tokenizer), args.words)
     key = hashlib.sha256(json.dumps([h, words]).encode()).hexdigest()[:16]
     stash = saekit_cache() / "saebench-parity" / key
     stash.mkdir(parents=True, exist_ok=True)
@@ -255,24 +357,43 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "words.json").write_text(json.dumps([w for _, w in words]))
         cmd = [PY, __file__, "--driver", "--hookpoint", h, "--model", model_dir, "--words-file", tmp / "words.json",
-               "--stash", stash, "--out", tmp / "saebench.json", "--seeds", *map(str, args.seeds)]
+               "--stash", stash, "--out", tmp / "saebench.json", "--seeds", *map(str, args.seeds),
+               "--evals", *args.evals]
         if args.prepare:
             cmd.append("--prepare")
         else:
             sae.save(tmp / "sae", format="sae-lens")
             cmd += ["--sae", tmp / "sae"]
+        if "core" in args.evals:  # saekit's figures in both conventions, then sae-bench's on the same contexts
+            cfg, n_ctx = run.config, run.config.eval_contexts
+            ours_core = json.loads((run.path / EVAL).read_text())[h]  # as `saekit eval --format saebench`:
+            val_tokens, val_mask = contexts(cfg, tokenizer)["val"]
+            ce = downstream_metrics(load_model(DEFAULT_MODEL), sae, h, val_tokens[:n_ctx], val_mask[:n_ctx],
+                                    convention="saebench")
+            ours_sb = saebench.core(ours_core, ce, sae, h, cfg.model, dataset=cfg.dataset, context_size=cfg.ctx_len,
+                                    n_contexts=n_ctx)
+            (tmp / "ours_core.json").write_text(json.dumps(ours_sb))
+            torch.save({"tokens": val_tokens, "n_ctx": n_ctx}, tmp / "tokens.pt")
+            cmd += ["--core-tokens", tmp / "tokens.pt", "--ours-core", tmp / "ours_core.json"]
         one_thread = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
         subprocess.run(list(map(str, cmd)), check=True, cwd=tmp, env={**os.environ, **one_thread})
-        theirs = [] if args.prepare else json.loads((tmp / "saebench.json").read_text())
+        theirs = {} if args.prepare else json.loads((tmp / "saebench.json").read_text())
     if args.only == "saebench":
         return
-    model = load_model(DEFAULT_MODEL)
     if args.prepare:
+        model = load_model(DEFAULT_MODEL)
         for seed in args.seeds:
             saekit_data(model, h, words, seed, stash)
         print(f"prepared {stash}")
         return
-    ours = saekit_side(sae, model, h, words, args.seeds, stash)
+    if "core" in args.evals:
+        print(f"\n{args.run} {h}: core figures on its {len(val_tokens)} held-out contexts "
+              f"(CE and KL: the first {run.config.eval_contexts}); saekit's sae-bench file passes sae-bench's schema")
+        core_table(ours_core, ours_sb, theirs["core"])
+    if "absorption" not in args.evals:
+        return
+    ours = saekit_side(sae, load_model(DEFAULT_MODEL), h, words, args.seeds, stash)
+    theirs = theirs["absorption"]
 
     print(f"\n{args.run} {h}, {len(words)} words (seeded sample of every alphabetic token)\n")
     print("| tool | seed | mean absorption fraction | mean full absorption | letters | main latents | wall s |")
