@@ -31,9 +31,10 @@ STEER = "The old man said that the"
 ATTRIBUTE = "Long live the"
 
 
-def tour(atlas: Atlas) -> tuple[str, int]:
-    """The markdown of the tour and the latent whose card it shows: of the latents labelled " king"
-    whose top contexts peak on it, the one whose label holds best among its top contexts."""
+def tour(atlas: Atlas, command: str) -> tuple[str, int]:
+    """The markdown of the tour (made by `command`) and the latent whose card it shows: of the
+    latents labelled " king" whose top contexts peak on it, the one whose label holds best among
+    its top contexts."""
     f = atlas.features()
     kings = atlas.token(" king")
     kings = kings.assign(top_share=[atlas.card(int(j)).label_top_share for j in kings.latent])
@@ -57,7 +58,8 @@ def tour(atlas: Atlas) -> tuple[str, int]:
         (f"`atlas.card({j}).cooccurrence` (latents firing on the same tokens)", card.cooccurrence.head(5)),
         (f"`atlas.text({TEXT!r})`: the strongest latent per token", per_token),
     ]
-    md = ["# A tour of the default run's atlas", "", f"`python3 analysis/atlas_tour.py --atlas {atlas.path}`", ""]
+    paths = ", ".join(sorted(set(atlas.meta.get("encoder_path", {}).values())))
+    md = ["# A tour of the default run's atlas", "", f"`{command}` (the run's CPU encoder path: {paths})", ""]
     for title, df in sections:
         if "label" in df:
             df = df.assign(label=[None if x is None else repr(x) for x in df.label])
@@ -124,7 +126,9 @@ def main() -> None:
                    help="also compare the bf16 and fp32 CPU encoder paths on an atlas of N tokens")
     args = p.parse_args()
     atlas = Atlas.open(args.atlas)
-    md, latent = tour(atlas)
+    command = f"python3 analysis/atlas_tour.py --atlas {args.atlas}" + (f" --compare {args.compare}" if args.compare
+                                                                          else "")
+    md, latent = tour(atlas, command)
     if args.compare:
         md += ("\n## Which numbers depend on the CPU encoder path\n\nThe same SAE, atlases of the first "
                f"{args.compare:,} training tokens built with `SAEKIT_ENCODER=bf16` and `=fp32`:\n\n"

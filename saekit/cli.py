@@ -206,15 +206,20 @@ def _atlas(args, extra):
     if args.json:
         print(df.to_json(orient="records"))
         return
-    shown = df.head(args.limit).copy()
-    for col in set(shown.columns) & {"label", "token"}:  # quoted: a label's leading space (' king') shows
-        shown[col] = shown[col].map(lambda t: t if t is None else repr(t))
-    print(shown.to_string(index=False, float_format="{:.4g}".format) if len(df) else "(nothing)")
+    print(_table(df.head(args.limit)) if len(df) else "(nothing)")
     if what in ("dense", "top_by"):  # the first --limit rows of a ranking of every latent
         f, col = atlas.features(h), "density" if what == "dense" else args.top_by
         _left_out(int(f[col].notna().sum()) - len(df) if col in f else len(f) - len(df), "--limit N shows more")
     else:
         _left_out(len(df) - min(len(df), args.limit), "--limit N or --json shows them")
+
+
+def _table(df) -> str:
+    """`df` for people: labels and tokens quoted (so a leading space, ' king', shows), floats to 4 digits."""
+    shown = df.copy()
+    for col in set(shown.columns) & {"label", "token"}:
+        shown[col] = shown[col].map(lambda t: t if t is None else repr(t))
+    return shown.to_string(index=False, float_format="{:.4g}".format)
 
 
 def _steer(args, extra):
@@ -230,7 +235,7 @@ def _steer(args, extra):
     print(f"clean:   {args.prompt}[[{res.clean}]]")
     print(f"steered: {args.prompt}[[{res.steered}]]")
     print("next token: largest moves of its probability")
-    print(res.next_token.to_string(index=False))
+    print(_table(res.next_token))
 
 
 def _attribute(args, extra):
@@ -244,7 +249,7 @@ def _attribute(args, extra):
     against = f" - logit[{args.against!r}]" if args.against is not None else ""
     print(f"logit[{args.target!r}]{against} = {res.metric:.4g}; the error term's attribution {res.error:.4g} "
           f"(share {res.error_share:.1%}), the decoder bias's {res.bias:.4g}")
-    print(res.table.head(args.limit).to_string(index=False))
+    print(_table(res.table.head(args.limit)))
     _left_out(len(res.table) - min(len(res.table), args.limit), "--limit N or --json shows them")
 
 

@@ -5,6 +5,7 @@ transcoder splice matches an independent computation; edits do what they say; ba
 one message."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -208,6 +209,11 @@ def test_cli_json(run, capsys):
     assert cli.main(["attribute", str(run), "--prompt", PROMPT, "--target", " king", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and set(rows[0]) == {"position", "token", "latent", "activation", "attribution", "label"}
+    assert cli.main(["attribute", str(run), "--prompt", PROMPT, "--target", " king", "--limit", "1000"]) == 0
+    text = capsys.readouterr().out
+    assert "' king'" in text  # tokens quoted: the leading space shows
+    digits = [len(re.sub(r"^[0.]+", "", x.lstrip("-")).replace(".", "")) for x in re.findall(r"-?\d+\.\d+", text)]
+    assert digits and max(digits) <= 4  # figures to 4 significant digits
 
 
 @pytest.mark.parametrize("argv, message", [
