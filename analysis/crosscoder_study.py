@@ -124,7 +124,8 @@ def main():
              f"Command: `{cmd}`; wall time {res['wall_s']['train']:.0f} s training (0 if the runs existed) + "
              f"{res['wall_s']['analysis']:.0f} s analysis, 2-core CPU shared with other jobs.", "",
              f"Runs: `{sae_run.path}` ({n} SAEs of {width:,} latents) and `{cc_run.path}` (one crosscoder "
-             f"of {cc_info['latents']:,} latents over the {n} layers), both k 32, the same 250k tokens × 2 epochs. "
+             f"of {cc_info['latents']:,} latents over the {n} layers), both k 32, the same 250k tokens × 2 epochs, one "
+             "seed each (no seed spread). "
              f"{cc_info['firing']:,} crosscoder latents fire on {args.tokens:,} held-out tokens (the others are "
              "left out).",
              "", "## Reconstruction per layer (held-out FVU)", "", md_table(fvu), "",

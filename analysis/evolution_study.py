@@ -219,7 +219,7 @@ def report(args, info, revs, hook, df, s, fvu, row_tokens, times, wall) -> None:
              f"{args.batch_size}, lr {args.lr}, AuxK after {args.dead_tokens} silent tokens; each snapshot "
              "is scaled to unit mean square in training, and decoder norms are read in those units. Latents "
              "that never fire on the training tokens are left out "
-             f"({s['n_latents']} kept).", "",
+             f"({s['n_latents']} kept). One crosscoder seed (0), so no figure here has a seed spread.", "",
              "Rules (`saekit.analyze.evolution`): emergence = the first snapshot from which the latent's decoder "
              "norm stays at or above half its maximum to the end (-1: not present at the end); fading = present "
              "at step 0 and its last norm below half its step-0 norm; unigram R^2 = held-out R^2 of the latent's "

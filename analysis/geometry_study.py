@@ -109,7 +109,8 @@ def main() -> None:
         print(f"{h}: α {gal['power_law_alpha']:.3f}, clustering {gal['clustering']:.3g}", flush=True)
     OUT.mkdir(exist_ok=True)
     lines = ["# Feature geometry across layers", "", f"Run `{args.run}`: {len(rows)} residual-stream SAEs "
-             f"({run.config.expansion}x, k {run.config.k}), held-out tokens of its validation cache.", "",
+             f"({run.config.expansion}x, k {run.config.k}), held-out tokens of its validation cache. One seed "
+             f"({run.config.seed}) per layer: the 95 % CIs are the fit's and the bootstrap's, not seed spreads.", "",
              md_table(rows), "", f"Published shape: {PUBLISHED}; a Gaussian cloud gives ≈ 0.", "",
              f"![decoder covariance spectra]({stem}_spectrum.png)", ""]
     for h, d in details.items():

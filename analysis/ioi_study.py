@@ -101,7 +101,9 @@ def recipe_row(name: str, ev: dict) -> dict:
 def write_md(res: dict, argv: list[str]) -> None:
     lines = ["# IOI on SmolLM2-135M: the task, where its attributes live, and SAEs against supervised dictionaries", "",
              f"Command: `{' '.join(['nice -n 15 python3 analysis/ioi_study.py', *map(shlex.quote, argv)])}` (parts "
-             "may run in separate processes; 2-core CPU shared with other jobs; wall times per part below).", ""]
+             "may run in separate processes; 2-core CPU shared with other jobs; wall times per part below). One seed "
+             "per dictionary (no seed spread); control shares are over each edit's valid pairs, without an "
+             "interval.", ""]
     if f := res.get("figure"):
         lines += ["## The model's task figure", "", md_table([{"names": k, **{c: v for c, v in f[k].items()}}
                                                               for k in ("train_names", "test_names")]), "",

@@ -86,7 +86,8 @@ def main() -> None:
     seeds = f"`{args.ceiling_run}` (another seed, same config)" if other else "an SAE fit here from another seed"
     md = ((run.analysis_dir / "matching.md").read_text().replace("(matching.png)", f"({stem}.png)")
           + "\n## Nulls\n\n"
-          f"Ceiling: each SAE against {seeds} on the same activations. "
+          f"One seed per layer. Ceiling: each SAE against {seeds} on the same activations (one seed pair per "
+          "layer, so no figure here has a seed spread). "
           f"Floor: shuffled pairs, mean decoder cosine {chain['shuffled_cosine']:.4g}.\n\n"
           + md_table([{k: f(v) for k, v in top.items()} for top in tops]) + "\n")
     atomic_write(OUT / f"{stem}.md", lambda q: q.write_text(md))
