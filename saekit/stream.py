@@ -59,11 +59,19 @@ class StreamedBatches:
             yield torch.stack(toks), torch.stack(masks)
 
     def _rows(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The activation rows of a buffer's contexts, in context order; each process forwards its share."""
+        """The activation rows of a buffer's contexts, in context order; each process forwards its share,
+        `chunk` contexts at a time, written into one tensor per hookpoint (a buffer is held once)."""
         lo, hi = len(tokens) * dist.rank() // dist.world(), len(tokens) * (dist.rank() + 1) // dist.world()
-        parts = [self.forward(tokens[s : min(s + self.chunk, hi)], mask[s : min(s + self.chunk, hi)])
-                 for s in range(lo, hi, self.chunk)]
-        mine = {h: torch.cat([p[h] for p in parts]) if parts else None for h in self.hookpoints}
+        mine: dict[str, torch.Tensor | None] = dict.fromkeys(self.hookpoints)
+        at = 0
+        for s in range(lo, hi, self.chunk):
+            part = self.forward(tokens[s : min(s + self.chunk, hi)], mask[s : min(s + self.chunk, hi)])
+            for h in self.hookpoints:
+                t = part[h]
+                if mine[h] is None:
+                    mine[h] = t.new_empty((int(mask[lo:hi].sum()), *t.shape[1:]))
+                mine[h][at : at + len(t)] = t
+            at += len(part[self.hookpoints[0]])
         if not dist.active():
             return mine
         n = int(mask.sum())
@@ -90,7 +98,7 @@ class StreamedBatches:
         """Batches of one epoch from batch index `start` on."""
         skip = start * self.B  # rows of this epoch already trained on
         offset, emitted = 0, start
-        carry: dict[str, torch.Tensor] | None = None
+        carry: dict[str, torch.Tensor] | None = None  # the previous buffer's rows after its last full batch
         for j, (tokens, mask) in enumerate(self._buffers()):
             if emitted >= self.steps_per_epoch:
                 return
@@ -101,16 +109,21 @@ class StreamedBatches:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + j)
             keep = torch.randperm(n, generator=g)[max(0, skip - offset) :]
             rows = self._rows(tokens, mask)
-            data = {h: rows.pop(h)[keep] for h in self.hookpoints}  # one hookpoint at a time: a buffer and one copy
             offset += n
-            if carry is not None:
-                data = {h: torch.cat([carry[h], data[h]]) for h in data}
-            n_full = len(data[self.hookpoints[0]]) // self.B
+            # batches are rows of carry + rows[keep], gathered one batch at a time (no shuffled copy of the buffer)
+            c = len(carry[self.hookpoints[0]]) if carry is not None else 0
+            n_full = (c + len(keep)) // self.B
             for b in range(min(n_full, self.steps_per_epoch - emitted)):
-                yield {h: t[b * self.B : (b + 1) * self.B] for h, t in data.items()}
+                lo, hi = b * self.B - c, (b + 1) * self.B - c  # positions in keep
+                if lo < 0:
+                    yield {h: torch.cat([carry[h], rows[h][keep[:hi]]]) for h in self.hookpoints}
+                else:
+                    yield {h: rows[h][keep[lo:hi]] for h in self.hookpoints}
                 emitted += 1
-            carry = {h: t[n_full * self.B :].clone() for h, t in data.items()}  # not a view: the buffer goes
-            del data
+            tail = n_full * self.B - c
+            carry = {h: rows[h][keep[tail:]] if tail >= 0 else torch.cat([carry[h], rows[h][keep]])
+                     for h in self.hookpoints}
+            del rows
         if emitted < self.steps_per_epoch:
             self.ended = True
             if dist.is_main():

@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 from test_distributed import free_port
 from test_kill import HOOK, ROOT, logged_step, meta
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from saekit import cli, data, pipeline
 from saekit import model as lm
@@ -123,6 +124,28 @@ def test_memory_holds_one_buffer_whatever_n_tokens_and_the_corpus_end_stops_the_
     assert long.ended and len(got) == n_rows() // B  # one epoch of what there is, then the run stops
     err = capsys.readouterr().err
     assert "the corpus ended after" in err and f"stops at step {len(got)} of epoch 1" in err
+
+
+class BigTensors(TorchDispatchMode):
+    """Records the op of every activation-row tensor (2-D) of more than `rows` rows made while active."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows, self.ops = rows, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dim() == 2 and len(out) > self.rows:
+            self.ops.append(func.__name__)
+        return out
+
+
+def test_a_buffer_is_held_once_batches_are_gathered_from_it():
+    buffers = _buffers(fake_stream(n_rows(), buffer_tokens=1000))
+    with BigTensors(2 * B) as big:  # buffers of ~500 rows, batches of 64, chunks of 3 contexts (~40 rows)
+        n = len(list(fake_stream(n_rows(), buffer_tokens=1000).batches(0, 1)))
+    assert n == n_rows() // B
+    assert big.ops == ["new_empty.default"] * 2 * len(list(buffers))  # one tensor per hookpoint and buffer, no copy
 
 
 def test_the_init_sample_reads_only_contexts_the_run_trains_on():
