@@ -373,14 +373,28 @@ def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quie
               on_log=None, on_checkpoint=None) -> None:
     """Drive `trainer` over `batches` with a progress bar (tokens/s, FVU, L0, dead %).
 
-    `on_log(step, metrics)` runs every `log_every` steps and `on_checkpoint()` every
+    `on_log(step, metrics)` runs every `log_every` steps and at the last step, also when the
+    batches end before `total_steps` (a stream whose corpus ended), and `on_checkpoint()` every
     `checkpoint_every` steps (both optional).
     """
     cfg = trainer.cfg
     bar = tqdm(total=trainer.total_steps, initial=trainer.step, disable=quiet, desc="train", unit="step",
                dynamic_ncols=True)
     dead = f"dead({tqdm.format_sizeof(cfg.dead_tokens)} tok)"  # unfired in the last dead_tokens training tokens
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, logged, metrics = time.perf_counter(), 0, trainer.step, None
+
+    def log(metrics):
+        metrics = {h: {k: float(v) for k, v in m.items()} for h, m in metrics.items()}
+        speed = tokens / (time.perf_counter() - t0)
+        if metrics:  # {} after a skipped batch
+            first = next(iter(metrics.values()))
+            bar.set_postfix(tok_s=f"{speed:,.0f}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
+                            **{dead: f"{100 * first['dead_fraction']:.1f}%"})
+        if on_log:
+            on_log(trainer.step, {"tokens_per_s": speed, "tokens": trainer.tokens, "skipped_batches": trainer.skipped,
+                                  "encoder_path": trainer.encoder_path, **metrics})
+        return trainer.step
+
     for batch in batches:
         try:
             metrics = trainer.train_step(batch)
@@ -394,18 +408,11 @@ def run_steps(trainer: Trainer, batches: Iterable[dict[str, torch.Tensor]], quie
         tokens += len(next(iter(batch.values())))
         bar.update(1)
         if trainer.step % cfg.log_every == 0 or trainer.step == trainer.total_steps:
-            metrics = {h: {k: float(v) for k, v in m.items()} for h, m in metrics.items()}
-            speed = tokens / (time.perf_counter() - t0)
-            if metrics:  # {} after a skipped batch
-                first = next(iter(metrics.values()))
-                bar.set_postfix(tok_s=f"{speed:,.0f}", fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
-                                **{dead: f"{100 * first['dead_fraction']:.1f}%"})
-            if on_log:
-                on_log(trainer.step, {"tokens_per_s": speed, "tokens": trainer.tokens,
-                                      "skipped_batches": trainer.skipped, "encoder_path": trainer.encoder_path,
-                                      **metrics})
+            logged = log(metrics)
         if on_checkpoint and trainer.step % cfg.checkpoint_every == 0:
             on_checkpoint()
+    if metrics is not None and logged != trainer.step:  # the batches ended early
+        log(metrics)
     bar.close()
 
 

@@ -219,3 +219,14 @@ def test_ctrl_c_while_the_model_loads_is_not_lost():
         _ctrl_c_after(load_that_swallows_ctrl_c)
     assert _ctrl_c_after(lambda: "model") == "model"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_batches_that_end_before_the_last_step_still_log_the_step_they_reached():
+    """A stream whose corpus ends early stops the run there: its last step is logged, every
+    log_every steps otherwise (a run of 6 steps, logging every 4, fed 5 batches)."""
+    tr, logged = _trainer(log_every=4), []
+    run_steps(tr, _batches(_data(500)), quiet=True, on_log=lambda s, m: logged.append(s))
+    assert logged == [4, 5]
+    tr, logged = _trainer(log_every=4), []
+    run_steps(tr, _batches(_data(600)), quiet=True, on_log=lambda s, m: logged.append(s))
+    assert logged == [4, 6]
