@@ -103,11 +103,10 @@ def train(point: str, seed: int, deadline: float | None) -> None:
         proc.send_signal(signal.SIGINT)  # saekit stops cleanly; the last checkpoint stays
         proc.wait()
     wall = time.time() - t0
-    if not out.is_dir():  # stopped before the run folder was made (while harvesting): nothing to add to
-        return
     log = out / "budget_wall.json"  # wall seconds of every invocation on this run
-    spent = json.loads(log.read_text()) if log.is_file() else []
-    atomic_write(log, lambda p: p.write_text(json.dumps(spent + [round(wall, 1)])))
+    if out.is_dir():  # not when it stopped before the run folder was made (while harvesting)
+        spent = json.loads(log.read_text()) if log.is_file() else []
+        atomic_write(log, lambda p: p.write_text(json.dumps(spent + [round(wall, 1)])))
     if proc.returncode not in (0, 130, -signal.SIGINT):
         raise SystemExit(f"training {out} failed with exit code {proc.returncode}")
 
