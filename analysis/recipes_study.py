@@ -28,6 +28,7 @@ from saekit import Run
 from saekit.analyze.absorption import absorption_from_data, first_letter_data
 from saekit.analyze.stability import stability
 from saekit.config import load_config
+from saekit.errors import SaekitError
 from saekit.io import atomic_write, md_table
 from saekit.linalg import effective_dimension
 from saekit.model import load_model
@@ -68,20 +69,25 @@ def measure(out: Path, data) -> dict:
     sae, ev = run.sae(h), json.loads((out / "eval.json").read_text())[h]
     file = out / "absorption.json"
     if not file.is_file():
-        res = absorption_from_data(sae, data)
-        atomic_write(file, lambda p: p.write_text(json.dumps({  # noqa: B023
-            "mean_absorption_fraction": res.mean_absorption_fraction,
-            "mean_full_absorption": res.mean_full_absorption, "n_letters": res.n_letters})))
+        try:
+            res = absorption_from_data(sae, data)
+            ab = {"mean_absorption_fraction": res.mean_absorption_fraction,
+                  "mean_full_absorption": res.mean_full_absorption, "n_letters": res.n_letters}
+        except SaekitError as e:  # too few letters' probes pass at this hookpoint: not measurable here
+            ab = {"mean_absorption_fraction": None, "mean_full_absorption": None, "n_letters": 0, "why": str(e)}
+        atomic_write(file, lambda p: p.write_text(json.dumps(ab)))  # noqa: B023
     ab = json.loads(file.read_text())
     return {"fvu": ev["fvu"], "l0": ev["l0"], "dead": ev["dead_fraction"],
             "max_cos": float(max_cosine(sae.W_dec)[0].mean()),
             "eff_rank": effective_dimension(sae.W_dec, center=False)["effective_rank"],
             "absorption": ab["mean_absorption_fraction"], "full_absorption": ab["mean_full_absorption"],
-            "letters": ab["n_letters"]}
+            "letters": ab["n_letters"], **({"why": ab["why"]} if "why" in ab else {})}
 
 
-def spread(vals: list[float], digits: int = 4) -> str:
-    """Mean and range over seeds, e.g. '0.0773 (0.0770–0.0776)'."""
+def spread(vals: list[float | None], digits: int = 4) -> str:
+    """Mean and range over seeds, e.g. '0.0773 (0.0770–0.0776)'; '–' where a seed has no value."""
+    if None in vals:
+        return "–"
     if len(vals) == 1:
         return f"{vals[0]:.{digits}f}"
     return f"{statistics.mean(vals):.{digits}f} ({min(vals):.{digits}f}–{max(vals):.{digits}f})"
@@ -99,7 +105,7 @@ def write(res: dict, argv: list[str], hookpoint: str, root: Path, stem: str) -> 
         per = [res["runs"][k] for k in sorted(res["runs"]) if k.startswith(f"{name}|")]
         if not per:
             continue
-        col = {c: [p[c] for p in per] for c in per[0]}
+        col = {c: [p.get(c) for p in per] for c in per[0]}
         pairs = [v for k, v in res["stability"].items() if k.startswith(f"{name}|")]
         rows.append({"recipe": name, "seeds": len(per), "FVU (held out)": spread(col["fvu"]),
                      "L0": spread(col["l0"], 1), "dead %": spread([100 * d for d in col["dead"]], 2),
@@ -121,6 +127,9 @@ def write(res: dict, argv: list[str], hookpoint: str, root: Path, stem: str) -> 
              "one-to-one across two seeds at decoder cosine ≥ 0.7, over every pair of seeds (recipes in "
              "--stability).", "",
              md_table(rows), ""]
+    why = {r.get("why") for r in res["runs"].values() if r.get("why")}
+    if why:
+        lines += [f"Absorption –: not measurable at {hookpoint}: {' / '.join(sorted(why))}.", ""]
     atomic_write(OUT / f"{stem}.md", lambda p: p.write_text("\n".join(lines)))
 
 
