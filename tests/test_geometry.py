@@ -1,5 +1,6 @@
 """Feature geometry on dictionaries with planted structure: a known covariance power law, Gaussian
-versus clumpy clouds, topic lobes, a circular feature, a parallelogram; bad inputs; the CLI."""
+versus clumpy clouds, topic lobes, a circular feature, points on a ring in cyclic order, a parallelogram;
+bad inputs; the CLI."""
 
 import json
 import math
@@ -201,6 +202,53 @@ def test_mixture_and_separability_indices_on_known_shapes():
     square = rng.uniform(-1, 1, (4000, 2)) @ rot.T  # two independent uniform features, rotated
     assert mixture_index(axes) > 0.45 > 0.25 > mixture_index(circle)
     assert separability_index(square) < 0.05 < 0.5 < separability_index(circle)
+
+
+# -- circles in a cyclic order --------------------------------------------------------------
+def planted_ring(n: int, behind: float = 0.0, noise: float = 0.02, d: int = 64, seed: int = 0) -> torch.Tensor:
+    """n points evenly on a unit circle in row order (row i at angle 2 pi i / n) in a random plane
+    of R^d, plus two orthogonal directions of std `behind` whose values are uncorrelated with the
+    circle (so with behind > 1 the circle is PCs 3 and 4), plus isotropic noise."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    th = 2 * math.pi * torch.arange(n) / n
+    C = torch.stack([torch.ones(n), torch.cos(th), torch.sin(th)], 1)
+    D = torch.randn(n, 2, generator=g)
+    D = D - C @ torch.linalg.lstsq(C, D).solution
+    D = behind * D / D.std(0)
+    return C[:, 1:] @ Q[:, :2].T + D @ Q[:, 2:4].T + noise * torch.randn(n, d, generator=g)
+
+
+def test_circularity_finds_a_ring_in_order_and_not_a_shuffled_one():
+    X = planted_ring(12, behind=2.0)  # months: the ring sits behind two larger directions
+    r = analyze.circularity(X, n_pcs=4)
+    assert r.pcs == (2, 3) and r.neighbours == 12 and r.p_value < 0.005 and r.radius_cv < 0.1
+    assert r.neighbours_top < 6 and r.p_value_top > 0.1  # PCs 1 and 2 hold no ring
+    assert sorted(r.order) == list(range(12)) and r.components.shape == (4, 64)
+    walk = np.diff(r.order + r.order[:1]) % 12
+    assert set(walk.tolist()) in ({1}, {11})  # the angular order is the cyclic order, one way round
+    shuffled = analyze.circularity(X[torch.randperm(12, generator=torch.Generator().manual_seed(1))], n_pcs=4)
+    assert shuffled.neighbours < 12 and shuffled.p_value > 0.05
+    days = analyze.circularity(planted_ring(7, noise=0.05, seed=2), n_pcs=4)
+    assert days.pcs == (0, 1) and days.neighbours_top == 7 and days.p_value_top < 0.01 and days.p_value < 0.05
+
+
+def test_circularity_null_holds_the_choice_of_plane():
+    """Gaussian blobs: the best of six planes is compared with the best of six planes under each
+    relabelling, so p < 0.05 stays rare (taken against one plane's null it is ~25 %)."""
+    for n in (7, 12):
+        ps = np.array([analyze.circularity(torch.randn(n, 64, generator=torch.Generator().manual_seed(s)),
+                                           n_pcs=4, n_perm=200, seed=s).p_value for s in range(60)])
+        assert (ps < 0.05).mean() <= 0.07
+
+
+def test_circularity_refuses_bad_points():
+    with pytest.raises(SaekitError, match="n >= 5"):
+        analyze.circularity(torch.randn(4, 8))
+    with pytest.raises(SaekitError, match="non-finite"):
+        analyze.circularity(torch.full((7, 8), math.nan))
+    with pytest.raises(SaekitError, match=">= 2 dimensions"):
+        analyze.circularity(torch.arange(7.0)[:, None] * torch.ones(1, 8))
 
 
 # -- crystals -------------------------------------------------------------------------------

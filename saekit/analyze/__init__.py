@@ -6,8 +6,10 @@ from saekit.analyze.collapse import CollapseResult, collapse, decoder_collapse
 from saekit.analyze.dead import DeadResult, dead
 from saekit.analyze.evolution import evolution
 from saekit.analyze.geometry import (
+    CircleResult,
     GeometryResult,
     LobesResult,
+    circularity,
     crystals,
     geometry,
     geometry_bundle,
@@ -19,7 +21,8 @@ from saekit.analyze.supervised import SupervisedDictionary, supervised_dictionar
 from saekit.analyze.task import TaskEvalResult, task_eval
 from saekit.analyze.universality import UniversalityResult, universality
 
-__all__ = ["AbsorptionResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult", "StabilityResult",
-           "SupervisedDictionary", "TaskEvalResult", "UniversalityResult", "absorption", "collapse", "crystals", "dead",
-           "decoder_collapse", "evolution", "geometry", "geometry_bundle", "lobes", "multidim_features", "stability",
-           "supervised_dictionary", "task_eval", "universality"]
+__all__ = ["AbsorptionResult", "CircleResult", "CollapseResult", "DeadResult", "GeometryResult", "LobesResult",
+           "StabilityResult", "SupervisedDictionary", "TaskEvalResult", "UniversalityResult", "absorption",
+           "circularity", "collapse", "crystals", "dead", "decoder_collapse", "evolution", "geometry",
+           "geometry_bundle", "lobes", "multidim_features", "stability", "supervised_dictionary", "task_eval",
+           "universality"]

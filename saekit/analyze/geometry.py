@@ -9,6 +9,8 @@ Concepts") and Engels et al. 2024 ("Not All Language Model Features Are Linear")
 - `crystals(sae)`: parallelogram / trapezoid quadruples `a - b ~ c - d` among decoder rows.
 - `multidim_features(sae, acts)`: clusters of nearby decoder rows whose reconstructions span an
   irreducible (not mixture, not separable) 2-D shape, e.g. a circle.
+- `circularity(points)`: whether points standing for items in a cyclic order (days, months) lie on
+  a circle in that order in some plane of their top principal components, against relabellings.
 - `geometry_bundle(sae, acts)`: all of the above in one pass over the activations, as one dict.
 
 Codes come from `sae.encode` (sparse `(values, indices)` pairs); no dense `[tokens, latents]`
@@ -663,6 +665,82 @@ def multidim_features(sae: SAE, acts: Activations | None = None, clusters: list[
     acc = _ClusterCodes(clusters, sae.n_latents, max_points)
     n = _feed(_code_stream(sae, acts, codes, max_tokens, batch_size), [acc])
     return _multidim_finish(sae, acc, n, n_pcs, eps, bins, min_points)[0]
+
+
+# -- circles of items in a cyclic order ----------------------------------------------------
+@dataclass
+class CircleResult(Result):
+    n_points: int
+    n_pcs: int  # principal components whose pairs were searched
+    pcs: tuple[int, int]  # the best pair (0-based): most angular neighbours that are cyclic neighbours
+    neighbours: int  # of the n_points angular neighbour pairs in that plane, how many are cyclic neighbours
+    p_value: float  # share of label shuffles whose best pair (same search) has as many
+    radius_cv: float  # std / mean of the points' distances from their centre in that plane
+    variance_share: float  # that pair's share of the points' variance
+    neighbours_top: int  # the same in the plane of the first two PCs (no search)
+    p_value_top: float
+    radius_cv_top: float
+    variance_share_top: float
+    order: list[int]  # the points, by angle in the best plane
+    mean: torch.Tensor  # [d] centre of the points
+    components: torch.Tensor  # [n_pcs, d] principal directions, by variance
+    n_perm: int
+
+
+def _cyclic_neighbours(labels: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    """For label arrangements `labels [P, n]` and angular orders `orders [pairs, n]`: how many
+    of each order's n consecutive pairs (last to first included) hold labels i, i +- 1 mod n."""
+    n = labels.shape[1]
+    seq = labels[:, orders]  # [P, pairs, n]
+    step = (np.roll(seq, -1, axis=2) - seq) % n
+    return ((step == 1) | (step == n - 1)).sum(2)
+
+
+def circularity(X: torch.Tensor, n_pcs: int = 4, n_perm: int = 2000, seed: int = 0) -> CircleResult:
+    """Whether points `X [n, d]` that stand for items in a cyclic order (row i next to rows i +- 1
+    mod n, e.g. the days of the week) lie on a circle in that order, as Engels et al. 2024 found
+    for day and month names in LLM activations.
+
+    PCA of the centred points; in the plane of each pair among the first `n_pcs` PCs, the points
+    sorted by angle and the statistic = how many of the n angularly consecutive pairs are cyclic
+    neighbours (n when the circle runs in order, either way round). The best pair's count is tested
+    against `n_perm` random relabellings of the points, each searched over the same pairs (so
+    choosing the best plane is part of the null): p = (1 + #{shuffles >= observed}) / (1 + n_perm).
+    The plane of PCs 1 and 2 is reported alone too. `radius_cv` tells a ring (near 0) from an
+    ordered arc or spiral."""
+    X = torch.as_tensor(X).double().cpu()
+    n = len(X)
+    if X.ndim != 2 or n < 5:
+        raise SaekitError(f"circularity needs [n >= 5, d] points, got shape {tuple(X.shape)}")
+    if not torch.isfinite(X).all():
+        raise SaekitError("circularity got non-finite points")
+    mean = X.mean(0)
+    _, s, Vh = torch.linalg.svd(X - mean, full_matrices=False)
+    var = (s**2).numpy()
+    q = int(min(n_pcs, (var > var[0] * 1e-10).sum())) if var[0] > 0 else 0
+    if q < 2:
+        raise SaekitError(f"circularity needs points spanning >= 2 dimensions, got {q}")
+    Y = ((X - mean) @ Vh[:q].T).numpy()
+    pairs = [(i, j) for i in range(q) for j in range(i + 1, q)]
+    orders = np.stack([np.argsort(np.arctan2(Y[:, j], Y[:, i]), kind="stable") for i, j in pairs])
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.arange(n)[None], rng.permuted(np.tile(np.arange(n), (n_perm, 1)), axis=1)])
+    counts = _cyclic_neighbours(labels, orders)  # [1 + n_perm, pairs]; row 0 the real labels
+    b = int(counts[0].argmax())
+    best = counts.max(1)
+    pv = lambda c, null: float((1 + (null >= c).sum()) / (1 + n_perm))  # noqa: E731
+
+    def ring(i, j):
+        r = np.hypot(Y[:, i], Y[:, j])
+        return float(r.std() / r.mean()), float((var[i] + var[j]) / var.sum())
+
+    cv, share = ring(*pairs[b])
+    cv0, share0 = ring(0, 1)
+    return CircleResult(
+        n_points=n, n_pcs=q, pcs=pairs[b], neighbours=int(counts[0, b]), p_value=pv(best[0], best[1:]),
+        radius_cv=cv, variance_share=share, neighbours_top=int(counts[0, 0]),
+        p_value_top=pv(counts[0, 0], counts[1:, 0]), radius_cv_top=cv0, variance_share_top=share0,
+        order=orders[b].tolist(), mean=mean.float(), components=Vh[:q].float(), n_perm=n_perm)
 
 
 # -- everything at once, for the report ----------------------------------------------------
