@@ -222,7 +222,7 @@ def planted_ring(n: int, behind: float = 0.0, noise: float = 0.02, d: int = 64, 
 def test_circularity_finds_a_ring_in_order_and_not_a_shuffled_one():
     X = planted_ring(12, behind=2.0)  # months: the ring sits behind two larger directions
     r = analyze.circularity(X, n_pcs=4)
-    assert r.pcs == (2, 3) and r.neighbours == 12 and r.p_value < 0.005 and r.radius_cv < 0.1
+    assert r.pcs == (2, 3) and r.neighbours == 12 and r.p_value < 0.005 and r.radius_cv < 0.1 and r.gap_ratio < 1.3
     assert r.neighbours_top < 6 and r.p_value_top > 0.1  # PCs 1 and 2 hold no ring
     assert sorted(r.order) == list(range(12)) and r.components.shape == (4, 64)
     walk = np.diff(r.order + r.order[:1]) % 12
@@ -231,6 +231,18 @@ def test_circularity_finds_a_ring_in_order_and_not_a_shuffled_one():
     assert shuffled.neighbours < 12 and shuffled.p_value > 0.05
     days = analyze.circularity(planted_ring(7, noise=0.05, seed=2), n_pcs=4)
     assert days.pcs == (0, 1) and days.neighbours_top == 7 and days.p_value_top < 0.01 and days.p_value < 0.05
+
+
+def test_circularity_tells_an_open_arc_from_a_ring():
+    """12 points in order on 240 degrees of a circle: every angular neighbour is a cyclic one (the
+    ends meet across the centre), but the step from the last to the first is ~5x the others."""
+    g = torch.Generator().manual_seed(3)
+    th = torch.arange(12) * (2 * math.pi / 3) / 11
+    Q, _ = torch.linalg.qr(torch.randn(32, 2, generator=g))
+    arc = torch.stack([th.cos(), th.sin()], 1) @ Q.T + 0.01 * torch.randn(12, 32, generator=g)
+    r = analyze.circularity(arc)
+    assert r.neighbours == 12 and r.p_value < 0.005
+    assert r.gap_after == 11 and r.gap_ratio == pytest.approx(math.sin(math.pi / 3) / math.sin(math.pi / 33), rel=0.1)
 
 
 def test_circularity_null_holds_the_choice_of_plane():

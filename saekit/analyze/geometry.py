@@ -676,6 +676,8 @@ class CircleResult(Result):
     neighbours: int  # of the n_points angular neighbour pairs in that plane, how many are cyclic neighbours
     p_value: float  # share of label shuffles whose best pair (same search) has as many
     radius_cv: float  # std / mean of the points' distances from their centre in that plane
+    gap_ratio: float  # largest / median distance between cyclic neighbours in that plane (~1 on a ring)
+    gap_after: int  # the point the largest gap follows (i: between i and i + 1 mod n)
     variance_share: float  # that pair's share of the points' variance
     neighbours_top: int  # the same in the plane of the first two PCs (no search)
     p_value_top: float
@@ -706,8 +708,10 @@ def circularity(X: torch.Tensor, n_pcs: int = 4, n_perm: int = 2000, seed: int =
     neighbours (n when the circle runs in order, either way round). The best pair's count is tested
     against `n_perm` random relabellings of the points, each searched over the same pairs (so
     choosing the best plane is part of the null): p = (1 + #{shuffles >= observed}) / (1 + n_perm).
-    The plane of PCs 1 and 2 is reported alone too. `radius_cv` tells a ring (near 0) from an
-    ordered arc or spiral."""
+    The plane of PCs 1 and 2 is reported alone too. Angular order around the centre cannot tell a
+    closed ring from an open arc or horseshoe (a 1-D order bent by PCA also has its ends as angular
+    neighbours), so `gap_ratio` compares the widest step between cyclic neighbours (an arc's open
+    end) with the median step, and `radius_cv` the spread of the distances from the centre."""
     X = torch.as_tensor(X).double().cpu()
     n = len(X)
     if X.ndim != 2 or n < 5:
@@ -736,9 +740,12 @@ def circularity(X: torch.Tensor, n_pcs: int = 4, n_perm: int = 2000, seed: int =
 
     cv, share = ring(*pairs[b])
     cv0, share0 = ring(0, 1)
+    P = Y[:, list(pairs[b])]
+    steps = np.linalg.norm(np.roll(P, -1, axis=0) - P, axis=1)  # point i to point i + 1 mod n
     return CircleResult(
         n_points=n, n_pcs=q, pcs=pairs[b], neighbours=int(counts[0, b]), p_value=pv(best[0], best[1:]),
-        radius_cv=cv, variance_share=share, neighbours_top=int(counts[0, 0]),
+        radius_cv=cv, gap_ratio=float(steps.max() / np.median(steps)), gap_after=int(steps.argmax()),
+        variance_share=share, neighbours_top=int(counts[0, 0]),
         p_value_top=pv(counts[0, 0], counts[1:, 0]), radius_cv_top=cv0, variance_share_top=share0,
         order=orders[b].tolist(), mean=mean.float(), components=Vh[:q].float(), n_perm=n_perm)
 
