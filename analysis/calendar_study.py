@@ -124,13 +124,16 @@ def verdict(c: dict) -> str:
     return "closed ring" if c["gap_ratio"] < 2 else "open ring"
 
 
-def group_means(x: torch.Tensor, meta: list, group: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's rows of x and the mean per name [n_names, d] (templates are balanced, so the
-    means carry no template effect)."""
-    rows = torch.tensor([i for i, m in enumerate(meta) if m[0] == group])
-    names = torch.tensor([meta[i][1] for i in rows.tolist()])
-    xs = x[rows]
-    return xs, torch.stack([xs[names == n].mean(0) for n in range(len(CALENDAR[group]))])
+def group_index(meta: list, group: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The group's prompt rows, and each one's name and template index."""
+    rows = [i for i, m in enumerate(meta) if m[0] == group]
+    return torch.tensor(rows), torch.tensor([meta[i][1] for i in rows]), torch.tensor([meta[i][2] for i in rows])
+
+
+def per_name(x: torch.Tensor, name: torch.Tensor) -> torch.Tensor:
+    """The mean row per name [n_names, d] (every name has the same templates, so the means carry no
+    template effect)."""
+    return torch.stack([x[name == n].mean(0) for n in range(int(name.max()) + 1)])
 
 
 @torch.no_grad()
@@ -153,16 +156,14 @@ def sae_side(sae, names: torch.Tensor, other: torch.Tensor, meta: list, n_perm: 
         cid[ids] = c
     out = {"dictionary_clusters": len(clusters), "fvu_other": fvu(other, sae.decode(v, i))}
     for group, words in CALENDAR.items():
-        rows = [i for i, mt in enumerate(meta) if mt[0] == group]
-        name = torch.tensor([meta[i][1] for i in rows])
-        Zg = Z[rows]
-        rate = torch.stack([(Zg[name == n] > 0).float().mean(0) for n in range(len(words))])  # [names, m]
+        rows, name, _ = group_index(meta, group)
+        Zg, xg = Z[rows], names[rows]
+        x_hat = Zg @ W + sae.b_dec.detach().float()
+        rate = per_name((Zg > 0).float(), name)  # [names, m] firing rates
         lat = ((rate.max(0).values >= NAME_RATE) & (other_rate <= OTHER_RATE)).nonzero().flatten()
         on = rate[:, lat] >= NAME_RATE
-        xg, x_hat = names[rows], sae.decode(*sae.encode(names[rows]))
-        means = torch.stack([xg[name == n].mean(0) for n in range(len(words))])
-        means_hat = torch.stack([x_hat[name == n].mean(0) for n in range(len(words))])
-        g = {"fvu": fvu(xg, x_hat),  # error of the name means over their spread: > 1 drowns the ring
+        means, means_hat = per_name(xg, name), per_name(x_hat, name)
+        g = {"fvu": fvu(xg, x_hat),  # mean error > 1: the error is larger than the differences between names
              "mean_error": float(((means_hat - means) ** 2).sum() / ((means - means.mean(0)) ** 2).sum()),
              "latents": lat.tolist(), "n_latents": len(lat), "all_names": int(on.all(0).sum()),
              "one_name": int((on.sum(0) == 1).sum()),
@@ -186,9 +187,9 @@ def sae_side(sae, names: torch.Tensor, other: torch.Tensor, meta: list, n_perm: 
                 g["spans"][span] = {"size": 0, "error": "no name latents", "circle": "no (no latents)"}
                 continue
             rec = Zg[:, ids_t] @ W[ids_t]  # the reconstruction from these latents only
-            means = torch.stack([rec[name == n].mean(0) for n in range(len(words))])
             g["spans"][span] = {"size": len(ids), "latents": ids[:64] if len(ids) < m else "all",
-                                **circle_row(means, n_perm)[0]}
+                                **circle_row(per_name(rec, name), n_perm)[0]}
+        g["spans"]["error"] = {"size": "–", **circle_row(means - means_hat, n_perm)[0]}  # what the SAE misses
         out[group] = g
     return out
 
@@ -219,16 +220,19 @@ def main() -> None:
     for h in hooks:
         raw[h], planes[h] = {}, {}
         for group in CALENDAR:
-            xs, means = group_means(names[h], meta, group)
+            rows, name, tmpl = group_index(meta, group)
+            xs = names[h][rows]
+            means = per_name(xs, name)
             raw[h][group], r = circle_row(means, args.perm)
             if r is None:
                 continue
+            # the same on each half of the templates: does the order hold on prompts it was not found on?
+            raw[h][group]["halves"] = [circle_row(per_name(xs[tmpl % 2 == k], name[tmpl % 2 == k]), args.perm)[0]
+                                       .get("neighbours_top") for k in (0, 1)]
             to_plane = lambda x, r=r: ((x - r.mean) @ r.components[:2].T).round(decimals=3).tolist()  # noqa: E731
             # each prompt with its template's mean removed, around its name's mean: the spread within a name
-            tmpl = torch.tensor([meta[i][2] for i, mt in enumerate(meta) if mt[0] == group])
-            within = xs - torch.stack([xs[tmpl == t].mean(0) for t in tmpl.tolist()]) + means.mean(0)
-            planes[h][group] = {"means": to_plane(means), "prompts": to_plane(within),
-                                "name": [meta[i][1] for i, mt in enumerate(meta) if mt[0] == group]}
+            within = xs - per_name(xs, tmpl)[tmpl] + means.mean(0)
+            planes[h][group] = {"means": to_plane(means), "prompts": to_plane(within), "name": name.tolist()}
         print(f"{h}: " + "; ".join(f"{g} {c.get('neighbours_top')}/{len(CALENDAR[g])} in PCs 1-2, best "
                                    f"{c.get('neighbours')} p {c.get('p_value', float('nan')):.3g}"
                                    for g, c in raw[h].items()), flush=True)
@@ -267,7 +271,8 @@ def describe(run: Run) -> str:
     many = "s" if len(run.hookpoints) > 1 else ""
     return (f"`{run.path}`: {len(run.hookpoints)} SAE{many} (layer{many} "
             f"{', '.join(h.split('.')[1] if '.' in h else h for h in run.hookpoints)}), seed {c.seed}, "
-            f"{c.expansion}x, k {c.k}, {c.epochs} epochs over {c.n_tokens:,} tokens of {c.dataset}")
+            f"{c.expansion}x, k {c.k}, {c.epochs} epoch{'s' if c.epochs > 1 else ''} over {c.n_tokens:,} tokens of "
+            f"{c.dataset} (activations: {c.activations})")
 
 
 def _fmt(c: dict, group: str) -> dict:
@@ -281,6 +286,10 @@ def _fmt(c: dict, group: str) -> dict:
             "p (best)": c["p_value"], "radius CV": c["radius_cv"],
             "widest gap": f"{words[c['gap_after']][:3]}–{words[(c['gap_after'] + 1) % n][:3]} ×{c['gap_ratio']:.1f}",
             "circle": c["circle"]}
+
+
+def where(s: dict, group: str) -> dict:
+    return {"run": Path(s["run"]).name, "seed": s["seed"], "layer": s["hookpoint"].split(".")[1], "group": group}
 
 
 def report(info: dict, raw: dict, saes: list, stem: str) -> str:
@@ -306,8 +315,10 @@ def report(info: dict, raw: dict, saes: list, stem: str) -> str:
              *([f"Runs: {'; '.join(info['runs'])}.", ""] if info["runs"] else []),
              "## Residual stream", "",
              "`embedding`: the names' rows of the token embedding matrix; other rows: the residual stream after "
-             "block N at the name token.", "",
-             md_table([{"layer": h.split(".")[1] if "." in h else h, "group": g, **_fmt(c, g)}
+             "block N at the name token. `halves`: PCs 1-2 neighbours on the even and on the odd templates alone.",
+             "",
+             md_table([{"layer": h.split(".")[1] if "." in h else h, "group": g, **_fmt(c, g),
+                        "halves": " · ".join(f"{k}/{len(CALENDAR[g])}" for k in c.get("halves", [])) or "–"}
                        for h, gs in raw.items() for g, c in gs.items()]), "",
              f"![name means in the plane of PCs 1-2, per layer]({stem}.png)", "",
              "In the figure: each name's mean (labelled, joined in calendar order) and its prompts with the "
@@ -326,16 +337,17 @@ def report(info: dict, raw: dict, saes: list, stem: str) -> str:
                   "alone, and over the whole dictionary (how many name latents sit in one of its clusters, and "
                   "in how many). Spans: the names' reconstructions from all latents (the SAE's reconstruction), from "
                   "the name latents only, and from the dictionary cluster that holds most of them (when >= 2), "
-                  "each averaged per name, then the statistic above.", "",
-                  md_table([{"run": Path(s["run"]).name, "seed": s["seed"], "layer": s["hookpoint"].split(".")[1],
-                             "group": g, "FVU names / other": f"{s[g]['fvu']:.3f} / {s['fvu_other']:.3f}",
+                  "each averaged per name, then the statistic above; `error`: the same on the per-name means of "
+                  "the SAE's error x − x̂ (where a ring the SAE misses would show).", "",
+                  md_table([{**where(s, g), "FVU names / other": f"{s[g]['fvu']:.3f} / {s['fvu_other']:.3f}",
                              "mean error": s[g]["mean_error"], "name latents": s[g]["n_latents"],
                              "all / one": f"{s[g]['all_names']} / {s[g]['one_name']}",
                              "mean cos": s[g].get("mean_cosine"),
                              "own clusters": ", ".join(str(len(c)) for c in s[g].get("own_clusters", [])) or "–",
                              "in dict. clusters": f"{s[g]['in_dictionary_clusters']} in "
-                                                  f"{s[g]['dictionary_clusters_touched']}",
-                             "span": span, "span size": c["size"], **_fmt(c, g)}
+                                                  f"{s[g]['dictionary_clusters_touched']}"}
+                            for s in saes for g in CALENDAR]), "",
+                  md_table([{**where(s, g), "span": span, "size": c["size"], **_fmt(c, g)}
                             for s in saes for g in CALENDAR for span, c in s[g]["spans"].items()]), ""]
     if info["skipped_hookpoints"]:
         lines += ["Hookpoints of the runs outside --layers, not analysed: " + ", ".join(info["skipped_hookpoints"]),
