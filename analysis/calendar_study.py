@@ -8,11 +8,13 @@ Per layer and group (7 days, 12 months): the residual stream at the name token (
 token with its leading space; only the words before it reach that position, so a prompt ends at
 the name), the mean per name, and `saekit.analyze.circularity` on the means: the best plane among
 the top 4 PCs, the count of angular neighbours that are calendar neighbours (cyclic: Sunday next
-to Monday), its p against relabelled names searched over the same planes, and the spread of radii.
-Per SAE of `--runs` at those layers: the name latents (firing on >= half of one name's prompts
-and on <= 5 % of the other tokens of the prompts), whether their decoder rows form clusters
-(`find_clusters`), and the same statistic on the names' reconstructions from those latents only
-and from the dictionary cluster that holds most of them (Engels et al.'s procedure). Writes
+to Monday), its p against relabelled names searched over the same planes, the spread of radii and
+the widest step between calendar neighbours; also on each half of the templates, and on the names'
+token embeddings. Per SAE of `--runs` at those layers: its error at the names, the name latents
+(firing on >= half of one name's prompts and on <= 5 % of the prompts' other tokens), whether
+their decoder rows form clusters (`find_clusters`), and the same statistic on the names'
+reconstructions from all latents, from the name latents only and from the dictionary cluster that
+holds most of them (Engels et al.'s procedure), and on the SAE's error. Writes
 analysis/results/calendar{_NAME}.{md,json,png}.
 
     python3 analysis/calendar_study.py --runs runs/depth runs/depth-seed1
@@ -130,10 +132,10 @@ def group_index(meta: list, group: str) -> tuple[torch.Tensor, torch.Tensor, tor
     return torch.tensor(rows), torch.tensor([meta[i][1] for i in rows]), torch.tensor([meta[i][2] for i in rows])
 
 
-def per_name(x: torch.Tensor, name: torch.Tensor) -> torch.Tensor:
-    """The mean row per name [n_names, d] (every name has the same templates, so the means carry no
-    template effect)."""
-    return torch.stack([x[name == n].mean(0) for n in range(int(name.max()) + 1)])
+def means_by(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The mean row per label 0..max [labels, d]; per name, the means carry no template effect
+    (every name has the same templates)."""
+    return torch.stack([x[label == n].mean(0) for n in range(int(label.max()) + 1)])
 
 
 @torch.no_grad()
@@ -159,10 +161,10 @@ def sae_side(sae, names: torch.Tensor, other: torch.Tensor, meta: list, n_perm: 
         rows, name, _ = group_index(meta, group)
         Zg, xg = Z[rows], names[rows]
         x_hat = Zg @ W + sae.b_dec.detach().float()
-        rate = per_name((Zg > 0).float(), name)  # [names, m] firing rates
+        rate = means_by((Zg > 0).float(), name)  # [names, m] firing rates
         lat = ((rate.max(0).values >= NAME_RATE) & (other_rate <= OTHER_RATE)).nonzero().flatten()
         on = rate[:, lat] >= NAME_RATE
-        means, means_hat = per_name(xg, name), per_name(x_hat, name)
+        means, means_hat = means_by(xg, name), means_by(x_hat, name)
         g = {"fvu": fvu(xg, x_hat),  # mean error > 1: the error is larger than the differences between names
              "mean_error": float(((means_hat - means) ** 2).sum() / ((means - means.mean(0)) ** 2).sum()),
              "latents": lat.tolist(), "n_latents": len(lat), "all_names": int(on.all(0).sum()),
@@ -188,7 +190,7 @@ def sae_side(sae, names: torch.Tensor, other: torch.Tensor, meta: list, n_perm: 
                 continue
             rec = Zg[:, ids_t] @ W[ids_t]  # the reconstruction from these latents only
             g["spans"][span] = {"size": len(ids), "latents": ids[:64] if len(ids) < m else "all",
-                                **circle_row(per_name(rec, name), n_perm)[0]}
+                                **circle_row(means_by(rec, name), n_perm)[0]}
         g["spans"]["error"] = {"size": "–", **circle_row(means - means_hat, n_perm)[0]}  # what the SAE misses
         out[group] = g
     return out
@@ -222,16 +224,16 @@ def main() -> None:
         for group in CALENDAR:
             rows, name, tmpl = group_index(meta, group)
             xs = names[h][rows]
-            means = per_name(xs, name)
+            means = means_by(xs, name)
             raw[h][group], r = circle_row(means, args.perm)
             if r is None:
                 continue
             # the same on each half of the templates: does the order hold on prompts it was not found on?
-            raw[h][group]["halves"] = [circle_row(per_name(xs[tmpl % 2 == k], name[tmpl % 2 == k]), args.perm)[0]
+            raw[h][group]["halves"] = [circle_row(means_by(xs[tmpl % 2 == k], name[tmpl % 2 == k]), args.perm)[0]
                                        .get("neighbours_top") for k in (0, 1)]
             to_plane = lambda x, r=r: ((x - r.mean) @ r.components[:2].T).round(decimals=3).tolist()  # noqa: E731
             # each prompt with its template's mean removed, around its name's mean: the spread within a name
-            within = xs - per_name(xs, tmpl)[tmpl] + means.mean(0)
+            within = xs - means_by(xs, tmpl)[tmpl] + means.mean(0)
             planes[h][group] = {"means": to_plane(means), "prompts": to_plane(within), "name": name.tolist()}
         print(f"{h}: " + "; ".join(f"{g} {c.get('neighbours_top')}/{len(CALENDAR[g])} in PCs 1-2, best "
                                    f"{c.get('neighbours')} p {c.get('p_value', float('nan')):.3g}"
