@@ -40,6 +40,36 @@ def meta(run: Path) -> dict:
         return json.loads(f.metadata()["meta"])
 
 
+def _env() -> dict:
+    """This process's environment with this checkout first on the path, read when called (tests set variables)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def train_then_kill(args: list[str], out: Path, target: int, pause: float) -> bool:
+    """Start `saekit train ARGS --out OUT` (with `--resume` once OUT holds a run), wait until it
+    logs step `target` (0: no wait) or ends, `pause` seconds more, then SIGKILL it if it still
+    runs. True if it was killed. The deadline is long: a loaded machine takes minutes to start a run."""
+    cmd = [sys.executable, "-m", "saekit.cli", "train", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd + ["--resume"] * (out / "config.json").exists(), env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while target and proc.poll() is None and logged_step(out) < target and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(pause)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    err = proc.communicate()[1].decode()
+    assert proc.returncode in (0, -signal.SIGKILL), err
+    return killed
+
+
+def resume(args: list[str], out: Path) -> subprocess.CompletedProcess:
+    """`saekit train ARGS --out OUT --resume` to its end."""
+    return subprocess.run([sys.executable, "-m", "saekit.cli", "train", *args, "--out", str(out), "--resume"],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True)
+
+
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tiny, smollm2, tmp_path, monkeypatch):
     monkeypatch.setenv("SAEKIT_ENCODER", "fp32")  # no per-process timing decision in the encoder
     args = [*tiny, "--checkpoint_every", "1", "--quiet"]
@@ -48,28 +78,13 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tiny,
     total = logged_step(tmp_path / "ref")
 
     out = tmp_path / "cut"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     rng = random.Random(0)
     # kill points: once during start-up (before any checkpoint), then after random steps, the
     # last one after the final step (saving, evaluating)
     targets = [0, *sorted(rng.sample(range(1, total), 8)), total]
-    kills = 0
-    for target in targets:
-        cmd = [sys.executable, "-m", "saekit.cli", "train", *args, "--out", str(out)]
-        proc = subprocess.Popen(cmd + ["--resume"] * (out / "config.json").exists(), env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        if target:
-            while proc.poll() is None and logged_step(out) < target and time.monotonic() < deadline:
-                time.sleep(0.01)
-        time.sleep(rng.uniform(0.5, 2.5) if target in (0, total) else rng.uniform(0, 0.2))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        err = proc.communicate()[1].decode()
-        assert proc.returncode in (0, -signal.SIGKILL), err
-    done = subprocess.run([sys.executable, "-m", "saekit.cli", "train", *args, "--out", str(out), "--resume"],
-                          env=env, cwd=ROOT, capture_output=True, text=True)
+    pauses = [rng.uniform(0.5, 2.5) if t in (0, total) else rng.uniform(0, 0.2) for t in targets]
+    kills = sum(train_then_kill(args, out, t, p) for t, p in zip(targets, pauses, strict=True))
+    done = resume(args, out)
     assert done.returncode == 0, done.stderr
     assert kills >= 10
 

@@ -6,17 +6,13 @@ disjoint contexts and train the SAE one process trains."""
 
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from itertools import islice
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from test_distributed import free_port
-from test_kill import HOOK, ROOT, logged_step, meta
+from test_kill import HOOK, logged_step, meta, resume, train_then_kill
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from saekit import cli, data, pipeline
@@ -182,24 +178,11 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_streaming_run(tin
     assert total == 2 * (6000 // 500)
 
     out = tmp_path / "cut"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     rng = random.Random(0)
     kills = 0
     for target in [0, 5, total // 2 + 3]:  # start-up, mid first epoch, mid second epoch
-        cmd = [sys.executable, "-m", "saekit.cli", "train", *args, "--out", str(out)]
-        proc = subprocess.Popen(cmd + ["--resume"] * (out / "config.json").exists(), env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if target:  # no deadline: a loaded machine takes minutes to start a run
-            while proc.poll() is None and logged_step(out) < target:
-                time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.2) if target else 3)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        err = proc.communicate()[1].decode()
-        assert proc.returncode in (0, -signal.SIGKILL), err
-    done = subprocess.run([sys.executable, "-m", "saekit.cli", "train", *args, "--out", str(out), "--resume"],
-                          env=env, cwd=ROOT, capture_output=True, text=True)  # the last kill was mid-epoch 2
+        kills += train_then_kill(args, out, target, rng.uniform(0, 0.2) if target else 3)
+    done = resume(args, out)  # the last kill was mid-epoch 2
     assert done.returncode == 0, done.stderr
     assert kills == 3
     assert "saekit: resuming" in done.stderr
