@@ -273,8 +273,8 @@ def describe(run: Run) -> str:
     many = "s" if len(run.hookpoints) > 1 else ""
     return (f"`{run.path}`: {len(run.hookpoints)} SAE{many} (layer{many} "
             f"{', '.join(h.split('.')[1] if '.' in h else h for h in run.hookpoints)}), seed {c.seed}, "
-            f"{c.expansion}x, k {c.k}, {c.epochs} epoch{'s' if c.epochs > 1 else ''} over {c.n_tokens:,} tokens of "
-            f"{c.dataset} (activations: {c.activations})")
+            f"{c.expansion}x, k {c.k}, lr {c.lr:g}, {c.epochs} epoch{'s' if c.epochs > 1 else ''} over "
+            f"{c.n_tokens:,} tokens of {c.dataset} (activations: {c.activations})")
 
 
 def _fmt(c: dict, group: str) -> dict:
