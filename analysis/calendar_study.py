@@ -117,10 +117,13 @@ def circle_row(points: torch.Tensor, n_perm: int):
 
 
 def verdict(c: dict) -> str:
-    """Names in calendar order (p < ALPHA) around a round shape (radius CV < 0.3), closed (no step
-    between calendar neighbours over twice the median) or open at one seam."""
+    """Names in calendar order (p < ALPHA, at most one pair of neighbours swapped) around a round
+    shape (radius CV < 0.3), closed (no step between calendar neighbours over twice the median) or
+    open at one seam."""
     if c["p_value"] >= ALPHA:
         return "no"
+    if c["neighbours"] < c["n_points"] - 2:
+        return "partly ordered"
     if c["radius_cv"] >= 0.3:
         return "ordered, not round"
     return "closed ring" if c["gap_ratio"] < 2 else "open ring"
@@ -310,8 +313,9 @@ def report(info: dict, raw: dict, saes: list, stem: str) -> str:
              "names' distances from their centre in the best plane (0 on a ring). Angular order alone cannot "
              "tell a closed ring from an open arc (an arc's two ends are angular neighbours too), so `widest gap` "
              "gives the widest step between calendar neighbours in that plane over the median step (about 5 for "
-             f"12 points on two thirds of a circle). `circle`: p (best) < {ALPHA} and radius CV < 0.3, closed "
-             "ring when the widest gap < 2x, open ring otherwise (ordered, not round: radius CV >= 0.3). "
+             f"12 points on two thirds of a circle). `circle`: p (best) < {ALPHA} and at least n − 2 of n "
+             "(one pair swapped at most; fewer: partly ordered) and radius CV < 0.3 (else ordered, not round): "
+             "a closed ring when the widest gap < 2x, an open ring otherwise. "
              "The p floor with 7 days is 14/7! = 0.0028 in one plane and about 0.02 for the best of 6; with 12 "
              f"months it is 1/{info['perm'] + 1} (relabellings + 1). No correction for the number of rows.", "",
              *([f"Runs: {'; '.join(info['runs'])}.", ""] if info["runs"] else []),
