@@ -1,5 +1,6 @@
-"""Feature-geometry layer sweep on the multi-layer run (`configs/layers.yaml`, six consecutive
-residual layers of SmolLM2-135M).
+"""Feature-geometry layer sweep on a multi-layer run (`configs/layers.yaml`, six consecutive
+residual layers of SmolLM2-135M; `configs/depth.yaml`, six layers over all 30), or on several seeds
+of one config, which adds a table of each figure's mean and range over the seeds.
 
 Per layer: the decoder covariance power law α (raw and on shrunk eigenvalues) with its 95 % CI,
 over all rows and over the living ones (those that fire on the held-out tokens), and the share of
@@ -12,7 +13,8 @@ geometry{_NAME}_spectrum.png.
 
     saekit train configs/layers.yaml
     python3 analysis/geometry_study.py --run runs/layers
-    saekit train configs/depth.yaml && python3 analysis/geometry_study.py --run runs/depth --name depth
+    saekit train configs/depth.yaml && saekit train configs/depth.yaml --seed 1 --out runs/depth-seed1
+    python3 analysis/geometry_study.py --run runs/depth runs/depth-seed1 --name depth
 """
 
 import argparse
@@ -67,30 +69,23 @@ def calendar_latents(codes, token_ids, tok) -> dict:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/layers")
-    p.add_argument("--tokens", type=int, default=None, help="held-out tokens (default: all)")
-    p.add_argument("--name", default=None, help="results as geometry_NAME.* (default: geometry.*)")
-    args = p.parse_args()
-    stem = f"geometry_{args.name}" if args.name else "geometry"
-    run = Run.open(args.run)
-    model = load_model(run.model_name)
-    vt, vm = contexts(run.config, model.tokenizer)["val"]
-    token_ids = vt[vm]  # the cache's row order: masked positions, context by context
-    tok = model.tokenizer
+SPREAD = ["dead", "α live", "α live shrunk", "α", "twins live", "clustering", "lobe z", "multi-dim clusters"]
+
+
+def measure(run: Run, tokens: int | None, token_ids: torch.Tensor, tok) -> tuple[list, dict, dict]:
+    """One run's table rows, per-hookpoint details and decoder spectra."""
     rows, details, spectra = [], {}, {}
     for h in run.hookpoints:
         sae = run.sae(h)
         acts = run.activations(h)
-        g = geometry_bundle(sae, acts, max_tokens=args.tokens)
-        codes = encode_all(sae, acts, args.tokens)
+        g = geometry_bundle(sae, acts, max_tokens=tokens)
+        codes = encode_all(sae, acts, tokens)
         alive = codes.counts() > 0
         live = alive.nonzero().flatten()  # dead rows stay near their start, or collapse onto each other
         gl = geometry(sae, latents=live, n_boot=0)
         twin = max_cosine(sae.W_dec.detach().float())[0] >= 0.7  # another row of this SAE at cosine >= 0.7
         gal, lb = g["galaxy"], g["lobes"] or {}
-        rows.append({"hookpoint": h, "α": gal["power_law_alpha"],
+        rows.append({"hookpoint": h, "dead": 1 - float(alive.float().mean()), "α": gal["power_law_alpha"],
                      "α 95 % CI": f"{gal['power_law_ci'][0]:.3f} .. {gal['power_law_ci'][1]:.3f}",
                      "α shrunk": gal["power_law_alpha_shrunk"], "R²": gal["power_law_r2"], "live": len(live),
                      "α live": gl.power_law_alpha,
@@ -106,13 +101,59 @@ def main() -> None:
         details[h] = {"galaxy": {k: v for k, v in gal.items() if k != "eigenvalues"},
                       "lobes": {k: v for k, v in lb.items() if k not in ("labels", "geometric_labels")},
                       "multidim": top, "calendar": calendar_latents(codes, token_ids, tok), "notes": g["notes"]}
-        print(f"{h}: α {gal['power_law_alpha']:.3f}, clustering {gal['clustering']:.3g}", flush=True)
+        print(f"{run.path} {h}: dead {rows[-1]['dead']:.3f}, α live {gl.power_law_alpha:.3f}", flush=True)
+    return rows, details, spectra
+
+
+def seed_spread(tables: list[list[dict]]) -> list[dict]:
+    """Per hookpoint, each SPREAD figure as "mean (min–max)" over the runs' tables (shares in %)."""
+    out = []
+    for same in zip(*tables, strict=True):
+        row = {"hookpoint": same[0]["hookpoint"]}
+        for key in SPREAD:
+            scale, unit = (100, " %") if key in ("dead", "twins live") else (1, "")
+            v = [scale * r[key] for r in same if r[key] is not None]
+            row[key] = f"{sum(v) / len(v):.4g}{unit} ({min(v):.4g}–{max(v):.4g})" if v else None
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", nargs="+", default=["runs/layers"], help="one run, or the same config at several seeds")
+    p.add_argument("--tokens", type=int, default=None, help="held-out tokens (default: all)")
+    p.add_argument("--name", default=None, help="results as geometry_NAME.* (default: geometry.*)")
+    args = p.parse_args()
+    stem = f"geometry_{args.name}" if args.name else "geometry"
+    runs = [Run.open(r) for r in args.run]
+    run = runs[0]
+    for other in runs[1:]:
+        diff = {k for k, v in vars(run.config).items() if k not in ("seed", "out") and vars(other.config)[k] != v}
+        if diff:
+            raise SystemExit(f"{other.path} differs from {run.path} in more than the seed: {sorted(diff)}")
+    model = load_model(run.model_name)
+    vt, vm = contexts(run.config, model.tokenizer)["val"]
+    token_ids = vt[vm]  # the cache's row order: masked positions, context by context
+    measured = [measure(r, args.tokens, token_ids, model.tokenizer) for r in runs]
+    rows, details, spectra = measured[0]
+    seeds = [r.config.seed for r in runs]
     OUT.mkdir(exist_ok=True)
-    lines = ["# Feature geometry across layers", "", f"Run `{args.run}`: {len(rows)} residual-stream SAEs "
-             f"({run.config.expansion}x, k {run.config.k}), held-out tokens of its validation cache. One seed "
-             f"({run.config.seed}) per layer: the 95 % CIs are the fit's and the bootstrap's, not seed spreads.", "",
-             md_table(rows), "", f"Published shape: {PUBLISHED}; a Gaussian cloud gives ≈ 0.", "",
-             f"![decoder covariance spectra]({stem}_spectrum.png)", ""]
+    command = "python3 analysis/geometry_study.py --run " + " ".join(args.run) + (f" --name {args.name}" if args.name
+                                                                                  else "")
+    lines = ["# Feature geometry across layers", "", f"Command: `{command}`.", "",
+             f"{len(rows)} residual-stream SAEs ({run.config.expansion}x, k {run.config.k}, lr {run.config.lr}, "
+             f"{run.config.epochs} epochs), held-out tokens of the validation cache; {len(runs)} seed(s) "
+             f"({', '.join(map(str, seeds))}) per layer. \"dead\": share of latents that never fire on those tokens; "
+             "\"α live\": the power law of the rows that do.", ""]
+    if len(runs) > 1:
+        spread = seed_spread([m[0] for m in measured])
+        lines += [f"Mean (min–max) over the {len(runs)} seeds:", "", md_table(spread), ""]
+    for r, (rs, _, _) in zip(runs, measured, strict=True):
+        lines += [f"Seed {r.config.seed} (`{r.path}`); the 95 % CIs are the fit's and the bootstrap's, "
+                  "not seed spreads:", "", md_table(rs), ""]
+    lines += [f"Published shape: {PUBLISHED}; a Gaussian cloud gives ≈ 0.", "",
+              f"![decoder covariance spectra, seed {seeds[0]}]({stem}_spectrum.png)", "",
+              f"Per-layer details below are seed {seeds[0]}'s.", ""]
     for h, d in details.items():
         lines += [f"## {h}", ""]
         if d["multidim"]:
@@ -129,8 +170,9 @@ def main() -> None:
                   + ".", ""]
         lines += [f"Note: {n}." for n in d["notes"]]
     atomic_write(OUT / f"{stem}.md", lambda q: q.write_text("\n".join(lines) + "\n"))
-    atomic_write(OUT / f"{stem}.json", lambda q: q.write_text(json.dumps({"rows": rows, "details": details},
-                                                                         indent=1, default=str)))
+    result = {"command": command, "seeds": seeds, "rows": rows, "details": details,
+              "per_seed": {str(r.path): m[0] for r, m in zip(runs, measured, strict=True)}}
+    atomic_write(OUT / f"{stem}.json", lambda q: q.write_text(json.dumps(result, indent=1, default=str)))
     _plot(spectra, OUT / f"{stem}_spectrum.png")
     print("\n".join(lines))
 

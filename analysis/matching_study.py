@@ -10,8 +10,7 @@ Writes RUN/analysis/matching.* and analysis/results/matching{_NAME}.{md,json}.
 
     saekit train configs/layers.yaml
     python3 analysis/matching_study.py --run runs/layers
-    saekit train configs/depth.yaml && saekit train configs/depth.yaml --seed 1 --out runs/depth-seed1 \
-        --hookpoints '[blocks.0.hook_resid_post, blocks.15.hook_resid_post, blocks.29.hook_resid_post]'
+    saekit train configs/depth.yaml && saekit train configs/depth.yaml --seed 1 --out runs/depth-seed1
     python3 analysis/matching_study.py --run runs/depth --ceiling-run runs/depth-seed1 --name depth
 """
 
