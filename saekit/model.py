@@ -103,8 +103,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtyp
 
 def _ctrl_c_after(load):
     """`load()`, with a Ctrl-C that comes meanwhile raised once it returns: the loading code of
-    transformers and the bridge can swallow a KeyboardInterrupt, which would leave a run going."""
-    if threading.current_thread() is not threading.main_thread():
+    transformers and the bridge can swallow a KeyboardInterrupt, which would leave a run going. A
+    process that set SIGINT otherwise (ignored under nohup, its own handler) keeps its setting."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         return load()
     hit = []
     old = signal.signal(signal.SIGINT, lambda *_: hit.append(True))

@@ -113,8 +113,11 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(done_run, tmp_path, 
     out = tmp_path / "cut"
     args = [*args[: args.index("--out")], "--epochs", "40", "--checkpoint_every", "2", "--log_every", "1", "--quiet"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # Ctrl-C as on a terminal's run, even when the suite itself runs with SIGINT ignored (nohup, a
+    # background job), which its children would inherit
     proc = subprocess.Popen([sys.executable, "-m", "saekit.cli", "train", *args, "--out", str(out)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600  # start-up alone can take minutes on loaded cores
     while proc.poll() is None and logged_step(out) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
