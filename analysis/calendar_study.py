@@ -265,8 +265,9 @@ def main() -> None:
     atomic_write(OUT / f"{stem}.json", lambda q: q.write_text(json.dumps(
         {**info, "raw": raw, "saes": saes, "planes": means}, indent=1)))
     _plot(planes, raw, OUT / f"{stem}.png")
-    atomic_write(OUT / f"{stem}.md", lambda q: q.write_text(report(info, raw, saes, stem)))
-    print(report(info, raw, saes, stem))
+    text = report(info, raw, saes, stem)
+    atomic_write(OUT / f"{stem}.md", lambda q: q.write_text(text))
+    print(text)
 
 
 def describe(run: Run) -> str:
